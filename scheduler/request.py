@@ -1,0 +1,42 @@
+"""What the API hands the scheduler, and what the scheduler streams back.
+
+Parts:
+- `GenerationRequest`: a tokenised prompt with its sampling parameters and stop strings.
+- `TokenLogprob`: one generated token with its log-probability and the top alternatives.
+- `GenerationOutput`: one streamed step: new text, new tokens, and the finish reason at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from workers.protocol import SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams  # max_new_tokens, temperature, top_p, top_k, seed, eos ids, logprobs
+    stop: tuple[str, ...] = ()  # generation ends before the first occurrence of any of these
+    skip_special_tokens: bool = True
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (token id, logprob), best first
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """One streamed step. Concatenating every `text` gives the completion (stop string excluded)."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token in token_ids, when requested
+    finish_reason: str | None = None  # None while running; "stop" or "length" at the end
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0  # so far, including this step

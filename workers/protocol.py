@@ -1,0 +1,344 @@
+"""The wire protocol between the scheduler and workers, and between workers.
+
+Parts:
+- messages: frozen dataclasses, one per message kind (control, data, telemetry).
+- `TensorPayload`: a tensor as dtype name + shape + raw buffer; it travels as its own ZeroMQ
+  frame, never inside the msgpack header, so hidden states are sent without copies.
+- `encode` / `decode`: the one codec. A message is `[header, *tensor_frames]` where the header is
+  msgpack `[kind, fields]`. Nothing is pickled; a malformed message raises `ProtocolError`.
+
+Life of a request on the data plane (route = worker data addresses, stage order):
+  scheduler --StartRequest--> stage 0 --Activations(start=...)--> stage 1 ... --> last stage
+  last stage --TokenOutputs--> scheduler (streamed to the client)
+  last stage --NextTokens--> stage 0 (the ring closes; the next decode step starts)
+The request's metadata (route, sampling) rides along only on its first hop (`ActivationEntry.start`);
+later steps carry just request ids and positions. Prompt token ids go to stage 0 only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be decoded or does not match its schema."""
+
+
+@dataclass(frozen=True)
+class TensorPayload:
+    """A tensor on the wire. `data` is any buffer (bytes, memoryview, zmq.Frame.buffer)."""
+
+    dtype: str  # torch dtype name without prefix: "float32", "bfloat16", "float16", "int64"
+    shape: tuple[int, ...]
+    data: Any = field(repr=False, compare=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared value types
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the last stage picks the next token. temperature 0 means greedy."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    num_top_logprobs: int | None = None  # None: no logprobs; 0: only the sampled token's
+
+
+@dataclass(frozen=True)
+class RequestStart:
+    """What a stage must know about a request, sent once with its first activations."""
+
+    route: tuple[str, ...]  # data addresses of every stage, in order
+    scheduler_address: str
+    sampling: SamplingParams
+    first_token_index: int = 0  # index of the first token this run generates (>0 after recovery)
+
+
+@dataclass(frozen=True)
+class ActivationEntry:
+    request_id: str
+    start_position: int  # tokens already in this stage's KV cache for the request
+    num_tokens: int  # rows of the hidden-state tensor that belong to this request
+    start: RequestStart | None = None  # set on the request's first hop only
+
+
+@dataclass(frozen=True)
+class NextToken:
+    request_id: str
+    token_id: int
+    position: int  # position of this token in the sequence (= tokens before it)
+
+
+@dataclass(frozen=True)
+class TokenOutput:
+    request_id: str
+    index: int  # 0-based index of the generated token within the request's output
+    token_id: int
+    finish_reason: str | None = None  # "stop" (eos) or "length"
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker -> scheduler
+
+
+@dataclass(frozen=True)
+class Register:
+    worker_id: str
+    data_address: str  # where this worker's PULL socket listens, e.g. "tcp://127.0.0.1:5601"
+    memory_bytes: int  # memory usable for weights + KV cache
+    device: str  # "cpu", "cuda:0", "mps"
+    profile: dict[str, Any] = field(default_factory=dict)  # measured figures (workers/profiler)
+    pid: int = 0
+    protocol_version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class LayersReady:
+    worker_id: str
+    epoch: int
+    start_layer: int
+    end_layer: int
+    kv_capacity_tokens: int = 0
+    weight_bytes: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    worker_id: str
+    epoch: int
+    running_requests: int
+    queued_items: int
+    kv_free_tokens: int
+    kv_capacity_tokens: int
+    step_time_ewma_s: float
+    tokens_processed: int
+
+
+@dataclass(frozen=True)
+class TokenOutputs:
+    worker_id: str
+    outputs: tuple[TokenOutput, ...]
+
+
+@dataclass(frozen=True)
+class RequestFailed:
+    worker_id: str
+    request_id: str
+    message: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Scheduler -> worker
+
+
+@dataclass(frozen=True)
+class AssignLayers:
+    epoch: int
+    model_dir: str
+    start_layer: int
+    end_layer: int
+    dtype: str = "auto"
+    kv_budget_bytes: int = 256 * 2**20
+    num_stages_hint: int = 1  # stages in this worker's pipelines (sizes decode microbatches)
+
+
+@dataclass(frozen=True)
+class StartRequest:
+    request_id: str
+    token_ids: tuple[int, ...]  # prompt (plus already generated tokens when recovering)
+    start: RequestStart
+
+
+@dataclass(frozen=True)
+class ReleaseRequests:
+    """Finish or abort: free the KV cache and forget the requests."""
+
+    request_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    reason: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker -> worker
+
+
+@dataclass(frozen=True)
+class Activations:
+    entries: tuple[ActivationEntry, ...]
+    hidden: TensorPayload  # [sum(num_tokens), hidden_size]
+
+
+@dataclass(frozen=True)
+class NextTokens:
+    tokens: tuple[NextToken, ...]
+
+
+MESSAGE_TYPES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (
+        Register,
+        LayersReady,
+        Heartbeat,
+        TokenOutputs,
+        RequestFailed,
+        AssignLayers,
+        StartRequest,
+        ReleaseRequests,
+        Shutdown,
+        Activations,
+        NextTokens,
+    )
+}
+
+Message = (
+    Register
+    | LayersReady
+    | Heartbeat
+    | TokenOutputs
+    | RequestFailed
+    | AssignLayers
+    | StartRequest
+    | ReleaseRequests
+    | Shutdown
+    | Activations
+    | NextTokens
+)
+
+# ---------------------------------------------------------------------------------------------
+# Codec
+
+
+def _to_plain(value: Any, frames: list[Any]) -> Any:
+    if isinstance(value, TensorPayload):
+        frames.append(value.data)
+        return {"__tensor__": len(frames) - 1, "dtype": value.dtype, "shape": list(value.shape)}
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name), frames) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(item, frames) for item in value]
+    if isinstance(value, dict):
+        return {key: _to_plain(item, frames) for key, item in value.items()}
+    return value
+
+
+def encode(message: Message) -> list[Any]:
+    """Message -> ZeroMQ multipart frames: msgpack header, then one frame per tensor."""
+    kind = type(message).__name__
+    if kind not in MESSAGE_TYPES:
+        raise ProtocolError(f"not a protocol message: {kind}")
+    frames: list[Any] = []
+    fields = _to_plain(message, frames)
+    return [msgpack.packb([kind, fields], use_bin_type=True), *frames]
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _from_plain(annotation: Any, value: Any, frames: list[Any]) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is TensorPayload:
+        if not isinstance(value, dict) or "__tensor__" not in value:
+            raise ProtocolError("expected a tensor reference")
+        index = value["__tensor__"]
+        if not isinstance(index, int) or not 0 <= index < len(frames):
+            raise ProtocolError(f"tensor frame {index!r} missing")
+        return TensorPayload(str(value["dtype"]), tuple(int(d) for d in value["shape"]), frames[index])
+    if dataclasses.is_dataclass(annotation):
+        return _build(annotation, value, frames)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is not type(None):
+                return _from_plain(arg, value, frames)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ProtocolError(f"expected a list, got {type(value).__name__}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_from_plain(args[0], item, frames) for item in value)
+        if len(args) != len(value):
+            raise ProtocolError("tuple of the wrong length")
+        return tuple(_from_plain(arg, item, frames) for arg, item in zip(args, value))
+    if annotation is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ProtocolError(f"expected int, got {value!r}")
+        return value
+    if annotation is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ProtocolError(f"expected float, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ProtocolError(f"expected str, got {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ProtocolError(f"expected bool, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, value: Any, frames: list[Any]) -> Any:
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{cls.__name__}: expected a map of fields")
+    hints = _hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in value:
+            kwargs[f.name] = _from_plain(hints[f.name], value[f.name], frames)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ProtocolError(f"{cls.__name__}: missing field {f.name!r}")
+    unknown = set(value) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ProtocolError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+    return cls(**kwargs)
+
+
+def decode(frames: list[Any]) -> Message:
+    """ZeroMQ multipart frames (bytes or zmq.Frame) -> Message. Raises ProtocolError."""
+    if not frames:
+        raise ProtocolError("empty message")
+    buffers = [getattr(frame, "buffer", frame) for frame in frames]
+    try:
+        header = msgpack.unpackb(bytes(buffers[0]), raw=False)
+    except Exception as exc:  # msgpack raises several types
+        raise ProtocolError(f"undecodable header: {exc}") from None
+    if not isinstance(header, list) or len(header) != 2 or not isinstance(header[0], str):
+        raise ProtocolError("header must be [kind, fields]")
+    kind, fields = header
+    cls = MESSAGE_TYPES.get(kind)
+    if cls is None:
+        raise ProtocolError(f"unknown message kind {kind!r}")
+    try:
+        return _build(cls, fields, buffers[1:])
+    except ProtocolError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"{kind}: {exc}") from None
