@@ -93,6 +93,24 @@ class TokenOutput:
     top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the scheduler needs to know of a model to place and serve it (read by workers)."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    dtype: str
+    layer_bytes: tuple[int, ...]  # parameter bytes of each decoder layer
+    embedding_bytes: int  # held by the first stage
+    lm_head_bytes: int  # held by the last stage (final norm + LM head, or tied embeddings)
+    kv_bytes_per_token_per_layer: int
+    activation_bytes_per_token: int
+    eos_token_ids: tuple[int, ...] = ()
+
+
 # ---------------------------------------------------------------------------------------------
 # Worker -> scheduler
 

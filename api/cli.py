@@ -1,0 +1,194 @@
+"""The `potluck` command.
+
+Parts:
+- `serve`: scheduler + OpenAI API in this process, plus `--local-workers N` worker processes.
+- `join`: a worker on this machine that registers with a scheduler elsewhere.
+- `demo`: builds a small random-weight checkpoint, then serves it with 3 local workers.
+- `plan`: solves layer placement for a model and a devices file, prints the placement.
+- `profile`: measures this machine's device and prints the profile as JSON.
+- `status`: prints a running cluster as a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("potluck")
+
+
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument("--local-workers", type=int, default=1, help="worker processes to start on this machine")
+    parser.add_argument("--served-model-name", default=None, help="model id clients use (default: the directory's name)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default=None, help="device of the local workers (default: best available)")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    parser.add_argument("--scheduler-host", default="127.0.0.1", help="interface for workers to reach the scheduler (0.0.0.0 for `potluck join` from other machines)")
+    parser.add_argument("--scheduler-port", type=int, default=0, help="scheduler control port (default: a free one)")
+    parser.add_argument("--api-key", default=os.environ.get("POTLUCK_API_KEY"), help="require this bearer key (or POTLUCK_API_KEY)")
+    parser.add_argument("--worker-threads", type=int, default=None, help="torch threads per local worker")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="potluck", description="Pool mismatched machines into one LLM server.")
+    parser.add_argument("--log-level", default=os.environ.get("POTLUCK_LOG_LEVEL", "INFO"))
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the scheduler and the OpenAI API")
+    serve.add_argument("--model", required=True, help="local Hugging Face model directory (safetensors)")
+    _add_serve_arguments(serve)
+
+    demo = commands.add_parser("demo", help="make a small checkpoint and serve it with 3 local workers")
+    demo.add_argument("--dir", default="demo-model", help="where to write the checkpoint (default ./demo-model)")
+    _add_serve_arguments(demo)
+    demo.set_defaults(local_workers=3)
+
+    join = commands.add_parser("join", help="run a worker that joins a scheduler")
+    join.add_argument("--scheduler", required=True, help="scheduler control address HOST:PORT")
+    join.add_argument("--host", default="0.0.0.0", help="interface to listen on")
+    join.add_argument("--port", type=int, default=0)
+    join.add_argument("--advertise-host", default=None, help="address other machines use to reach this one")
+    join.add_argument("--device", default=None)
+    join.add_argument("--memory-bytes", type=int, default=None)
+    join.add_argument("--threads", type=int, default=None)
+    join.add_argument("--worker-id", default=None)
+
+    plan = commands.add_parser("plan", help="solve layer placement for a model and devices")
+    plan.add_argument("--model", required=True, help="local Hugging Face model directory")
+    plan.add_argument("--devices", required=True, help="devices JSON file")
+    plan.add_argument("--time-limit", type=float, default=10.0, help="solver time limit in seconds")
+    plan.add_argument("--context-tokens", type=int, default=4096, help="KV reserve: context length")
+    plan.add_argument("--concurrency", type=int, default=4, help="KV reserve: concurrent sequences")
+    plan.add_argument("--objective", choices=["throughput", "latency"], default="throughput")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    profile = commands.add_parser("profile", help="measure this machine and print its profile as JSON")
+    profile.add_argument("--device", default=None)
+    profile.add_argument("--model", default=None, help="also time one layer of this model")
+
+    status = commands.add_parser("status", help="print a running cluster as a table")
+    status.add_argument("--url", default="http://127.0.0.1:8000", help="the API's base URL")
+    status.add_argument("--api-key", default=os.environ.get("POTLUCK_API_KEY"))
+    return parser
+
+
+async def serve(model_dir: Path, args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from api.local_workers import LocalWorkers
+    from api.server import create_app
+    from scheduler.engine import Engine, EngineConfig
+    from scheduler.tokenizer import Tokenizer
+    from workers.model_facts import read_model_facts
+    from workers.worker import best_device
+
+    dtype = args.dtype
+    facts = read_model_facts(model_dir, dtype)
+    engine = Engine(
+        EngineConfig(
+            model_dir=str(model_dir),
+            model=facts,
+            served_model_name=args.served_model_name or model_dir.name,
+            control_host=args.scheduler_host,
+            control_port=args.scheduler_port,
+            dtype=dtype,
+            min_workers=max(1, args.local_workers),
+            max_model_len=args.max_model_len,
+        ),
+        Tokenizer.from_model_dir(model_dir),
+    )
+    await engine.start()
+    workers = LocalWorkers(engine.control_address, args.local_workers, args.device or best_device(), args.worker_threads)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=args.api_key), host=args.host, port=args.port, log_level="warning"))
+
+    async def announce() -> None:
+        while not server.started:
+            await asyncio.sleep(0.05)
+        url = f"http://{args.host}:{args.port}/v1"
+        print(f"potluck: serving {engine.model_id!r} at {url} (scheduler {engine.control_address})", flush=True)
+        try:
+            await engine.wait_ready(timeout_s=600)
+        except TimeoutError as exc:
+            print(f"potluck: {exc}", flush=True)
+            return
+        auth = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
+        body = json.dumps({"model": engine.model_id, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32})
+        print(f"potluck: ready with {len(engine.cluster.workers)} worker(s). Try:\n  curl {url}/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'", flush=True)
+
+    workers.start()
+    announcer = asyncio.create_task(announce())
+    try:
+        await server.serve()
+    finally:
+        announcer.cancel()
+        workers.stop()
+        await engine.stop(shutdown_workers=True)
+
+
+def run_join(args: argparse.Namespace) -> None:
+    from workers.worker import WorkerConfig, best_device, run_worker, scheduler_address
+
+    run_worker(
+        WorkerConfig(
+            scheduler_address=scheduler_address(args.scheduler),
+            listen_host=args.host,
+            listen_port=args.port,
+            advertise_host=args.advertise_host,
+            device=args.device or best_device(),
+            memory_bytes=args.memory_bytes,
+            worker_id=args.worker_id,
+            num_threads=args.threads,
+        )
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command in ("serve", "demo"):
+            if args.command == "demo":
+                from api.demo_model import build_demo_model
+
+                model_dir = Path(args.dir).resolve()
+                if not (model_dir / "config.json").exists():
+                    print(f"potluck: building a small random-weight Llama checkpoint in {model_dir}", flush=True)
+                    build_demo_model(model_dir)
+            else:
+                model_dir = Path(args.model).resolve()
+            if not (model_dir / "config.json").is_file():
+                print(f"potluck: {model_dir} is not a Hugging Face model directory (no config.json)", file=sys.stderr)
+                return 2
+            asyncio.run(serve(model_dir, args))
+        elif args.command == "join":
+            run_join(args)
+        elif args.command == "plan":
+            from api.plan_command import run_plan
+
+            return run_plan(args)
+        elif args.command == "profile":
+            from workers.profiler import main as profile_main
+
+            return profile_main(args)
+        elif args.command == "status":
+            from api.status_command import run_status
+
+            return run_status(args)
+    except KeyboardInterrupt:
+        return 130
+    except ValueError as exc:
+        print(f"potluck: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

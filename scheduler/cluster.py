@@ -1,0 +1,130 @@
+"""The cluster as the scheduler sees it: registered workers, their layers, their live load.
+
+Parts:
+- `WorkerState`: one registered worker: address, memory, measured profile, assigned and loaded
+  layer range, last heartbeat.
+- `LayerPlan`: the ranges the planner chose and the pipelines (routes) they form.
+- `Cluster`: the registry. Pure state, no sockets: the engine feeds it messages and asks it which
+  routes are usable now.
+
+A route is usable while every worker on it is alive and has *loaded* the range the plan gave it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from workers import protocol as p
+
+
+@dataclass
+class WorkerState:
+    worker_id: str
+    data_address: str
+    memory_bytes: int
+    device: str
+    profile: dict
+    pid: int
+    registered_at_s: float
+    last_seen_s: float
+    assigned: tuple[int, int] | None = None  # range sent in the latest AssignLayers
+    loaded: tuple[int, int] | None = None  # range the worker reported ready
+    assigned_epoch: int = -1
+    heartbeat: p.Heartbeat | None = None
+    kv_capacity_tokens: int = 0
+    weight_bytes: int = 0
+    in_flight: int = 0  # requests the scheduler routed through this worker, not finished
+    draining: bool = False
+    error: str | None = None
+
+    @property
+    def is_ready(self) -> bool:
+        return self.loaded is not None and self.loaded == self.assigned
+
+    @property
+    def kv_free_tokens(self) -> int:
+        return self.heartbeat.kv_free_tokens if self.heartbeat else self.kv_capacity_tokens
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    epoch: int
+    ranges: dict[str, tuple[int, int]]  # worker id -> [start_layer, end_layer)
+    pipelines: tuple[tuple[str, ...], ...]  # worker ids in stage order, each covering [0, L)
+    predicted_tokens_per_s: float = 0.0
+    predicted_latency_s: float = 0.0
+    upper_bound_tokens_per_s: float = 0.0
+    solve_time_s: float = 0.0
+
+
+@dataclass
+class Cluster:
+    num_layers: int
+    workers: dict[str, WorkerState] = field(default_factory=dict)
+    plan: LayerPlan | None = None
+    epoch: int = 0
+
+    def register(self, message: p.Register, now_s: float | None = None) -> WorkerState:
+        now_s = time.monotonic() if now_s is None else now_s
+        state = WorkerState(
+            worker_id=message.worker_id,
+            data_address=message.data_address,
+            memory_bytes=message.memory_bytes,
+            device=message.device,
+            profile=dict(message.profile),
+            pid=message.pid,
+            registered_at_s=now_s,
+            last_seen_s=now_s,
+        )
+        self.workers[message.worker_id] = state
+        return state
+
+    def remove(self, worker_id: str) -> WorkerState | None:
+        return self.workers.pop(worker_id, None)
+
+    def on_heartbeat(self, message: p.Heartbeat, now_s: float | None = None) -> None:
+        state = self.workers.get(message.worker_id)
+        if state is not None:
+            state.heartbeat = message
+            state.last_seen_s = time.monotonic() if now_s is None else now_s
+
+    def on_layers_ready(self, message: p.LayersReady) -> WorkerState | None:
+        state = self.workers.get(message.worker_id)
+        if state is None or message.epoch != state.assigned_epoch:
+            return None  # an answer to an assignment that was superseded
+        state.last_seen_s = time.monotonic()
+        if message.error:
+            state.error = message.error
+            state.loaded = None
+            return state
+        state.error = None
+        state.loaded = (message.start_layer, message.end_layer)
+        state.kv_capacity_tokens = message.kv_capacity_tokens
+        state.weight_bytes = message.weight_bytes
+        return state
+
+    def stale_workers(self, timeout_s: float, now_s: float | None = None) -> list[str]:
+        now_s = time.monotonic() if now_s is None else now_s
+        return [wid for wid, state in self.workers.items() if now_s - state.last_seen_s > timeout_s]
+
+    def usable_routes(self) -> list[tuple[str, ...]]:
+        """Pipelines of the current plan whose workers are all alive, loaded and not draining."""
+        if self.plan is None:
+            return []
+        routes = []
+        for route in self.plan.pipelines:
+            states = [self.workers.get(wid) for wid in route]
+            if all(s is not None and s.is_ready and not s.draining for s in states):
+                routes.append(route)
+        return routes
+
+    def route_is_usable(self, route: tuple[str, ...]) -> bool:
+        return all((s := self.workers.get(wid)) is not None and s.is_ready for wid in route)
+
+    def is_loading(self) -> bool:
+        """Whether some worker was given layers it has not reported ready yet."""
+        return any(s.assigned is not None and not s.is_ready and s.error is None for s in self.workers.values())
+
+    def addresses(self, route: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(self.workers[wid].data_address for wid in route)

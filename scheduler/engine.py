@@ -1,0 +1,367 @@
+"""The scheduler engine: workers register, layers are assigned, requests flow through routes.
+
+Parts:
+- `EngineConfig`: the model, where the control socket listens, timeouts.
+- `RequestState`: one request in flight: its route, tokens so far, the queue its stream reads.
+- `Engine`: one PULL socket receives everything workers send (registrations, heartbeats, tokens,
+  failures); one PUSH socket per worker carries assignments, request starts and releases.
+  `generate()` is what the API calls: it yields `GenerationOutput`s as tokens arrive.
+
+The idea that keeps recovery simple: a request's state is the prompt plus the tokens the client
+has already received. Whenever its route breaks (a worker lost, re-assigned or out of KV), the
+request starts again on another route from exactly that state (`first_token_index` =
+tokens already sent), and tokens are accepted only in index order, so the client's stream has no
+lost or duplicated token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+
+import zmq
+import zmq.asyncio
+
+from scheduler.cluster import Cluster, WorkerState
+from scheduler.detokenizer import IncrementalDetokenizer
+from scheduler.errors import GenerationFailedError, NoCapacityError, PromptTooLongError
+from scheduler.planner import PlannerConfig, kv_budget_bytes, plan_layers
+from scheduler.request import GenerationOutput, GenerationRequest, TokenLogprob
+from scheduler.tokenizer import Tokenizer
+from workers import protocol as p
+
+log = logging.getLogger("potluck.scheduler")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_dir: str
+    model: p.ModelFacts
+    served_model_name: str
+    control_host: str = "127.0.0.1"
+    control_port: int = 0  # 0: a free port
+    dtype: str = "auto"
+    min_workers: int = 1  # plan once this many workers have registered
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_concurrent_sequences: int = 16  # KV reserve is sized for this many full-length sequences
+    heartbeat_timeout_s: float = 5.0
+    token_timeout_s: float = 120.0  # no token for this long: the request fails
+    route_wait_s: float = 30.0  # how long a request waits for layers being loaded
+    max_restarts: int = 8
+
+
+@dataclass
+class RequestState:
+    request: GenerationRequest
+    queue: asyncio.Queue
+    route: tuple[str, ...] = ()
+    attempt: int = 0
+    generated: list[int] = field(default_factory=list)
+    started_at_s: float = field(default_factory=time.monotonic)
+
+    @property
+    def wire_id(self) -> str:
+        return f"{self.request.request_id}#{self.attempt}"
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, tokenizer: Tokenizer) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.model_id = config.served_model_name
+        self.max_model_len = config.max_model_len or config.model.max_position_embeddings
+        self.planner_config = PlannerConfig(self.max_model_len, config.max_concurrent_sequences)
+        self.cluster = Cluster(num_layers=config.model.num_layers)
+        self.requests: dict[str, RequestState] = {}  # by wire id
+        self.sockets: dict[str, zmq.Socket] = {}
+        self.sync_context = zmq.Context()
+        self.async_context = zmq.asyncio.Context()
+        self.pull: zmq.asyncio.Socket | None = None
+        self.control_address = ""
+        self.tasks: list[asyncio.Task] = []
+        self.routes_changed = asyncio.Event()
+        self.tokens_generated = 0
+
+    # ------------------------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        self.pull = self.async_context.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.RCVHWM, 0)
+        host = self.config.control_host
+        if self.config.control_port:
+            self.pull.bind(f"tcp://{host}:{self.config.control_port}")
+            port = self.config.control_port
+        else:
+            port = self.pull.bind_to_random_port(f"tcp://{host}")
+        advertised = "127.0.0.1" if host in ("0.0.0.0", "*") else host
+        self.control_address = f"tcp://{advertised}:{port}"
+        self.tasks = [asyncio.create_task(self._receive_loop()), asyncio.create_task(self._monitor_loop())]
+        log.info("scheduler listening on %s", self.control_address)
+
+    async def stop(self, shutdown_workers: bool = False) -> None:
+        if shutdown_workers:
+            for worker_id in list(self.cluster.workers):
+                self._send(worker_id, p.Shutdown("scheduler stopping"))
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        for state in self.requests.values():
+            state.queue.put_nowait(NoCapacityError("the server is shutting down"))
+        for sock in self.sockets.values():
+            sock.close(linger=100 if shutdown_workers else 0)
+        if self.pull is not None:
+            self.pull.close(linger=0)
+        self.sync_context.term()
+        self.async_context.term()
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Wait until at least one route is usable."""
+        deadline = time.monotonic() + timeout_s
+        while not self.cluster.usable_routes():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no usable route after {timeout_s:.0f} s")
+            await asyncio.sleep(0.05)
+
+    # ------------------------------------------------------------------------------- messages
+    def _send(self, worker_id: str, message: p.Message) -> None:
+        sock = self.sockets.get(worker_id)
+        if sock is None:
+            return
+        try:
+            sock.send_multipart(p.encode(message), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("worker %s is not taking messages", worker_id)
+
+    async def _receive_loop(self) -> None:
+        assert self.pull is not None
+        while True:
+            frames = await self.pull.recv_multipart(copy=False)
+            try:
+                self._handle(p.decode(frames))
+            except p.ProtocolError as exc:
+                log.warning("dropped a malformed message: %s", exc)
+            except Exception:
+                log.exception("failed to handle a worker message")
+
+    def _handle(self, message: p.Message) -> None:
+        match message:
+            case p.TokenOutputs():
+                for output in message.outputs:
+                    state = self.requests.get(output.request_id)
+                    if state is not None:
+                        state.queue.put_nowait(output)
+            case p.Heartbeat():
+                if message.worker_id in self.cluster.workers:
+                    self.cluster.on_heartbeat(message)
+                else:  # a worker we declared lost is back: ask it to register again
+                    log.info("heartbeat from unknown worker %s", message.worker_id)
+            case p.Register():
+                self._on_register(message)
+            case p.LayersReady():
+                state = self.cluster.on_layers_ready(message)
+                if state is not None and state.error:
+                    log.error("%s failed to load layers: %s", state.worker_id, state.error)
+                self._routes_changed()
+            case p.RequestFailed():
+                state = self.requests.get(message.request_id)
+                if state is not None:
+                    log.warning("%s failed on %s: %s", message.request_id, message.worker_id, message.message)
+                    self._restart(state, reason=message.message)
+            case _:
+                log.warning("unexpected message %s", type(message).__name__)
+
+    def _on_register(self, message: p.Register) -> None:
+        if message.protocol_version != p.PROTOCOL_VERSION:
+            log.error("%s speaks protocol %d, not %d", message.worker_id, message.protocol_version, p.PROTOCOL_VERSION)
+            return
+        if message.worker_id in self.cluster.workers:
+            self._lose(message.worker_id, "registered again")
+        self.cluster.register(message)
+        sock = self.sync_context.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(message.data_address)
+        self.sockets[message.worker_id] = sock
+        log.info("worker %s registered from %s (%s, %d bytes)", message.worker_id, message.data_address, message.device, message.memory_bytes)
+        if len(self.cluster.workers) >= self.config.min_workers:
+            self.replan()
+
+    def _lose(self, worker_id: str, reason: str) -> None:
+        log.warning("worker %s lost: %s", worker_id, reason)
+        self.cluster.remove(worker_id)
+        sock = self.sockets.pop(worker_id, None)
+        if sock is not None:
+            sock.close(linger=0)
+        for state in list(self.requests.values()):
+            if worker_id in state.route:
+                self._restart(state, reason=f"worker {worker_id} lost")
+
+    async def _monitor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            stale = self.cluster.stale_workers(self.config.heartbeat_timeout_s)
+            for worker_id in stale:
+                self._lose(worker_id, f"silent for more than {self.config.heartbeat_timeout_s} s")
+            if stale and self.cluster.workers:
+                self.replan()
+
+    # ------------------------------------------------------------------------------- planning
+    def replan(self) -> None:
+        """Plan for the registered workers; only workers whose range changes reload."""
+        workers = [w for w in self.cluster.workers.values() if not w.draining]
+        if not workers:
+            self.cluster.plan = None
+            return
+        current = {w.worker_id: w.loaded for w in workers if w.loaded is not None}
+        self.cluster.epoch += 1
+        try:
+            plan = plan_layers(self.config.model, workers, self.planner_config, self.cluster.epoch, current)
+        except NoCapacityError as exc:
+            log.error("cannot plan: %s", exc)
+            return
+        self.cluster.plan = plan
+        for worker in self.cluster.workers.values():
+            new_range = plan.ranges.get(worker.worker_id)
+            if new_range is not None and worker.assigned == new_range and worker.error is None:
+                continue  # keeps its layers (and its requests)
+            self._assign(worker, new_range, plan)
+        self._routes_changed()
+
+    def _assign(self, worker: WorkerState, new_range: tuple[int, int] | None, plan) -> None:
+        worker.assigned = new_range
+        worker.loaded = None
+        worker.assigned_epoch = plan.epoch
+        for state in list(self.requests.values()):
+            if worker.worker_id in state.route:
+                self._restart(state, reason=f"{worker.worker_id} re-assigned")
+        if new_range is None:
+            return
+        stages = max((len(r) for r in plan.pipelines if worker.worker_id in r), default=1)
+        self._send(
+            worker.worker_id,
+            p.AssignLayers(
+                epoch=plan.epoch,
+                model_dir=self.config.model_dir,
+                start_layer=new_range[0],
+                end_layer=new_range[1],
+                dtype=self.config.dtype,
+                kv_budget_bytes=kv_budget_bytes(self.config.model, worker, *new_range, self.planner_config),
+                num_stages_hint=stages,
+            ),
+        )
+
+    def _routes_changed(self) -> None:
+        self.routes_changed.set()
+        self.routes_changed = asyncio.Event()
+
+    # ------------------------------------------------------------------------------- requests
+    def choose_route(self, state: RequestState) -> tuple[str, ...] | None:
+        routes = self.cluster.usable_routes()
+        if not routes:
+            return None
+        return min(routes, key=lambda r: max(self.cluster.workers[w].in_flight for w in r))
+
+    def _start_attempt(self, state: RequestState, route: tuple[str, ...]) -> None:
+        request = state.request
+        state.route = route
+        for worker_id in route:
+            self.cluster.workers[worker_id].in_flight += 1
+        done = len(state.generated)
+        sampling = replace(request.sampling, max_new_tokens=request.sampling.max_new_tokens - done)
+        start = p.RequestStart(self.cluster.addresses(route), self.control_address, sampling, first_token_index=done)
+        self.requests[state.wire_id] = state
+        self._send(route[0], p.StartRequest(state.wire_id, request.prompt_token_ids + tuple(state.generated), start))
+
+    def _end_attempt(self, state: RequestState) -> None:
+        self.requests.pop(state.wire_id, None)
+        for worker_id in state.route:
+            worker = self.cluster.workers.get(worker_id)
+            if worker is not None:
+                worker.in_flight -= 1
+                self._send(worker_id, p.ReleaseRequests((state.wire_id,)))
+        state.route = ()
+
+    def _restart(self, state: RequestState, reason: str) -> None:
+        """Move the request to a new route from the tokens the client already has."""
+        if state.wire_id not in self.requests:
+            return
+        self._end_attempt(state)
+        state.attempt += 1
+        if state.attempt > self.config.max_restarts:
+            state.queue.put_nowait(GenerationFailedError(f"request failed {state.attempt} times; last: {reason}"))
+            return
+        state.queue.put_nowait(("restart", reason))
+
+    async def _acquire_route(self, state: RequestState) -> None:
+        deadline = time.monotonic() + self.config.route_wait_s
+        while True:
+            route = self.choose_route(state)
+            if route is not None:
+                self._start_attempt(state, route)
+                return
+            if not (self.cluster.is_loading() or len(self.cluster.workers) < self.config.min_workers):
+                raise NoCapacityError("no path through the model's layers is available (no workers serve it)")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NoCapacityError(f"no path through the model's layers became available in {self.config.route_wait_s:.0f} s")
+            try:
+                await asyncio.wait_for(self.routes_changed.wait(), timeout=min(remaining, 0.5))
+            except TimeoutError:
+                pass
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        num_prompt = len(request.prompt_token_ids)
+        if num_prompt == 0:
+            raise PromptTooLongError("the prompt is empty")
+        if num_prompt >= self.max_model_len:
+            raise PromptTooLongError(f"the prompt has {num_prompt} tokens; this model's context is {self.max_model_len} tokens")
+        max_new = min(request.sampling.max_new_tokens, self.max_model_len - num_prompt)
+        request = replace(request, sampling=replace(request.sampling, max_new_tokens=max(1, max_new)))
+        state = RequestState(request, asyncio.Queue())
+        detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.stop, request.skip_special_tokens)
+        try:
+            await self._acquire_route(state)
+            while True:
+                try:
+                    item = await asyncio.wait_for(state.queue.get(), timeout=self.config.token_timeout_s)
+                except TimeoutError:
+                    raise GenerationFailedError(f"no token for {self.config.token_timeout_s:.0f} s") from None
+                if isinstance(item, Exception):
+                    raise item
+                if isinstance(item, tuple):  # restart: the old route is gone
+                    log.info("restarting %s after %d tokens: %s", request.request_id, len(state.generated), item[1])
+                    await self._acquire_route(state)
+                    continue
+                output: p.TokenOutput = item
+                if output.request_id != state.wire_id or output.index != len(state.generated):
+                    continue  # from an earlier attempt, or a duplicate
+                state.generated.append(output.token_id)
+                self.tokens_generated += 1
+                step = detokenizer.add(output.token_id)
+                finish_reason = output.finish_reason
+                text = step.text
+                if step.stopped:
+                    finish_reason = "stop"
+                elif finish_reason is not None:
+                    text += detokenizer.flush()
+                logprobs = ()
+                if request.sampling.num_top_logprobs is not None and output.logprob is not None:
+                    logprobs = (TokenLogprob(output.token_id, output.logprob, tuple(output.top_logprobs)),)
+                yield GenerationOutput(
+                    request_id=request.request_id,
+                    text=text,
+                    token_ids=(output.token_id,),
+                    logprobs=logprobs,
+                    finish_reason=finish_reason,
+                    num_prompt_tokens=num_prompt,
+                    num_generated_tokens=len(state.generated),
+                )
+                if finish_reason is not None:
+                    return
+        finally:
+            self._end_attempt(state)

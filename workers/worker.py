@@ -1,0 +1,533 @@
+"""The worker process: sockets, the continuous-batching loop, heartbeats.
+
+Parts:
+- `WorkerConfig`: where the scheduler is, where to listen, which device and how much memory.
+- `StageRequest`: what this stage knows of one request (route, position, sampling state).
+- `Worker`: owns one PULL socket (everything it receives: control from the scheduler, activations
+  and next tokens from peers) and one PUSH socket per peer; runs `StageBackend.forward` on
+  whatever work is pending, in one batch per step.
+- `main`: `python -m workers.worker --scheduler tcp://HOST:PORT` (what `potluck join` runs).
+
+The loop (`run`) is: receive everything pending -> take a batch -> forward -> send. A request
+joins or leaves the batch between steps (continuous batching). The first stage sizes decode
+microbatches so that every stage of the pipeline has one to work on (no pipeline bubble).
+A malformed or stale message is logged and dropped; the worker stays up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import socket
+import time
+import uuid
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import zmq
+
+from workers import protocol as p
+from workers.backend import SequenceChunk, StageBackend, StageConfig, load_backend
+
+log = logging.getLogger("potluck.worker")
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+HEARTBEAT_INTERVAL_S = 0.5
+MAX_PREFILL_TOKENS_PER_STEP = 4096
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    scheduler_address: str  # "tcp://HOST:PORT"
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 0  # 0: a free port
+    advertise_host: str | None = None  # address peers use to reach us (default: listen_host)
+    device: str = "cpu"
+    memory_bytes: int | None = None  # usable for weights + KV (default: measured)
+    worker_id: str | None = None
+    num_threads: int | None = None
+    parent_pid: int | None = None  # exit when this process is gone (local workers)
+    step_delay_s: float = 0.0  # fault injection for tests: extra time per step (off by default)
+    profile: bool = False  # measure the device at join (workers/profiler.py)
+
+
+@dataclass
+class StageRequest:
+    request_id: str
+    start: p.RequestStart
+    position: int = 0  # tokens in this stage's KV cache
+    num_generated: int = 0  # tokens sampled so far in this run (last stage)
+
+
+@dataclass
+class WorkItem:
+    request_id: str
+    start_position: int
+    inputs: torch.Tensor  # token ids [n] (first stage) or hidden [n, hidden_size]
+    forward_start: p.RequestStart | None = None  # meta to pass along (first hop only)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+def tensor_to_payload(tensor: torch.Tensor) -> p.TensorPayload:
+    """A tensor as a wire payload; the payload's buffer shares the tensor's memory on CPU."""
+    tensor = tensor.detach().contiguous()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    data = tensor.view(torch.uint8).numpy() if tensor.numel() else b""
+    return p.TensorPayload(dtype=dtype, shape=tuple(tensor.shape), data=data)
+
+
+def payload_to_tensor(payload: p.TensorPayload) -> torch.Tensor:
+    dtype = getattr(torch, payload.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise p.ProtocolError(f"unknown dtype {payload.dtype!r}")
+    expected = math.prod(payload.shape) * torch.empty((), dtype=dtype).element_size()
+    if len(memoryview(payload.data).cast("B")) != expected:
+        raise p.ProtocolError("tensor frame size does not match its shape")
+    if expected == 0:
+        return torch.empty(payload.shape, dtype=dtype)
+    return torch.frombuffer(payload.data, dtype=dtype).view(payload.shape)
+
+
+def default_memory_bytes(device: str) -> int:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        free_bytes, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free_bytes)
+    if device == "mps" and hasattr(torch, "mps"):
+        return int(torch.mps.recommended_max_memory())
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.worker_id = config.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
+        self.context = zmq.Context.instance()
+        self.pull = self.context.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.RCVHWM, 0)
+        if config.listen_port:
+            self.pull.bind(f"tcp://{config.listen_host}:{config.listen_port}")
+            port = config.listen_port
+        else:
+            port = self.pull.bind_to_random_port(f"tcp://{config.listen_host}")
+        host = config.advertise_host or config.listen_host
+        if host in ("0.0.0.0", "*"):
+            host = socket.gethostbyname(socket.gethostname())
+        self.data_address = f"tcp://{host}:{port}"
+        self.peers: dict[str, zmq.Socket] = {}
+        self.backend: StageBackend | None = None
+        self.epoch = -1
+        self.num_stages_hint = 1
+        self.requests: dict[str, StageRequest] = {}
+        self.pending: list[WorkItem] = []
+        self.step_time_ewma_s = 0.0
+        self.tokens_processed = 0
+        self.running = True
+        self.last_heartbeat_s = 0.0
+
+    # ----------------------------------------------------------------------------- sockets
+    def _peer(self, address: str) -> zmq.Socket:
+        sock = self.peers.get(address)
+        if sock is None:
+            sock = self.context.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 10000)
+            sock.connect(address)
+            self.peers[address] = sock
+        return sock
+
+    def send(self, address: str, message: p.Message) -> None:
+        try:
+            self._peer(address).send_multipart(p.encode(message), copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("peer %s is not taking messages; dropped %s", address, type(message).__name__)
+
+    def to_scheduler(self, message: p.Message) -> None:
+        self.send(self.config.scheduler_address, message)
+
+    # ----------------------------------------------------------------------------- lifecycle
+    def register(self) -> None:
+        profile: dict = {}
+        if self.config.profile:
+            from workers.profiler import measure_device
+
+            profile = measure_device(self.config.device).to_json()
+        self.to_scheduler(
+            p.Register(
+                worker_id=self.worker_id,
+                data_address=self.data_address,
+                memory_bytes=self.config.memory_bytes or default_memory_bytes(self.config.device),
+                device=self.config.device,
+                profile=profile,
+                pid=os.getpid(),
+            )
+        )
+
+    def run(self) -> None:
+        self.register()
+        poller = zmq.Poller()
+        poller.register(self.pull, zmq.POLLIN)
+        try:
+            while self.running:
+                timeout_ms = 0 if self.pending else int(HEARTBEAT_INTERVAL_S * 1000)
+                if poller.poll(timeout_ms):
+                    self.receive_all()
+                if self.pending and self.backend is not None:
+                    self.step()
+                self.maybe_heartbeat()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for sock in self.peers.values():
+            sock.close(linger=0)
+        self.pull.close(linger=0)
+
+    def maybe_heartbeat(self) -> None:
+        now = time.monotonic()
+        if now - self.last_heartbeat_s < HEARTBEAT_INTERVAL_S:
+            return
+        self.last_heartbeat_s = now
+        if self.config.parent_pid and not _alive(self.config.parent_pid):
+            log.info("parent %d is gone; stopping", self.config.parent_pid)
+            self.running = False
+            return
+        backend = self.backend
+        self.to_scheduler(
+            p.Heartbeat(
+                worker_id=self.worker_id,
+                epoch=self.epoch,
+                running_requests=len(self.requests),
+                queued_items=len(self.pending),
+                kv_free_tokens=backend.kv_free_tokens() if backend else 0,
+                kv_capacity_tokens=backend.kv_capacity_tokens() if backend else 0,
+                step_time_ewma_s=self.step_time_ewma_s,
+                tokens_processed=self.tokens_processed,
+            )
+        )
+
+    # ----------------------------------------------------------------------------- receive
+    def receive_all(self) -> None:
+        while True:
+            try:
+                frames = self.pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                self.handle(p.decode(frames))
+            except p.ProtocolError as exc:
+                log.warning("dropped a malformed message: %s", exc)
+            except Exception:
+                log.exception("dropped a message that failed")
+
+    def handle(self, message: p.Message) -> None:
+        match message:
+            case p.Activations():
+                self.on_activations(message)
+            case p.NextTokens():
+                self.on_next_tokens(message)
+            case p.StartRequest():
+                self.on_start(message)
+            case p.ReleaseRequests():
+                self.release(message.request_ids)
+            case p.AssignLayers():
+                self.on_assign(message)
+            case p.Shutdown():
+                log.info("shutdown: %s", message.reason)
+                self.running = False
+            case _:
+                log.warning("unexpected message %s", type(message).__name__)
+
+    def on_assign(self, message: p.AssignLayers) -> None:
+        self.release(tuple(self.requests))
+        self.backend = None
+        self.num_stages_hint = max(1, message.num_stages_hint)
+        try:
+            self.backend = load_backend(
+                StageConfig(
+                    model_dir=message.model_dir,
+                    start_layer=message.start_layer,
+                    end_layer=message.end_layer,
+                    dtype=message.dtype,
+                    device=self.config.device,
+                    kv_budget_bytes=message.kv_budget_bytes,
+                )
+            )
+        except Exception as exc:  # report, stay up, wait for another assignment
+            log.exception("loading layers failed")
+            self.to_scheduler(
+                p.LayersReady(self.worker_id, message.epoch, message.start_layer, message.end_layer, error=str(exc))
+            )
+            return
+        self.epoch = message.epoch
+        self.to_scheduler(
+            p.LayersReady(
+                worker_id=self.worker_id,
+                epoch=message.epoch,
+                start_layer=message.start_layer,
+                end_layer=message.end_layer,
+                kv_capacity_tokens=self.backend.kv_capacity_tokens(),
+                weight_bytes=self.backend.weight_bytes,
+            )
+        )
+
+    def on_start(self, message: p.StartRequest) -> None:
+        backend = self._require_backend()
+        if not backend.is_first or not message.token_ids:
+            raise p.ProtocolError("StartRequest needs a first stage and at least one token")
+        if message.request_id in self.requests:
+            raise p.ProtocolError(f"request {message.request_id} already started")
+        self.requests[message.request_id] = StageRequest(message.request_id, message.start)
+        tokens = torch.tensor(message.token_ids, dtype=torch.long)
+        self.pending.append(WorkItem(message.request_id, 0, tokens, forward_start=message.start))
+
+    def on_activations(self, message: p.Activations) -> None:
+        backend = self._require_backend()
+        hidden = payload_to_tensor(message.hidden)  # [sum(num_tokens), hidden_size]
+        total = sum(entry.num_tokens for entry in message.entries)
+        if hidden.dim() != 2 or hidden.shape[0] != total or hidden.shape[1] != backend.hidden_size:
+            raise p.ProtocolError(f"activations of shape {tuple(hidden.shape)} do not match entries")
+        row = 0
+        for entry in message.entries:
+            rows = hidden[row : row + entry.num_tokens]
+            row += entry.num_tokens
+            state = self.requests.get(entry.request_id)
+            if entry.start is not None and state is None and entry.start_position == 0:
+                state = StageRequest(entry.request_id, entry.start)
+                self.requests[entry.request_id] = state
+            if state is None or state.position != entry.start_position:
+                log.debug("dropped stale activations for %s", entry.request_id)
+                continue
+            self.pending.append(WorkItem(entry.request_id, entry.start_position, rows, entry.start))
+
+    def on_next_tokens(self, message: p.NextTokens) -> None:
+        for token in message.tokens:
+            state = self.requests.get(token.request_id)
+            if state is None or state.position != token.position:
+                continue  # released (finished, stopped or aborted) meanwhile
+            inputs = torch.tensor([token.token_id], dtype=torch.long)
+            self.pending.append(WorkItem(token.request_id, token.position, inputs))
+
+    def release(self, request_ids: Sequence[str]) -> None:
+        gone = set(request_ids)
+        for request_id in gone:
+            if self.requests.pop(request_id, None) is not None and self.backend is not None:
+                self.backend.free(request_id)
+        if gone:
+            self.pending = [item for item in self.pending if item.request_id not in gone]
+
+    def _require_backend(self) -> StageBackend:
+        if self.backend is None:
+            raise p.ProtocolError("no layers assigned yet")
+        return self.backend
+
+    # ----------------------------------------------------------------------------- step
+    def take_batch(self) -> list[WorkItem]:
+        """Prefills up to a token budget, plus a decode microbatch sized for the pipeline."""
+        prefills = [item for item in self.pending if item.num_tokens > 1 or item.start_position == 0]
+        decodes = [item for item in self.pending if not (item.num_tokens > 1 or item.start_position == 0)]
+        batch: list[WorkItem] = []
+        budget = MAX_PREFILL_TOKENS_PER_STEP
+        for item in prefills:
+            if batch and item.num_tokens > budget:
+                break
+            batch.append(item)
+            budget -= item.num_tokens
+        backend = self.backend
+        if backend is not None and backend.is_first and self.num_stages_hint > 1:
+            size = max(1, math.ceil(len(self.requests) / self.num_stages_hint))
+            decodes = decodes[:size]
+        batch.extend(decodes)
+        return batch
+
+    def step(self) -> None:
+        backend = self._require_backend()
+        batch = self.take_batch()
+        chunks = [SequenceChunk(item.request_id, item.start_position, item.num_tokens) for item in batch]
+        if not backend.can_allocate(chunks):
+            batch, chunks = self._fit_kv(batch, chunks)
+            if not batch:
+                return
+        taken = {id(item) for item in batch}
+        self.pending = [item for item in self.pending if id(item) not in taken]
+        inputs = batch[0].inputs if len(batch) == 1 else torch.cat([item.inputs for item in batch])
+        started = time.perf_counter()
+        outputs = backend.forward(chunks, inputs)
+        if self.config.step_delay_s:
+            time.sleep(self.config.step_delay_s)
+        elapsed_s = time.perf_counter() - started
+        self.step_time_ewma_s = elapsed_s if not self.step_time_ewma_s else 0.8 * self.step_time_ewma_s + 0.2 * elapsed_s
+        self.tokens_processed += sum(chunk.num_tokens for chunk in chunks)
+        for item in batch:
+            self.requests[item.request_id].position += item.num_tokens
+        if backend.is_last:
+            self.emit_tokens(batch, outputs)
+        else:
+            self.forward_activations(batch, outputs)
+
+    def _fit_kv(self, batch: list[WorkItem], chunks: list[SequenceChunk]) -> tuple[list[WorkItem], list[SequenceChunk]]:
+        """Keep the items that fit; fail decodes that cannot grow, leave prefills waiting."""
+        backend = self._require_backend()
+        kept_items: list[WorkItem] = []
+        kept_chunks: list[SequenceChunk] = []
+        for item, chunk in zip(batch, chunks):
+            if backend.can_allocate([*kept_chunks, chunk]):
+                kept_items.append(item)
+                kept_chunks.append(chunk)
+            elif item.start_position > 0 or len(self.requests) <= 1:
+                # a running request cannot grow, or a prompt will never fit: tell the scheduler
+                self.fail(item.request_id, f"KV cache is full on {self.worker_id}")
+        return kept_items, kept_chunks
+
+    def fail(self, request_id: str, message: str) -> None:
+        state = self.requests.get(request_id)
+        if state is not None:
+            self.send(state.start.scheduler_address, p.RequestFailed(self.worker_id, request_id, message))
+        self.release((request_id,))
+
+    def _next_address(self, state: StageRequest) -> str:
+        route = state.start.route
+        index = route.index(self.data_address) if self.data_address in route else -1
+        if index < 0 or index + 1 >= len(route):
+            raise p.ProtocolError(f"{self.data_address} has no successor in the route of {state.request_id}")
+        return route[index + 1]
+
+    def forward_activations(self, batch: list[WorkItem], hidden: torch.Tensor) -> None:
+        groups: dict[str, tuple[list[p.ActivationEntry], list[torch.Tensor]]] = {}
+        row = 0
+        for item in batch:
+            rows = hidden[row : row + item.num_tokens]
+            row += item.num_tokens
+            state = self.requests[item.request_id]
+            entries, tensors = groups.setdefault(self._next_address(state), ([], []))
+            entries.append(p.ActivationEntry(item.request_id, item.start_position, item.num_tokens, item.forward_start))
+            tensors.append(rows)
+        for address, (entries, tensors) in groups.items():
+            stacked = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+            self.send(address, p.Activations(tuple(entries), tensor_to_payload(stacked)))
+
+    def emit_tokens(self, batch: list[WorkItem], logits: torch.Tensor) -> None:
+        from workers.sampling import sample
+
+        states = [self.requests[item.request_id] for item in batch]
+        indices = [state.start.first_token_index + state.num_generated for state in states]
+        sampled = sample(logits, [state.start.sampling for state in states], indices)
+        outputs: dict[str, list[p.TokenOutput]] = {}
+        next_tokens: dict[str, list[p.NextToken]] = {}
+        finished: list[str] = []
+        for state, index, token in zip(states, indices, sampled):
+            sampling = state.start.sampling
+            state.num_generated += 1
+            reason = None
+            if token.token_id in sampling.eos_token_ids and not sampling.ignore_eos:
+                reason = "stop"
+            elif state.num_generated >= sampling.max_new_tokens:
+                reason = "length"
+            outputs.setdefault(state.start.scheduler_address, []).append(
+                p.TokenOutput(state.request_id, index, token.token_id, reason, token.logprob, token.top_logprobs)
+            )
+            if reason is None:
+                next_tokens.setdefault(state.start.route[0], []).append(
+                    p.NextToken(state.request_id, token.token_id, state.position)
+                )
+            else:
+                finished.append(state.request_id)
+        for address, items in outputs.items():
+            self.send(address, p.TokenOutputs(self.worker_id, tuple(items)))
+        for address, items in next_tokens.items():
+            if address == self.data_address:  # a single-stage pipeline: the ring is this worker
+                self.on_next_tokens(p.NextTokens(tuple(items)))
+            else:
+                self.send(address, p.NextTokens(tuple(items)))
+        self.release(finished)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="potluck-worker", description="Run one potluck worker.")
+    parser.add_argument("--scheduler", required=True, help="scheduler control address, HOST:PORT or tcp://HOST:PORT")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (0: a free one)")
+    parser.add_argument("--advertise-host", default=None, help="host peers use to reach this worker")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
+    parser.add_argument("--memory-bytes", type=int, default=None, help="memory for weights + KV cache")
+    parser.add_argument("--worker-id", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--step-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help="measure the device before registering")
+    return parser
+
+
+def best_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def scheduler_address(value: str) -> str:
+    value = value.strip()
+    if value.startswith("tcp://"):
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"scheduler address must be HOST:PORT, got {value!r}")
+    return f"tcp://{host}:{port}"
+
+
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    return WorkerConfig(
+        scheduler_address=scheduler_address(args.scheduler),
+        listen_host=args.host,
+        listen_port=args.port,
+        advertise_host=args.advertise_host,
+        device=args.device or best_device(),
+        memory_bytes=args.memory_bytes,
+        worker_id=args.worker_id,
+        num_threads=args.threads,
+        parent_pid=args.parent_pid,
+        step_delay_s=args.step_delay_s,
+        profile=args.profile,
+    )
+
+
+def run_worker(config: WorkerConfig) -> None:
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    worker = Worker(config)
+    log.info("%s listening on %s, scheduler %s", worker.worker_id, worker.data_address, config.scheduler_address)
+    worker.run()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=os.environ.get("POTLUCK_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    args = build_arg_parser().parse_args(argv)
+    try:
+        run_worker(config_from_args(args))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
