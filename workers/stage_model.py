@@ -1,0 +1,298 @@
+"""The layers of one pipeline stage as a plain torch module (it knows nothing of distribution).
+
+Parts:
+- `BatchPlan` / `build_batch_plan(...)`: everything that is the same for all layers of one step,
+  computed once per forward: positions, RoPE cos/sin, KV write slots, the decode group's
+  padded block gather + mask, each prefill chunk's rows (+ prefix mask), the last-token rows.
+- `DecoderLayer`: RMSNorm -> fused QKV (+ Qwen2 bias, + Qwen3 q/k norm) -> RoPE -> GQA attention
+  over the block KV cache -> o_proj -> residual; RMSNorm -> fused gate/up SwiGLU -> down -> residual.
+- `StageModel`: `layers[start:end]` (+ `embed_tokens` on the first stage; final norm + LM head
+  on the last), built from checkpoint tensors (`StageModel.from_tensors`).
+
+Batched varlen step: the new tokens of all chunks are one `[N, hidden]` matrix, so every linear
+layer runs once for the batch. Attention is per group: all 1-token chunks (decode) together against
+a padded gather of their cached K/V; each multi-token chunk (prefill) with causal attention over its
+cached prefix + new tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.model_config import ModelConfig
+
+KVLayer = tuple[torch.Tensor, torch.Tensor]  # (K pool, V pool) [num_blocks, block, kv_heads, hd]
+
+
+@dataclass
+class PrefillGroup:
+    row_start: int  # rows [row_start, row_end) of the flat batch
+    row_end: int
+    blocks: torch.Tensor | None  # [num_blocks] block ids to gather prefix + new K/V (None: no prefix)
+    mask: torch.Tensor | None  # [n, prefix + n] additive mask (None: plain causal)
+
+
+@dataclass
+class BatchPlan:
+    num_tokens: int
+    cos: torch.Tensor  # [N, 1, head_dim // 2]
+    sin: torch.Tensor  # [N, 1, head_dim // 2]
+    slots: torch.Tensor  # [N] flat cache row (block * block_size + offset) of each new token
+    decode_rows: torch.Tensor | None  # [B_dec] rows of 1-token chunks (None: no decode group)
+    decode_all: bool  # every chunk is a 1-token chunk (rows == arange(N))
+    decode_blocks: torch.Tensor | None  # [B_dec, max_blocks] padded block tables
+    decode_mask: torch.Tensor | None  # [B_dec, 1, 1, max_blocks * block_size] additive
+    prefills: list[PrefillGroup]
+    last_rows: torch.Tensor  # [num_chunks] row of each chunk's last token
+
+
+def build_batch_plan(
+    starts: Sequence[int],
+    lengths: Sequence[int],
+    block_tables: Sequence[Sequence[int]],
+    block_size: int,
+    inv_freq: torch.Tensor,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> BatchPlan:
+    """Per-step metadata for chunks (start position, new tokens, block table), in batch order."""
+    decode_idx = [i for i, n in enumerate(lengths) if n == 1]
+    if len(decode_idx) == len(lengths):
+        positions = torch.tensor(starts, dtype=torch.int64)
+        slots = torch.tensor(
+            [t[s // block_size] * block_size + s % block_size for s, t in zip(starts, block_tables)],
+            dtype=torch.int64,
+        )
+    else:
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)])
+        slot_parts = []
+        for s, n, table in zip(starts, lengths, block_tables):
+            pos = torch.arange(s, s + n)
+            slot_parts.append(torch.tensor(table, dtype=torch.int64)[pos // block_size] * block_size + pos % block_size)
+        slots = torch.cat(slot_parts)
+    freqs = positions.to(torch.float32)[:, None] * inv_freq.cpu()[None, :]  # [N, hd/2]
+    cos = freqs.cos().to(dtype)[:, None, :].to(device)
+    sin = freqs.sin().to(dtype)[:, None, :].to(device)
+
+    row_starts = [0]
+    for n in lengths:
+        row_starts.append(row_starts[-1] + n)
+    neg_inf = torch.finfo(dtype).min
+
+    decode_rows = decode_blocks = decode_mask = None
+    if decode_idx:
+        kv_lens = torch.tensor([starts[i] + 1 for i in decode_idx], dtype=torch.int64)
+        max_blocks = max(-(-(starts[i] + 1) // block_size) for i in decode_idx)
+        padded = [list(block_tables[i][:max_blocks]) for i in decode_idx]
+        decode_blocks = torch.tensor([p + [0] * (max_blocks - len(p)) for p in padded], dtype=torch.int64)
+        visible = torch.arange(max_blocks * block_size)[None, :] < kv_lens[:, None]
+        decode_mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, neg_inf)
+        decode_mask = decode_mask[:, None, None, :].to(device)
+        decode_blocks = decode_blocks.to(device)
+        decode_rows = torch.tensor([row_starts[i] for i in decode_idx], dtype=torch.int64, device=device)
+
+    prefills = []
+    for i, (s, n) in enumerate(zip(starts, lengths)):
+        if n == 1:
+            continue
+        blocks = mask = None
+        if s > 0:
+            num_blocks = -(-(s + n) // block_size)
+            blocks = torch.tensor(block_tables[i][:num_blocks], dtype=torch.int64, device=device)
+            key_pos = torch.arange(num_blocks * block_size)[None, :]
+            query_pos = torch.arange(s, s + n)[:, None]
+            mask = torch.zeros((n, num_blocks * block_size), dtype=dtype)
+            mask = mask.masked_fill_(key_pos > query_pos, neg_inf).to(device)
+        prefills.append(PrefillGroup(row_starts[i], row_starts[i + 1], blocks, mask))
+
+    return BatchPlan(
+        num_tokens=row_starts[-1],
+        cos=cos,
+        sin=sin,
+        slots=slots.to(device),
+        decode_rows=decode_rows,
+        decode_all=len(decode_idx) == len(lengths),
+        decode_blocks=decode_blocks,
+        decode_mask=decode_mask,
+        prefills=prefills,
+        last_rows=torch.tensor([r - 1 for r in row_starts[1:]], dtype=torch.int64, device=device),
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, computed in float32, scaled in x's dtype.
+
+    weight: [d], or [..., d] broadcast against x (Qwen3's per-head q/k norm weights).
+    """
+    if x.dtype == torch.float32 and weight.dim() == 1:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    return F.rms_norm(x.float(), x.shape[-1:], None, eps).to(x.dtype) * weight
+
+
+def _param(tensor: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor.contiguous(), requires_grad=False)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.eps = config.rms_norm_eps
+        w = weights
+        self.input_norm = _param(w["input_layernorm.weight"])
+        self.post_attention_norm = _param(w["post_attention_layernorm.weight"])
+        proj = ("q_proj", "k_proj", "v_proj")
+        self.w_qkv = _param(torch.cat([w[f"self_attn.{p}.weight"] for p in proj]))
+        has_bias = "self_attn.q_proj.bias" in w
+        self.b_qkv = _param(torch.cat([w[f"self_attn.{p}.bias"] for p in proj])) if has_bias else None
+        self.w_o = _param(w["self_attn.o_proj.weight"])
+        self.qk_norm = None
+        if config.qk_norm:  # one [q_heads + kv_heads, head_dim] weight: q_norm rows, then k_norm rows
+            q_norm = w["self_attn.q_norm.weight"].expand(self.num_heads, -1)
+            k_norm = w["self_attn.k_norm.weight"].expand(self.num_kv_heads, -1)
+            self.qk_norm = _param(torch.cat([q_norm, k_norm]))
+        self.w_gate_up = _param(torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]))
+        self.w_down = _param(w["mlp.down_proj.weight"])
+
+    def forward(self, hidden: torch.Tensor, plan: BatchPlan, kv: KVLayer) -> torch.Tensor:
+        # hidden: [N, hidden_size]
+        nq, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        num_tokens = hidden.shape[0]
+        x = rms_norm(hidden, self.input_norm, self.eps)
+        qkv = F.linear(x, self.w_qkv, self.b_qkv).view(num_tokens, nq + 2 * nkv, hd)
+        qk = qkv[:, : nq + nkv]  # [N, nq + nkv, hd]
+        if self.qk_norm is not None:
+            qk = rms_norm(qk, self.qk_norm, self.eps)
+        half = hd // 2
+        x1, x2 = qk[..., :half], qk[..., half:]
+        qk = torch.cat((x1 * plan.cos - x2 * plan.sin, x2 * plan.cos + x1 * plan.sin), dim=-1)
+        q = qk[:, :nq]  # [N, nq, hd]
+        k = qk[:, nq:]  # [N, nkv, hd]
+        v = qkv[:, nq + nkv :]  # [N, nkv, hd]
+
+        k_pool, v_pool = kv  # [num_blocks, block, nkv, hd]
+        block = k_pool.shape[1]
+        k_pool.view(-1, nkv, hd).index_copy_(0, plan.slots, k)
+        v_pool.view(-1, nkv, hd).index_copy_(0, plan.slots, v)
+
+        if plan.decode_all:
+            attn = self._decode_attention(q, plan, k_pool, v_pool, block)  # [N, nq * hd]
+        else:
+            attn = hidden.new_empty((num_tokens, nq * hd))
+            if plan.decode_rows is not None:
+                q_dec = q.index_select(0, plan.decode_rows)
+                attn[plan.decode_rows] = self._decode_attention(q_dec, plan, k_pool, v_pool, block)
+            for group in plan.prefills:
+                rows = slice(group.row_start, group.row_end)
+                n = group.row_end - group.row_start
+                q_p = q[rows].transpose(0, 1).unsqueeze(0)  # [1, nq, n, hd]
+                if group.blocks is None:  # no cached prefix: the new tokens are all the keys
+                    k_p = k[rows].transpose(0, 1).unsqueeze(0)  # [1, nkv, n, hd]
+                    v_p = v[rows].transpose(0, 1).unsqueeze(0)
+                    out = F.scaled_dot_product_attention(q_p, k_p, v_p, is_causal=True, enable_gqa=True)
+                else:
+                    k_p = k_pool[group.blocks].view(1, -1, nkv, hd).transpose(1, 2)  # [1, nkv, L, hd]
+                    v_p = v_pool[group.blocks].view(1, -1, nkv, hd).transpose(1, 2)
+                    out = F.scaled_dot_product_attention(
+                        q_p, k_p, v_p, attn_mask=group.mask, enable_gqa=True
+                    )
+                attn[rows] = out[0].transpose(0, 1).reshape(n, nq * hd)  # [n, nq * hd]
+
+        hidden = hidden + F.linear(attn, self.w_o)
+        x = rms_norm(hidden, self.post_attention_norm, self.eps)
+        gate_up = F.linear(x, self.w_gate_up)  # [N, 2 * intermediate]
+        gate, up = gate_up.chunk(2, dim=-1)
+        return hidden + F.linear(F.silu(gate) * up, self.w_down)
+
+    def _decode_attention(
+        self, q: torch.Tensor, plan: BatchPlan, k_pool: torch.Tensor, v_pool: torch.Tensor, block: int
+    ) -> torch.Tensor:
+        # q: [B, nq, hd] -> [B, nkv, group, hd]: the query heads sharing a KV head act as its queries
+        nq, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        batch = q.shape[0]
+        q = q.reshape(batch, nkv, nq // nkv, hd)
+        keys = k_pool[plan.decode_blocks].view(batch, -1, nkv, hd).transpose(1, 2)  # [B, nkv, L, hd]
+        values = v_pool[plan.decode_blocks].view(batch, -1, nkv, hd).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.decode_mask)
+        return out.reshape(batch, nq * hd)  # [B, nq * hd]
+
+
+class StageModel(nn.Module):
+    """Layers [start_layer, end_layer) (+ embeddings first, + final norm / LM head last)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        start_layer: int,
+        end_layer: int,
+        layers: list[DecoderLayer],
+        embed: torch.Tensor | None,
+        final_norm: torch.Tensor | None,
+        lm_head: torch.Tensor | None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.start_layer, self.end_layer = start_layer, end_layer
+        self.layers = nn.ModuleList(layers)
+        self.embed_tokens = _param(embed) if embed is not None else None
+        self.norm = _param(final_norm) if final_norm is not None else None
+        if lm_head is not None and embed is not None and lm_head.data_ptr() == embed.data_ptr():
+            self.lm_head = self.embed_tokens  # tied and both ends here: one tensor
+        else:
+            self.lm_head = _param(lm_head) if lm_head is not None else None
+
+    @property
+    def is_first(self) -> bool:
+        return self.embed_tokens is not None
+
+    @property
+    def is_last(self) -> bool:
+        return self.lm_head is not None
+
+    @classmethod
+    def from_tensors(
+        cls, config: ModelConfig, start_layer: int, end_layer: int, tensors: dict[str, torch.Tensor]
+    ) -> StageModel:
+        """Build from checkpoint-named tensors (as returned by checkpoint.load_stage_tensors)."""
+        layers = []
+        for index in range(start_layer, end_layer):
+            prefix = f"model.layers.{index}."
+            weights = {n[len(prefix) :]: t for n, t in tensors.items() if n.startswith(prefix)}
+            layers.append(DecoderLayer(config, weights))
+        last = end_layer == config.num_hidden_layers
+        embed = tensors.get("model.embed_tokens.weight")
+        lm_head = tensors.get("lm_head.weight", embed) if last else None
+        return cls(
+            config,
+            start_layer,
+            end_layer,
+            layers,
+            embed if start_layer == 0 else None,
+            tensors.get("model.norm.weight") if last else None,
+            lm_head,
+        )
+
+    def forward(self, inputs: torch.Tensor, plan: BatchPlan, kv_layers: Sequence[KVLayer]) -> torch.Tensor:
+        """inputs: token ids [N] (first stage) or hidden [N, hidden_size].
+
+        Returns hidden [N, hidden_size], or on the last stage float32 logits [num_chunks, vocab]
+        at each chunk's last token.
+        """
+        if self.embed_tokens is not None:
+            hidden = F.embedding(inputs, self.embed_tokens)  # [N, hidden_size]
+        else:
+            hidden = inputs
+        for layer, kv in zip(self.layers, kv_layers):
+            hidden = layer(hidden, plan, kv)
+        if self.lm_head is None:
+            return hidden
+        last = hidden.index_select(0, plan.last_rows)  # [num_chunks, hidden_size]
+        last = rms_norm(last, self.norm, self.config.rms_norm_eps)
+        return F.linear(last, self.lm_head).float()  # [num_chunks, vocab]

@@ -1,0 +1,119 @@
+"""The torch implementation of `StageBackend` (cpu, cuda, mps).
+
+Parts:
+- `resolve_dtype(name, config)`: "auto" -> the checkpoint's dtype, else float32/bfloat16/float16.
+- `TorchStageBackend`: loads only its stage's tensors (workers/checkpoint.py), builds a
+  `StageModel` (workers/stage_model.py) and a `BlockKVCache` (workers/kv_cache.py) sized from
+  `kv_budget_bytes`, and runs batched steps under `torch.inference_mode()`.
+
+Outputs of `forward` live on the backend's device (call `.cpu()` before sending them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from workers.backend import SequenceChunk, StageBackend, StageConfig
+from workers.checkpoint import load_stage_tensors
+from workers.kv_cache import BlockKVCache
+from workers.model_config import ModelConfig, parse_dtype
+from workers.stage_model import StageModel, build_batch_plan
+
+
+def resolve_dtype(name: str, config: ModelConfig) -> torch.dtype:
+    """The compute dtype: "auto" is the checkpoint's dtype."""
+    return config.dtype if name == "auto" else parse_dtype(name)
+
+
+class TorchStageBackend(StageBackend):
+    def __init__(self, config: StageConfig, model_config: ModelConfig | None = None) -> None:
+        self.config = config
+        self.model_config = model_config or ModelConfig.from_hf(config.model_dir)
+        mc = self.model_config
+        if not 0 <= config.start_layer < config.end_layer <= mc.num_hidden_layers:
+            raise ValueError(
+                f"layer range [{config.start_layer}, {config.end_layer}) outside the model's "
+                f"{mc.num_hidden_layers} layers"
+            )
+        self.num_layers = mc.num_hidden_layers
+        self.hidden_size = mc.hidden_size
+        self.vocab_size = mc.vocab_size
+        self.dtype = resolve_dtype(config.dtype, mc)
+        self.device = torch.device(config.device)
+        tensors = load_stage_tensors(
+            config.model_dir,
+            config.start_layer,
+            config.end_layer,
+            mc.num_hidden_layers,
+            mc.tie_word_embeddings,
+            dtype=self.dtype,
+            device=str(self.device),
+        )
+        self._loaded_names = frozenset(tensors)
+        self.model = StageModel.from_tensors(mc, config.start_layer, config.end_layer, tensors)
+        del tensors
+        self.model.eval()
+        self.kv_cache = BlockKVCache(
+            num_layers=config.end_layer - config.start_layer,
+            num_kv_heads=mc.num_key_value_heads,
+            head_dim=mc.head_dim,
+            kv_budget_bytes=config.kv_budget_bytes,
+            block_size_tokens=config.kv_block_size_tokens,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self._kv_layers = self.kv_cache.layers
+        self._inv_freq = mc.rope_inv_freq()
+
+    def forward(self, chunks: Sequence[SequenceChunk], inputs: torch.Tensor) -> torch.Tensor:
+        """See StageBackend.forward. Raises KVCacheFull (nothing changed) when short of blocks."""
+        if not chunks:
+            raise ValueError("forward needs at least one chunk")
+        total = sum(c.num_tokens for c in chunks)
+        if inputs.shape[0] != total:
+            raise ValueError(f"inputs have {inputs.shape[0]} rows, chunks have {total} tokens")
+        self.kv_cache.allocate(chunks)
+        tables = self.kv_cache.block_tables
+        plan = build_batch_plan(
+            [c.start_position for c in chunks],
+            [c.num_tokens for c in chunks],
+            [tables[c.request_id] for c in chunks],
+            self.kv_cache.block_size,
+            self._inv_freq,
+            self.dtype,
+            self.device,
+        )
+        if self.is_first:
+            inputs = inputs.to(self.device, torch.int64)
+        else:
+            inputs = inputs.to(self.device, self.dtype)
+        with torch.inference_mode():
+            return self.model(inputs, plan, self._kv_layers)
+
+    def can_allocate(self, chunks: Sequence[SequenceChunk]) -> bool:
+        return self.kv_cache.can_allocate(chunks)
+
+    def free(self, request_id: str) -> None:
+        self.kv_cache.free(request_id)
+
+    def kv_free_tokens(self) -> int:
+        return self.kv_cache.free_tokens()
+
+    def kv_capacity_tokens(self) -> int:
+        return self.kv_cache.capacity_tokens()
+
+    @property
+    def weight_bytes(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        for param in self.model.parameters():  # parameters() skips the tied duplicate
+            if param.data_ptr() not in seen:
+                seen.add(param.data_ptr())
+                total += param.numel() * param.element_size()
+        return total
+
+    @property
+    def loaded_tensor_names(self) -> frozenset[str]:
+        return self._loaded_names
