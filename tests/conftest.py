@@ -1,0 +1,88 @@
+"""Shared fixtures for the whole suite: tiny random-weight checkpoints built once per session.
+
+Parts:
+- `checkpoint_factory`: session fixture; `checkpoint_factory(family, **overrides) -> Path` builds
+  (once per distinct arguments) a checkpoint with tests/checkpoints.py `make_checkpoint`.
+- `llama_checkpoint`: Llama, 4 layers, llama3 rope scaling (rope_parameters layout).
+- `qwen2_checkpoint`: Qwen2 (qkv bias), 3 layers, tied word embeddings.
+- `qwen3_checkpoint`: Qwen3 (q/k norm), 5 layers, explicit head_dim 32 (!= hidden / heads).
+- `sharded_checkpoint`: Llama, 4 layers, split over several safetensors files + index.
+- `tiny_checkpoints`: {"llama": ..., "qwen2": ..., "qwen3": ...}.
+All are float32, hidden 64, 4 heads, 2 KV heads, vocab 384, with a trained tokenizer
+(tokenizer.json + tokenizer_config.json with a chat template) and generation_config.json.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+from tests.checkpoints import make_checkpoint  # noqa: E402
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,  # short, so the scaling changes short sequences
+}
+TINY_SPECS: dict[str, tuple[str, dict]] = {
+    "llama": ("llama", {"num_hidden_layers": 4, "rope_scaling": LLAMA3_ROPE, "seed": 1}),
+    "qwen2": ("qwen2", {"num_hidden_layers": 3, "tie_word_embeddings": True, "seed": 2}),
+    "qwen3": ("qwen3", {"num_hidden_layers": 5, "head_dim": 32, "seed": 3}),
+    "sharded": ("llama", {"num_hidden_layers": 4, "max_shard_size": "60KB", "seed": 4}),
+}
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    cache: dict[str, Path] = {}
+
+    def build(family: str, **overrides) -> Path:
+        key = f"{family}-{sorted(overrides.items())!r}"
+        if key not in cache:
+            cache[key] = make_checkpoint(tmp_path_factory.mktemp(family), family, **overrides)
+        return cache[key]
+
+    return build
+
+
+def _spec(name: str) -> tuple[str, dict]:
+    family, overrides = TINY_SPECS[name]
+    return family, dict(overrides)
+
+
+@pytest.fixture(scope="session")
+def llama_checkpoint(checkpoint_factory: Callable[..., Path]) -> Path:
+    family, overrides = _spec("llama")
+    return checkpoint_factory(family, **overrides)
+
+
+@pytest.fixture(scope="session")
+def qwen2_checkpoint(checkpoint_factory: Callable[..., Path]) -> Path:
+    family, overrides = _spec("qwen2")
+    return checkpoint_factory(family, **overrides)
+
+
+@pytest.fixture(scope="session")
+def qwen3_checkpoint(checkpoint_factory: Callable[..., Path]) -> Path:
+    family, overrides = _spec("qwen3")
+    return checkpoint_factory(family, **overrides)
+
+
+@pytest.fixture(scope="session")
+def sharded_checkpoint(checkpoint_factory: Callable[..., Path]) -> Path:
+    family, overrides = _spec("sharded")
+    return checkpoint_factory(family, **overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(llama_checkpoint: Path, qwen2_checkpoint: Path, qwen3_checkpoint: Path) -> dict[str, Path]:
+    return {"llama": llama_checkpoint, "qwen2": qwen2_checkpoint, "qwen3": qwen3_checkpoint}
