@@ -202,13 +202,28 @@ class Engine:
                 self._restart(state, reason=f"worker {worker_id} lost")
 
     async def _monitor_loop(self) -> None:
+        tick_s = 0.25
+        last_s = time.monotonic()
         while True:
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(tick_s)
+            now_s = time.monotonic()
+            stalled = now_s - last_s > 4 * tick_s  # this loop was starved: heartbeats may be queued
+            last_s = now_s
+            if stalled:
+                continue
             stale = self.cluster.stale_workers(self.config.heartbeat_timeout_s)
             for worker_id in stale:
                 self._lose(worker_id, f"silent for more than {self.config.heartbeat_timeout_s} s")
-            if stale and self.cluster.workers:
+            drained = [w for w in self.cluster.workers.values() if w.draining and w.in_flight == 0 and w.assigned is not None]
+            if (stale or drained) and self.cluster.workers:
                 self.replan()
+
+    def drain(self, worker_id: str) -> None:
+        """Finish the worker's in-flight requests, route nothing new to it, then unload its layers."""
+        if worker_id not in self.cluster.workers:
+            raise KeyError(worker_id)
+        self.cluster.workers[worker_id].draining = True
+        self._routes_changed()
 
     # ------------------------------------------------------------------------------- planning
     def replan(self) -> None:
@@ -240,6 +255,8 @@ class Engine:
             if worker.worker_id in state.route:
                 self._restart(state, reason=f"{worker.worker_id} re-assigned")
         if new_range is None:
+            if worker.draining:
+                self._send(worker.worker_id, p.UnloadLayers(plan.epoch))
             return
         stages = max((len(r) for r in plan.pipelines if worker.worker_id in r), default=1)
         self._send(
@@ -304,7 +321,12 @@ class Engine:
             if route is not None:
                 self._start_attempt(state, route)
                 return
-            if not (self.cluster.is_loading() or len(self.cluster.workers) < self.config.min_workers):
+            waiting_for_change = (
+                self.cluster.is_loading()
+                or len(self.cluster.workers) < self.config.min_workers
+                or any(w.draining and w.assigned is not None for w in self.cluster.workers.values())
+            )
+            if not waiting_for_change:
                 raise NoCapacityError("no path through the model's layers is available (no workers serve it)")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -365,3 +387,75 @@ class Engine:
                     return
         finally:
             self._end_attempt(state)
+
+    # ------------------------------------------------------------------------------- snapshots
+    def worker_snapshot(self, worker_id: str) -> dict:
+        """One worker as JSON: address, device, profile, layers, live load. KeyError if unknown."""
+        w = self.cluster.workers[worker_id]
+        heartbeat = w.heartbeat
+        return {
+            "id": w.worker_id,
+            "address": w.data_address,
+            "device": w.device,
+            "memory_bytes": w.memory_bytes,
+            "profile": w.profile,
+            "assigned_layers": list(w.assigned) if w.assigned else None,
+            "loaded_layers": list(w.loaded) if w.loaded else None,
+            "state": "error" if w.error else "draining" if w.draining else "ready" if w.is_ready else "loading" if w.assigned else "idle",
+            "error": w.error,
+            "weight_bytes": w.weight_bytes,
+            "kv_capacity_tokens": w.kv_capacity_tokens,
+            "kv_free_tokens": w.kv_free_tokens,
+            "in_flight_requests": w.in_flight,
+            "running_requests": heartbeat.running_requests if heartbeat else 0,
+            "queued_items": heartbeat.queued_items if heartbeat else 0,
+            "step_time_ewma_s": heartbeat.step_time_ewma_s if heartbeat else 0.0,
+            "tokens_processed": heartbeat.tokens_processed if heartbeat else 0,
+            "seconds_since_heartbeat": round(time.monotonic() - w.last_seen_s, 3),
+        }
+
+    def cluster_snapshot(self) -> dict:
+        """The whole cluster as JSON: model, plan (ranges, pipelines, predictions), workers."""
+        plan = self.cluster.plan
+        model = self.config.model
+        return {
+            "model": {
+                "id": self.model_id,
+                "type": model.model_type,
+                "num_layers": model.num_layers,
+                "dtype": model.dtype,
+                "max_model_len": self.max_model_len,
+            },
+            "epoch": self.cluster.epoch,
+            "plan": None
+            if plan is None
+            else {
+                "epoch": plan.epoch,
+                "ranges": {wid: list(r) for wid, r in plan.ranges.items()},
+                "pipelines": [list(route) for route in plan.pipelines],
+                "usable_pipelines": [list(route) for route in self.cluster.usable_routes()],
+                "predicted_tokens_per_s": plan.predicted_tokens_per_s,
+                "predicted_latency_s": plan.predicted_latency_s,
+                "upper_bound_tokens_per_s": plan.upper_bound_tokens_per_s,
+                "solve_time_s": plan.solve_time_s,
+            },
+            "workers": [self.worker_snapshot(wid) for wid in sorted(self.cluster.workers)],
+            "running_requests": len({state.request.request_id for state in self.requests.values()}),
+            "tokens_generated": self.tokens_generated,
+        }
+
+    def requests_snapshot(self) -> list[dict]:
+        """Requests in flight: id, route, tokens generated so far, restarts."""
+        now = time.monotonic()
+        return [
+            {
+                "id": state.request.request_id,
+                "route": list(state.route),
+                "prompt_tokens": len(state.request.prompt_token_ids),
+                "generated_tokens": len(state.generated),
+                "max_new_tokens": state.request.sampling.max_new_tokens,
+                "restarts": state.attempt,
+                "age_s": round(now - state.started_at_s, 3),
+            }
+            for state in self.requests.values()
+        ]

@@ -178,6 +178,13 @@ class AssignLayers:
 
 
 @dataclass(frozen=True)
+class UnloadLayers:
+    """Drop the layers and every request: the worker stays registered, holding nothing."""
+
+    epoch: int
+
+
+@dataclass(frozen=True)
 class StartRequest:
     request_id: str
     token_ids: tuple[int, ...]  # prompt (plus already generated tokens when recovering)
@@ -220,6 +227,7 @@ MESSAGE_TYPES: dict[str, type] = {
         TokenOutputs,
         RequestFailed,
         AssignLayers,
+        UnloadLayers,
         StartRequest,
         ReleaseRequests,
         Shutdown,
@@ -235,6 +243,7 @@ Message = (
     | TokenOutputs
     | RequestFailed
     | AssignLayers
+    | UnloadLayers
     | StartRequest
     | ReleaseRequests
     | Shutdown

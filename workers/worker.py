@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import socket
+import threading
 import time
 import uuid
 import warnings
@@ -133,7 +134,6 @@ class Worker:
         self.step_time_ewma_s = 0.0
         self.tokens_processed = 0
         self.running = True
-        self.last_heartbeat_s = 0.0
 
     # ----------------------------------------------------------------------------- sockets
     def _peer(self, address: str) -> zmq.Socket:
@@ -175,17 +175,20 @@ class Worker:
 
     def run(self) -> None:
         self.register()
+        heartbeat = threading.Thread(target=self.heartbeat_loop, name="heartbeat", daemon=True)
+        heartbeat.start()
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
         try:
             while self.running:
-                timeout_ms = 0 if self.pending else int(HEARTBEAT_INTERVAL_S * 1000)
+                timeout_ms = 0 if self.pending else 200
                 if poller.poll(timeout_ms):
                     self.receive_all()
                 if self.pending and self.backend is not None:
                     self.step()
-                self.maybe_heartbeat()
         finally:
+            self.running = False
+            heartbeat.join(timeout=2 * HEARTBEAT_INTERVAL_S)
             self.close()
 
     def close(self) -> None:
@@ -193,28 +196,35 @@ class Worker:
             sock.close(linger=0)
         self.pull.close(linger=0)
 
-    def maybe_heartbeat(self) -> None:
-        now = time.monotonic()
-        if now - self.last_heartbeat_s < HEARTBEAT_INTERVAL_S:
-            return
-        self.last_heartbeat_s = now
-        if self.config.parent_pid and not _alive(self.config.parent_pid):
-            log.info("parent %d is gone; stopping", self.config.parent_pid)
-            self.running = False
-            return
-        backend = self.backend
-        self.to_scheduler(
-            p.Heartbeat(
-                worker_id=self.worker_id,
-                epoch=self.epoch,
-                running_requests=len(self.requests),
-                queued_items=len(self.pending),
-                kv_free_tokens=backend.kv_free_tokens() if backend else 0,
-                kv_capacity_tokens=backend.kv_capacity_tokens() if backend else 0,
-                step_time_ewma_s=self.step_time_ewma_s,
-                tokens_processed=self.tokens_processed,
-            )
-        )
+    def heartbeat_loop(self) -> None:
+        """Liveness and load, on a thread of its own so that long loads or steps never look like death."""
+        sock = self.context.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.config.scheduler_address)
+        try:
+            while self.running:
+                if self.config.parent_pid and not _alive(self.config.parent_pid):
+                    log.info("parent %d is gone; stopping", self.config.parent_pid)
+                    self.running = False
+                    return
+                backend = self.backend
+                message = p.Heartbeat(
+                    worker_id=self.worker_id,
+                    epoch=self.epoch,
+                    running_requests=len(self.requests),
+                    queued_items=len(self.pending),
+                    kv_free_tokens=backend.kv_free_tokens() if backend else 0,
+                    kv_capacity_tokens=backend.kv_capacity_tokens() if backend else 0,
+                    step_time_ewma_s=self.step_time_ewma_s,
+                    tokens_processed=self.tokens_processed,
+                )
+                try:
+                    sock.send_multipart(p.encode(message), flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+                time.sleep(HEARTBEAT_INTERVAL_S)
+        finally:
+            sock.close(linger=0)
 
     # ----------------------------------------------------------------------------- receive
     def receive_all(self) -> None:
@@ -242,6 +252,10 @@ class Worker:
                 self.release(message.request_ids)
             case p.AssignLayers():
                 self.on_assign(message)
+            case p.UnloadLayers():
+                self.release(tuple(self.requests))
+                self.backend = None
+                self.epoch = message.epoch
             case p.Shutdown():
                 log.info("shutdown: %s", message.reason)
                 self.running = False
