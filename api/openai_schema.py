@@ -44,6 +44,11 @@ def _is_neutral(value: Any, neutral: Any) -> bool:
     return bool(value == neutral)
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -100,11 +105,6 @@ class _Request(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
 
 
 class CompletionRequest(_Request):
