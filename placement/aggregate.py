@@ -39,7 +39,8 @@ def device_classes(net: Network) -> list[list[int]]:
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i in range(net.n):
         if net.cap[i]:
-            groups[(tuple(net.cap[i]), tuple(tuple(s) for s in net.starts[i]))].append(i)
+            key = (tuple(net.cap[i]), tuple(tuple(s) for s in net.starts[i]), net.src_cap[i] > 0, net.sink_cap[i] > 0)
+            groups[key].append(i)
     return list(groups.values())
 
 

@@ -68,6 +68,25 @@ def solve_columns(net: Network, classes: list[list[int]], F: float, time_limit_s
         terms = [cnt * v for p, v in zip(pats, y) for c, cnt in p[1] if c == ci]
         if terms:
             m.Add(sum(terms) <= len(members))
+    # one column fed by the source, one draining to the sink (the same one if it is alone)
+    one = m.NewBoolVar("single")
+    m.Add(sum(y) == 1).OnlyEnforceIf(one)
+    m.Add(sum(y) >= 2).OnlyEnforceIf(one.Not())
+    ends: dict[str, list] = {}
+    for flag, cap in (("first", net.src_cap), ("last", net.sink_cap)):
+        ends[flag] = [m.NewBoolVar(f"{flag}{x}") if all(cap[classes[ci][0]] > 0 for ci, _ in p[1]) else None
+                      for x, p in enumerate(pats)]
+        if all(z is None for z in ends[flag]):
+            return None
+        m.AddExactlyOne([z for z in ends[flag] if z is not None])
+    for x, v in enumerate(y):
+        zf, zl = ends["first"][x], ends["last"][x]
+        if zf is not None:
+            m.Add(v >= 1).OnlyEnforceIf(zf)
+        if zl is not None:
+            m.Add(v >= 1).OnlyEnforceIf(zl)
+        if zf is not None and zl is not None:
+            m.Add(v >= zf + zl - one)
     if min_columns:
         m.Minimize(sum(y))
     solver = cp_model.CpSolver()
@@ -76,10 +95,17 @@ def solve_columns(net: Network, classes: list[list[int]], F: float, time_limit_s
     status = solver.Solve(m)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None
-    cols = []
-    for p, v in zip(pats, y):
-        cols.extend([p] * solver.Value(v))
-    return cols
+    count = [solver.Value(v) for v in y]
+    if sum(count) == 1:
+        return [pats[count.index(1)]]
+    picked = []
+    for flag in ("first", "last"):
+        x = next(x for x, z in enumerate(ends[flag]) if z is not None and solver.Value(z))
+        count[x] -= 1
+        picked.append(pats[x])
+    middle = [p for p, c in zip(pats, count) for _ in range(c)]
+    middle.sort(key=lambda p: (-p[2], p[0]))
+    return [picked[0]] + middle + [picked[1]]
 
 
 def columns_to_ranges(net: Network, classes: list[list[int]], cols: list[Pattern]
@@ -89,7 +115,7 @@ def columns_to_ranges(net: Network, classes: list[list[int]], cols: list[Pattern
     free = [list(c) for c in classes]
     out: dict[int, tuple[int, int]] = {}
     b = 0
-    for l, parts, _ in sorted(cols, key=lambda p: (-p[2], p[0])):
+    for l, parts, _ in cols:
         for ci, cnt in parts:
             for _ in range(cnt):
                 ok = [i for i in free[ci] if net.fits(i, b, l)]
