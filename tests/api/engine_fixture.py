@@ -27,7 +27,7 @@ import uvicorn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from scheduler.detokenizer import IncrementalDetokenizer
-from scheduler.errors import GenerationFailedError, PotluckError, PromptTooLongError
+from scheduler.errors import GenerationFailedError, PromptTooLongError
 from scheduler.request import GenerationOutput, GenerationRequest, TokenLogprob
 from scheduler.tokenizer import Tokenizer
 from workers.protocol import SamplingParams
@@ -75,7 +75,7 @@ class TinyEngine:
         self.started: list[GenerationRequest] = []
         self.finished: list[str] = []
         self.aborted: list[str] = []
-        self.reject_with: PotluckError | None = None
+        self.reject_with: Exception | None = None
         self.fail_after_tokens: int | None = None
         self.step_delay_s = 0.0
 

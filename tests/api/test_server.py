@@ -17,8 +17,8 @@ MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
-def post(base_url: str, path: str, body: object, **kw: object) -> httpx.Response:
-    return httpx.post(f"{base_url}{path}", json=body, headers=AUTH, timeout=30, **kw)
+def post(base_url: str, path: str, body: object, timeout: float = 30) -> httpx.Response:
+    return httpx.post(f"{base_url}{path}", json=body, headers=AUTH, timeout=timeout)
 
 
 def assert_error(resp: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
@@ -195,6 +195,24 @@ def test_client_disconnect_aborts_the_request(base_url: str, engine: TinyEngine)
                       json={"prompt": "Once", "max_tokens": 200, "ignore_eos": True, "stream": True}) as resp:
         first = next(resp.iter_lines())
     rid = json.loads(first[len("data: "):])["id"]
+    deadline = time.monotonic() + 5
+    while rid not in engine.aborted and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert rid in engine.aborted and rid not in engine.finished
+
+
+def test_unexpected_engine_error_is_a_500_envelope(base_url: str, engine: TinyEngine) -> None:
+    engine.reject_with = RuntimeError("boom")
+    err = assert_error(post(base_url, "/v1/completions", {"prompt": "hi"}), 500)
+    assert err["type"] == "server_error" and "boom" not in err["message"]
+
+
+def test_client_disconnect_aborts_a_non_streamed_request(base_url: str, engine: TinyEngine) -> None:
+    engine.step_delay_s = 0.02
+    before = len(engine.started)
+    with pytest.raises(httpx.ReadTimeout):
+        post(base_url, "/v1/completions", {"prompt": "Once", "max_tokens": 200, "ignore_eos": True}, timeout=0.5)
+    rid = engine.started[before].request_id
     deadline = time.monotonic() + 5
     while rid not in engine.aborted and time.monotonic() < deadline:
         time.sleep(0.02)
