@@ -35,6 +35,10 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler-port", type=int, default=0, help="scheduler control port (default: a free one)")
     parser.add_argument("--api-key", default=os.environ.get("POTLUCK_API_KEY"), help="require this bearer key (or POTLUCK_API_KEY)")
     parser.add_argument("--worker-threads", type=int, default=None, help="torch threads per local worker")
+    parser.add_argument("--placement", choices=["auto", "solver", "pipeline"], default="auto", help="auto: one pipeline when all workers share a host, else the placement solver")
+    parser.add_argument("--placement-objective", choices=["throughput", "latency"], default="throughput")
+    parser.add_argument("--heartbeat-timeout-s", type=float, default=5.0, help="a worker silent this long is declared lost")
+    parser.add_argument("--no-profile", action="store_true", help="local workers skip measuring their device at join")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +106,9 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
             dtype=dtype,
             min_workers=max(1, args.local_workers),
             max_model_len=args.max_model_len,
+            placement=args.placement,
+            placement_objective=args.placement_objective,
+            heartbeat_timeout_s=args.heartbeat_timeout_s,
         ),
         Tokenizer.from_model_dir(model_dir),
     )

@@ -25,9 +25,10 @@ from dataclasses import dataclass, field, replace
 import zmq
 import zmq.asyncio
 
-from scheduler.cluster import Cluster, WorkerState
+from scheduler.cluster import Cluster, LayerPlan, WorkerState
 from scheduler.detokenizer import IncrementalDetokenizer
 from scheduler.errors import GenerationFailedError, NoCapacityError, PromptTooLongError
+from scheduler.metrics import EngineMetrics
 from scheduler.planner import PlannerConfig, kv_budget_bytes, plan_layers
 from scheduler.request import GenerationOutput, GenerationRequest, TokenLogprob
 from scheduler.tokenizer import Tokenizer
@@ -51,6 +52,8 @@ class EngineConfig:
     token_timeout_s: float = 120.0  # no token for this long: the request fails
     route_wait_s: float = 30.0  # how long a request waits for layers being loaded
     max_restarts: int = 8
+    placement: str = "auto"  # auto | solver | pipeline (scheduler/planner.py)
+    placement_objective: str = "throughput"  # or "latency"
 
 
 @dataclass
@@ -73,7 +76,12 @@ class Engine:
         self.tokenizer = tokenizer
         self.model_id = config.served_model_name
         self.max_model_len = config.max_model_len or config.model.max_position_embeddings
-        self.planner_config = PlannerConfig(self.max_model_len, config.max_concurrent_sequences)
+        self.planner_config = PlannerConfig(
+            self.max_model_len,
+            config.max_concurrent_sequences,
+            objective=config.placement_objective,
+            placement=config.placement,
+        )
         self.cluster = Cluster(num_layers=config.model.num_layers)
         self.requests: dict[str, RequestState] = {}  # by wire id
         self.sockets: dict[str, zmq.Socket] = {}
@@ -84,6 +92,7 @@ class Engine:
         self.tasks: list[asyncio.Task] = []
         self.routes_changed = asyncio.Event()
         self.tokens_generated = 0
+        self.metrics = EngineMetrics(self)  # Prometheus series (scheduler/metrics.py)
 
     # ------------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -138,6 +147,16 @@ class Engine:
         except zmq.Again:
             log.warning("worker %s is not taking messages", worker_id)
 
+    def _send_once(self, address: str, message: p.Message) -> None:
+        sock = self.sync_context.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.connect(address)
+        try:
+            sock.send_multipart(p.encode(message), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+        sock.close()
+
     async def _receive_loop(self) -> None:
         assert self.pull is not None
         while True:
@@ -159,8 +178,9 @@ class Engine:
             case p.Heartbeat():
                 if message.worker_id in self.cluster.workers:
                     self.cluster.on_heartbeat(message)
-                else:  # a worker we declared lost is back: ask it to register again
-                    log.info("heartbeat from unknown worker %s", message.worker_id)
+                elif message.data_address:  # a worker we declared lost is back: take it in again
+                    log.info("worker %s is back; asking it to register again", message.worker_id)
+                    self._send_once(message.data_address, p.Reregister("evicted after a silence"))
             case p.Register():
                 self._on_register(message)
             case p.LayersReady():
@@ -247,7 +267,8 @@ class Engine:
             self._assign(worker, new_range, plan)
         self._routes_changed()
 
-    def _assign(self, worker: WorkerState, new_range: tuple[int, int] | None, plan) -> None:
+    def _assign(self, worker: WorkerState, new_range: tuple[int, int] | None, plan: LayerPlan) -> None:
+        held = worker.assigned is not None
         worker.assigned = new_range
         worker.loaded = None
         worker.assigned_epoch = plan.epoch
@@ -255,7 +276,7 @@ class Engine:
             if worker.worker_id in state.route:
                 self._restart(state, reason=f"{worker.worker_id} re-assigned")
         if new_range is None:
-            if worker.draining:
+            if held:
                 self._send(worker.worker_id, p.UnloadLayers(plan.epoch))
             return
         stages = max((len(r) for r in plan.pipelines if worker.worker_id in r), default=1)
@@ -346,6 +367,7 @@ class Engine:
         request = replace(request, sampling=replace(request.sampling, max_new_tokens=max(1, max_new)))
         state = RequestState(request, asyncio.Queue())
         detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.stop, request.skip_special_tokens)
+        timer = self.metrics.on_start(num_prompt)
         try:
             await self._acquire_route(state)
             while True:
@@ -364,6 +386,7 @@ class Engine:
                     continue  # from an earlier attempt, or a duplicate
                 state.generated.append(output.token_id)
                 self.tokens_generated += 1
+                self.metrics.on_token(timer)
                 step = detokenizer.add(output.token_id)
                 finish_reason = output.finish_reason
                 text = step.text
@@ -374,6 +397,8 @@ class Engine:
                 logprobs = ()
                 if request.sampling.num_top_logprobs is not None and output.logprob is not None:
                     logprobs = (TokenLogprob(output.token_id, output.logprob, tuple(output.top_logprobs)),)
+                if finish_reason is not None:
+                    self.metrics.on_finish(timer, finish_reason)
                 yield GenerationOutput(
                     request_id=request.request_id,
                     text=text,
@@ -387,6 +412,7 @@ class Engine:
                     return
         finally:
             self._end_attempt(state)
+            self.metrics.on_end(timer)
 
     # ------------------------------------------------------------------------------- snapshots
     def worker_snapshot(self, worker_id: str) -> dict:

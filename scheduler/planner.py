@@ -2,7 +2,9 @@
 
 Parts:
 - `PlannerConfig`: context length and concurrency the KV reserve is sized for.
-- `plan_layers`: ranges and pipelines for the registered workers.
+- `device_spec`: a registered worker (its measured profile) as a placement `DeviceSpec`.
+- `pipeline_plan`: one chain over co-located workers (they share a machine's compute).
+- `plan_layers`: ranges and pipelines for the registered workers, solved by `placement/`.
 - `kv_budget_bytes`: how much of a worker's memory its KV cache may take once its layers are in.
 """
 
@@ -11,18 +13,27 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from placement.problem import DeviceSpec, InfeasiblePlacementError, ModelSpec, Placement, PlacementProblem
+from placement.solver import solve_placement
 from scheduler.cluster import LayerPlan, WorkerState
 from scheduler.errors import NoCapacityError
 from workers.protocol import ModelFacts
 
 RUNTIME_OVERHEAD_BYTES = 256 * 2**20  # framework, activations, buffers beside weights and KV
+# Used only for a worker that registered without a measured profile (`--no-profile`).
+DEFAULT_FLOPS_PER_S = 1e11
+DEFAULT_BANDWIDTH_BYTES_PER_S = 2e10
 
 
 @dataclass(frozen=True)
 class PlannerConfig:
     max_model_len: int
     max_concurrent_sequences: int = 16
-    time_limit_s: float = 5.0
+    time_limit_s: float = 2.0
+    objective: str = "throughput"  # or "latency": one user's per-token latency
+    # "solver": placement/ decides; "pipeline": one chain, layers proportional to memory;
+    # "auto": "pipeline" when every worker is on one host (they share its compute), else "solver".
+    placement: str = "auto"
 
 
 def stage_weight_bytes(model: ModelFacts, start_layer: int, end_layer: int) -> int:
@@ -58,6 +69,49 @@ def proportional_ranges(num_layers: int, weights: Sequence[float]) -> list[tuple
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def host_of(worker: WorkerState) -> str:
+    return worker.data_address.removeprefix("tcp://").rpartition(":")[0]
+
+
+def pipeline_plan(model: ModelFacts, workers: Sequence[WorkerState], epoch: int) -> LayerPlan:
+    """One chain over all workers (stage order: worker id), layers proportional to memory."""
+    ordered = sorted(workers, key=lambda w: w.worker_id)[: model.num_layers]
+    ranges = proportional_ranges(model.num_layers, [w.memory_bytes for w in ordered])
+    plan = {w.worker_id: r for w, r in zip(ordered, ranges)}
+    short = {
+        w.worker_id: need - w.memory_bytes
+        for w in ordered
+        if (need := stage_weight_bytes(model, *plan[w.worker_id]) + RUNTIME_OVERHEAD_BYTES) > w.memory_bytes
+    }
+    if short:
+        raise NoCapacityError(f"the model does not fit: {sum(short.values())} bytes of memory are missing ({short})")
+    return LayerPlan(epoch=epoch, ranges=plan, pipelines=(tuple(plan),))
+
+
+def model_spec(model: ModelFacts) -> ModelSpec:
+    return ModelSpec(
+        num_layers=model.num_layers,
+        layer_bytes=tuple(model.layer_bytes),
+        embedding_bytes=model.embedding_bytes,
+        lm_head_bytes=model.lm_head_bytes,
+        kv_bytes_per_token_per_layer=model.kv_bytes_per_token_per_layer,
+        activation_bytes_per_token=model.activation_bytes_per_token,
+    )
+
+
+def device_spec(worker: WorkerState) -> DeviceSpec:
+    """A worker as the solver sees it: measured layer step times when profiled, else a roofline."""
+    profile = worker.profile or {}
+    memory_bytes = max(0, worker.memory_bytes - RUNTIME_OVERHEAD_BYTES)
+    decode = profile.get("decode_layer_time_s")  # [[batch, seconds per layer step], ...]
+    if decode:
+        steps = tuple((int(batch), float(seconds)) for batch, seconds in decode)
+        return DeviceSpec(worker.worker_id, memory_bytes, decode_layer_time_s=steps, kind=worker.device)
+    flops = float(profile.get("matmul_flops_per_s") or DEFAULT_FLOPS_PER_S)
+    bandwidth = float(profile.get("memory_bandwidth_bytes_per_s") or DEFAULT_BANDWIDTH_BYTES_PER_S)
+    return DeviceSpec(worker.worker_id, memory_bytes, flops_per_s=flops, memory_bandwidth_bytes_per_s=bandwidth, kind=worker.device)
+
+
 def plan_layers(
     model: ModelFacts,
     workers: Sequence[WorkerState],
@@ -65,18 +119,33 @@ def plan_layers(
     epoch: int,
     current: Mapping[str, tuple[int, int]] | None = None,
 ) -> LayerPlan:
-    """One pipeline over all workers, layers proportional to memory (stage order: registration)."""
+    """Solve placement for the workers (placement/solver.py); re-plans keep `current` ranges
+    unless moving layers buys real throughput. The KV reserve shrinks to one full-length sequence
+    before the plan is declared impossible."""
     if not workers:
         raise NoCapacityError("no workers registered")
-    ordered = sorted(workers, key=lambda w: (w.registered_at_s, w.worker_id))[: model.num_layers]
-    ranges = proportional_ranges(model.num_layers, [w.memory_bytes for w in ordered])
-    plan = {w.worker_id: r for w, r in zip(ordered, ranges)}
-    short = {
-        w.worker_id: stage_weight_bytes(model, *plan[w.worker_id]) + RUNTIME_OVERHEAD_BYTES - w.memory_bytes
-        for w in ordered
-        if stage_weight_bytes(model, *plan[w.worker_id]) + RUNTIME_OVERHEAD_BYTES > w.memory_bytes
-    }
-    if short:
-        missing = sum(short.values())
-        raise NoCapacityError(f"the model does not fit: {missing} bytes of memory are missing ({short})")
-    return LayerPlan(epoch=epoch, ranges=plan, pipelines=(tuple(plan),))
+    if config.placement == "pipeline" or (config.placement == "auto" and len({host_of(w) for w in workers}) == 1):
+        return pipeline_plan(model, workers, epoch)
+    devices = tuple(device_spec(w) for w in sorted(workers, key=lambda w: w.worker_id))
+    reserves = (config.max_model_len * config.max_concurrent_sequences, config.max_model_len)
+    placement: Placement | None = None
+    for reserve in reserves:
+        problem = PlacementProblem(model_spec(model), devices, kv_reserve_tokens=reserve, objective=config.objective)
+        try:
+            placement = solve_placement(problem, time_limit_s=config.time_limit_s, current=dict(current or {}) or None)
+            break
+        except InfeasiblePlacementError as exc:
+            error = exc
+    if placement is None:
+        raise NoCapacityError(f"the model does not fit on the registered workers: {error}")
+    pipelines = tuple(tuple(stage.device_id for stage in pipeline.stages) for pipeline in placement.pipelines)
+    used = {worker_id for pipeline in pipelines for worker_id in pipeline}
+    return LayerPlan(
+        epoch=epoch,
+        ranges={wid: r for wid, r in placement.ranges.items() if wid in used},
+        pipelines=pipelines,
+        predicted_tokens_per_s=placement.throughput_tokens_per_s,
+        predicted_latency_s=placement.latency_s,
+        upper_bound_tokens_per_s=placement.upper_bound_tokens_per_s,
+        solve_time_s=placement.solve_time_s,
+    )

@@ -147,6 +147,7 @@ class Heartbeat:
     kv_capacity_tokens: int
     step_time_ewma_s: float
     tokens_processed: int
+    data_address: str = ""  # lets a scheduler that evicted this worker ask it to register again
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,13 @@ class ReleaseRequests:
 
 
 @dataclass(frozen=True)
+class Reregister:
+    """The scheduler does not know this worker (it was evicted): drop everything, register again."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class Shutdown:
     reason: str = ""
 
@@ -230,6 +238,7 @@ MESSAGE_TYPES: dict[str, type] = {
         UnloadLayers,
         StartRequest,
         ReleaseRequests,
+        Reregister,
         Shutdown,
         Activations,
         NextTokens,
@@ -246,6 +255,7 @@ Message = (
     | UnloadLayers
     | StartRequest
     | ReleaseRequests
+    | Reregister
     | Shutdown
     | Activations
     | NextTokens

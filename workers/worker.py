@@ -134,6 +134,7 @@ class Worker:
         self.step_time_ewma_s = 0.0
         self.tokens_processed = 0
         self.running = True
+        self.profile: dict | None = None
 
     # ----------------------------------------------------------------------------- sockets
     def _peer(self, address: str) -> zmq.Socket:
@@ -157,11 +158,9 @@ class Worker:
 
     # ----------------------------------------------------------------------------- lifecycle
     def register(self) -> None:
-        profile: dict = {}
-        if self.config.profile:
-            from workers.profiler import measure_device
-
-            profile = measure_device(self.config.device).to_json()
+        if self.profile is None:
+            self.profile = self.measure()
+        profile = self.profile
         self.to_scheduler(
             p.Register(
                 worker_id=self.worker_id,
@@ -172,6 +171,13 @@ class Worker:
                 pid=os.getpid(),
             )
         )
+
+    def measure(self) -> dict:
+        if not self.config.profile:
+            return {}
+        from workers.profiler import measure_device
+
+        return measure_device(self.config.device).to_json()
 
     def run(self) -> None:
         self.register()
@@ -217,6 +223,7 @@ class Worker:
                     kv_capacity_tokens=backend.kv_capacity_tokens() if backend else 0,
                     step_time_ewma_s=self.step_time_ewma_s,
                     tokens_processed=self.tokens_processed,
+                    data_address=self.data_address,
                 )
                 try:
                     sock.send_multipart(p.encode(message), flags=zmq.NOBLOCK)
@@ -256,6 +263,11 @@ class Worker:
                 self.release(tuple(self.requests))
                 self.backend = None
                 self.epoch = message.epoch
+            case p.Reregister():
+                log.warning("the scheduler asks for a new registration: %s", message.reason)
+                self.release(tuple(self.requests))
+                self.backend = None
+                self.register()
             case p.Shutdown():
                 log.info("shutdown: %s", message.reason)
                 self.running = False
