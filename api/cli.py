@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve(model_dir: Path, args: argparse.Namespace) -> None:
     import uvicorn
 
+    from api.cluster_routes import PUBLIC_PATHS, extra_routers
     from api.local_workers import LocalWorkers
     from api.server import create_app
     from scheduler.engine import Engine, EngineConfig
@@ -114,7 +115,7 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
     )
     await engine.start()
     workers = LocalWorkers(engine.control_address, args.local_workers, args.device or best_device(), args.worker_threads)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=args.api_key), host=args.host, port=args.port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=args.api_key, routers=extra_routers(engine), public_paths=PUBLIC_PATHS), host=args.host, port=args.port, log_level="warning"))
 
     async def announce() -> None:
         while not server.started:
