@@ -1,0 +1,347 @@
+"""Device profiling at join: what this machine can really do, measured on the spot.
+
+Parts:
+- `LayerTimings`: for one layer of the model a worker will serve, the decode step time per layer
+  at batch sizes x context lengths and the prefill time per layer per token at a few lengths.
+- `DeviceProfile`: frozen; device, kind, name ("cpu: AMD EPYC", "cuda: NVIDIA GeForce RTX 4090"),
+  usable `memory_bytes`, measured `matmul_flops_per_s` and `memory_bandwidth_bytes_per_s`,
+  optional `layer_timings`, `peer_rtt_s` / `peer_bandwidth_bytes_per_s` by peer address, when and
+  how long it was measured, the fault-injection `slowdown` in force, and `prior` figures from the
+  known-chips table (workers/device_memory.py), kept apart: measured figures win.
+  `to_json()` / `from_json()`; `with_peers(rtt_s, bandwidth_bytes_per_s)`.
+- `measure_device(device, *, model_dir, seconds_budget, slowdown) -> DeviceProfile`: warm-up, then
+  the median of several timed repeats of each figure; `seconds_budget` caps the repeats.
+- `measure_layer_timings(model_dir, device, ...)`: times a real `TorchStageBackend` holding one
+  middle layer (`[1, 2)` when the model has more than two layers) on synthetic chunks.
+- `device_spec_kwargs(profile, ...)` / `to_device_spec(profile, device_id, ...)`: the placement
+  `DeviceSpec` for a profile (see their docstrings for the mapping).
+- `default_device()`, `main(args) -> int` (`potluck profile`: prints the profile as JSON).
+
+Fault injection: `slowdown` > 1 (or env `POTLUCK_PROFILE_SLOWDOWN`, off by default) makes every
+timed region really take `slowdown` x as long by stalling inside it, so the figures come out slower.
+Peer probing itself lives in workers/peer_probe.py (`EchoResponder`, `probe_peer`, `measure_peers`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.device_memory import ChipPrior, chip_prior, device_name, usable_memory_bytes
+from workers.peer_probe import stall_until
+
+SLOWDOWN_ENV = "POTLUCK_PROFILE_SLOWDOWN"
+DECODE_BATCH_SIZES = (1, 4, 16)
+DECODE_CONTEXT_LENGTHS = (128, 1024)
+PREFILL_LENGTHS = (128, 512)
+MATMUL_SIZE = {"cpu": 512, "mps": 2048, "cuda": 4096}
+COPY_BYTES = {"cpu": 64 * 2**20, "mps": 256 * 2**20, "cuda": 512 * 2**20}
+
+
+# ----------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class LayerTimings:
+    model: str  # model directory name
+    layer_index: int  # the layer that was timed
+    layer_weight_bytes: int
+    dtype: str
+    decode_step_s: tuple[tuple[int, int, float], ...]  # (batch_size, context_len, s per layer step)
+    prefill_s_per_token: tuple[tuple[int, float], ...]  # (prompt tokens, s per token per layer)
+
+    def decode_layer_time_s(self, context_len: int) -> tuple[tuple[int, float], ...]:
+        """((batch_size, s per layer step), ...) at `context_len`, linear in the context length
+        between the measured ones (and extrapolated beyond them, never below the shortest's time)."""
+        out = []
+        for batch in sorted({b for b, _, _ in self.decode_step_s}):
+            pts = sorted((c, t) for b, c, t in self.decode_step_s if b == batch)
+            if len(pts) == 1 or context_len <= pts[0][0]:
+                out.append((batch, pts[0][1]))
+                continue
+            lo, hi = pts[0], pts[1]
+            for a, b in zip(pts, pts[1:]):
+                lo, hi = a, b
+                if context_len <= b[0]:
+                    break
+            t = lo[1] + (hi[1] - lo[1]) * (context_len - lo[0]) / (hi[0] - lo[0])
+            out.append((batch, max(t, pts[0][1])))
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    device: str  # torch device string: "cpu", "cuda:0", "mps"
+    kind: str  # cpu | cuda | mps
+    name: str  # "<kind>: <model>"
+    memory_bytes: int  # usable now
+    matmul_flops_per_s: float
+    matmul_dtype: str
+    memory_bandwidth_bytes_per_s: float
+    measured_at_unix_s: float
+    profile_time_s: float  # how long measuring took
+    slowdown: float = 1.0  # fault injection in force while measuring (1.0 = none)
+    layer_timings: LayerTimings | None = None
+    peer_rtt_s: dict[str, float] = field(default_factory=dict)
+    peer_bandwidth_bytes_per_s: dict[str, float] = field(default_factory=dict)
+    prior: ChipPrior | None = None  # vendor figures; a reference only
+
+    def with_peers(self, rtt_s: dict[str, float], bandwidth_bytes_per_s: dict[str, float]) -> DeviceProfile:
+        return dataclasses.replace(self, peer_rtt_s={**self.peer_rtt_s, **rtt_s},
+                                   peer_bandwidth_bytes_per_s={**self.peer_bandwidth_bytes_per_s,
+                                                               **bandwidth_bytes_per_s})
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (lists for tuples); `from_json` reads it back."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DeviceProfile:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in data.items() if k in fields}
+        lt = kw.get("layer_timings")
+        if lt is not None:
+            kw["layer_timings"] = LayerTimings(
+                model=lt["model"], layer_index=int(lt["layer_index"]),
+                layer_weight_bytes=int(lt["layer_weight_bytes"]), dtype=lt["dtype"],
+                decode_step_s=tuple((int(b), int(c), float(t)) for b, c, t in lt["decode_step_s"]),
+                prefill_s_per_token=tuple((int(n), float(t)) for n, t in lt["prefill_s_per_token"]),
+            )
+        if kw.get("prior") is not None:
+            kw["prior"] = ChipPrior(**kw["prior"])
+        kw["peer_rtt_s"] = {str(k): float(v) for k, v in (kw.get("peer_rtt_s") or {}).items()}
+        kw["peer_bandwidth_bytes_per_s"] = {
+            str(k): float(v) for k, v in (kw.get("peer_bandwidth_bytes_per_s") or {}).items()}
+        return cls(**kw)
+
+
+# ----------------------------------------------------------------------------- timing
+def env_slowdown() -> float:
+    """The fault-injection factor from `POTLUCK_PROFILE_SLOWDOWN` (1.0 when unset)."""
+    raw = os.environ.get(SLOWDOWN_ENV, "").strip()
+    value = float(raw) if raw else 1.0
+    if value < 1.0:
+        raise ValueError(f"{SLOWDOWN_ENV} must be >= 1, got {raw!r}")
+    return value
+
+
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    if device.type == "mps":
+        return torch.mps.synchronize
+    return lambda: None
+
+
+def timed_median_s(fn: Callable[[], object], sync: Callable[[], None], *, slowdown: float = 1.0,
+                   budget_s: float = 0.2, min_repeats: int = 3, max_repeats: int = 15,
+                   warmup: int = 1) -> float:
+    """Median wall seconds of `fn()` after `warmup` untimed calls. Repeats stop at `max_repeats`,
+    or once `min_repeats` are done and `budget_s` is spent. With `slowdown` > 1 each timed call
+    stalls (inside the timed region) until it has taken `slowdown` x its own duration."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times: list[float] = []
+    begin = time.perf_counter()
+    while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - begin < budget_s):
+        start = time.perf_counter()
+        fn()
+        sync()
+        took = time.perf_counter() - start
+        if slowdown > 1.0:
+            stall_until(start + took * slowdown)
+            took = time.perf_counter() - start
+        times.append(took)
+    return statistics.median(times)
+
+
+def _compute_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "cpu" else torch.float16
+
+
+def measure_matmul_flops_per_s(device: str, *, slowdown: float = 1.0, budget_s: float = 0.3) -> float:
+    """Square matmul rate (2 n^3 FLOPs per product) in the device's serving dtype."""
+    dev = torch.device(device)
+    n = MATMUL_SIZE.get(dev.type, 512)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(dev, _compute_dtype(dev))
+    b = torch.randn(n, n, generator=gen).to(dev, _compute_dtype(dev))
+    out = torch.empty(n, n, device=dev, dtype=a.dtype)
+    seconds = timed_median_s(lambda: torch.mm(a, b, out=out), _synchronizer(dev), slowdown=slowdown,
+                             budget_s=budget_s)
+    return 2.0 * n**3 / seconds
+
+
+def measure_memory_bandwidth_bytes_per_s(device: str, *, slowdown: float = 1.0, budget_s: float = 0.3) -> float:
+    """Device-memory copy rate: bytes read + bytes written per second."""
+    dev = torch.device(device)
+    nbytes = COPY_BYTES.get(dev.type, 64 * 2**20)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=dev)
+    dst = torch.empty_like(src)
+    seconds = timed_median_s(lambda: dst.copy_(src), _synchronizer(dev), slowdown=slowdown, budget_s=budget_s)
+    return 2.0 * nbytes / seconds
+
+
+def measure_layer_timings(model_dir: str, device: str, *, dtype: str = "auto", slowdown: float = 1.0,
+                          budget_s: float = 1.0, batch_sizes: tuple[int, ...] = DECODE_BATCH_SIZES,
+                          context_lengths: tuple[int, ...] = DECODE_CONTEXT_LENGTHS,
+                          prefill_lengths: tuple[int, ...] = PREFILL_LENGTHS) -> LayerTimings:
+    """Time one layer of the model at `model_dir` on `device` with a real `TorchStageBackend`.
+    Decode contexts are filled by allocating KV blocks (their content does not change the work)."""
+    from workers.backend import SequenceChunk, StageConfig
+    from workers.model_config import ModelConfig
+    from workers.torch_backend import TorchStageBackend, resolve_dtype
+
+    mc = ModelConfig.from_hf(model_dir)
+    layer = 1 if mc.num_layers > 2 else 0
+    limit = max(1, mc.max_position_embeddings - 1)
+    contexts = tuple(sorted({min(c, limit) for c in context_lengths}))
+    prefills = tuple(sorted({min(n, limit) for n in prefill_lengths}))
+    block = 16
+    per_token = mc.kv_bytes_per_token_per_layer(resolve_dtype(dtype, mc))
+    decode_tokens = max(batch_sizes) * (-(-(max(contexts) + 1) // block) * block)
+    kv_tokens = max(decode_tokens, max(prefills) + block) + 4 * block
+    backend = TorchStageBackend(StageConfig(str(model_dir), layer, layer + 1, dtype, device,
+                                            kv_budget_bytes=per_token * kv_tokens, kv_block_size_tokens=block),
+                                model_config=mc)
+    dev = torch.device(device)
+    sync = _synchronizer(dev)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def inputs(rows: int) -> torch.Tensor:
+        if backend.is_first:
+            return torch.randint(0, mc.vocab_size, (rows,), generator=gen).to(dev)
+        return torch.randn(rows, mc.hidden_size, generator=gen).to(dev, backend.dtype)
+
+    share_s = budget_s / max(1, len(batch_sizes) * len(contexts) + len(prefills))
+    try:
+        prefill = []
+        for n in prefills:
+            x, chunk = inputs(n), [SequenceChunk("prefill", 0, n)]
+            seconds = timed_median_s(lambda: backend.forward(chunk, x), sync, slowdown=slowdown,
+                                     budget_s=share_s, max_repeats=7)
+            prefill.append((n, seconds / n))
+            backend.free("prefill")
+        decode = []
+        ids = [f"decode-{i}" for i in range(max(batch_sizes))]
+        for context in contexts:
+            backend.kv_cache.allocate([SequenceChunk(rid, 0, context) for rid in ids])
+            for batch in sorted(batch_sizes):
+                x, chunks = inputs(batch), [SequenceChunk(rid, context, 1) for rid in ids[:batch]]
+                seconds = timed_median_s(lambda: backend.forward(chunks, x), sync, slowdown=slowdown,
+                                         budget_s=share_s)
+                decode.append((batch, context, seconds))
+            for rid in ids:
+                backend.free(rid)
+        return LayerTimings(model=Path(model_dir).name, layer_index=layer,
+                            layer_weight_bytes=int(backend.weight_bytes), dtype=str(backend.dtype).removeprefix("torch."),
+                            decode_step_s=tuple(decode), prefill_s_per_token=tuple(prefill))
+    finally:
+        del backend
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- the profile
+def measure_device(device: str, *, model_dir: str | None = None, seconds_budget: float = 2.0,
+                   slowdown: float | None = None) -> DeviceProfile:
+    """Measure `device` now. `slowdown` None reads `POTLUCK_PROFILE_SLOWDOWN` (default 1.0)."""
+    factor = env_slowdown() if slowdown is None else float(slowdown)
+    if factor < 1.0:
+        raise ValueError(f"slowdown must be >= 1, got {factor}")
+    begin = time.perf_counter()
+    dev = torch.device(device)
+    name = device_name(device)
+    memory = usable_memory_bytes(device)
+    share = seconds_budget * (0.2 if model_dir else 0.5)
+    flops = measure_matmul_flops_per_s(device, slowdown=factor, budget_s=share)
+    bandwidth = measure_memory_bandwidth_bytes_per_s(device, slowdown=factor, budget_s=share)
+    timings = None
+    if model_dir is not None:
+        timings = measure_layer_timings(model_dir, device, slowdown=factor, budget_s=seconds_budget * 0.6)
+    return DeviceProfile(
+        device=device, kind=dev.type, name=name, memory_bytes=int(memory),
+        matmul_flops_per_s=flops, matmul_dtype=str(_compute_dtype(dev)).removeprefix("torch."),
+        memory_bandwidth_bytes_per_s=bandwidth, measured_at_unix_s=time.time(),
+        profile_time_s=time.perf_counter() - begin, slowdown=factor, layer_timings=timings,
+        prior=chip_prior(name),
+    )
+
+
+# ----------------------------------------------------------------------------- to placement
+def device_spec_kwargs(profile: DeviceProfile, *, context_len: int = 1024,
+                       layer_weight_bytes: int | None = None,
+                       weight_itemsize_bytes: int | None = None) -> dict[str, Any]:
+    """Keyword arguments for `placement.problem.DeviceSpec` (all but `device_id`):
+
+    - `memory_bytes`: the usable memory measured at join; `kind`: the profile's name.
+    - `decode_layer_time_s`: the measured per-layer decode step times by batch size at
+      `context_len`, only if the profile timed this model's layer (`layer_weight_bytes` of the
+      model to place, when given, must match the timed layer's within 5%).
+    - `flops_per_s` / `memory_bandwidth_bytes_per_s`: the measured rates, for the roofline. The
+      roofline charges `batch x layer_bytes / flops` (fp16: 2 FLOPs per 2-byte weight), so the
+      FLOP rate is scaled by itemsize / 2 for weights of another width (fp32: x2).
+    """
+    lt = profile.layer_timings
+    if weight_itemsize_bytes is None:
+        dtype = lt.dtype if lt is not None else profile.matmul_dtype
+        weight_itemsize_bytes = getattr(torch, dtype).itemsize
+    kw: dict[str, Any] = {
+        "memory_bytes": int(profile.memory_bytes),
+        "flops_per_s": profile.matmul_flops_per_s * weight_itemsize_bytes / 2.0,
+        "memory_bandwidth_bytes_per_s": profile.memory_bandwidth_bytes_per_s,
+        "kind": profile.name,
+    }
+    same_layer = lt is not None and (layer_weight_bytes is None or
+                                     abs(lt.layer_weight_bytes - layer_weight_bytes) <= 0.05 * layer_weight_bytes)
+    if same_layer and lt is not None and lt.decode_step_s:
+        kw["decode_layer_time_s"] = lt.decode_layer_time_s(context_len)
+    return kw
+
+
+def to_device_spec(profile: DeviceProfile, device_id: str, *, context_len: int = 1024,
+                   layer_weight_bytes: int | None = None, max_batch: int = 64) -> Any:
+    """The `placement.problem.DeviceSpec` for `profile` (see `device_spec_kwargs`)."""
+    from placement.problem import DeviceSpec  # placement is pure; imported only here
+
+    return DeviceSpec(device_id=device_id, max_batch=max_batch,
+                      **device_spec_kwargs(profile, context_len=context_len,
+                                           layer_weight_bytes=layer_weight_bytes))
+
+
+# ----------------------------------------------------------------------------- CLI
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def main(args: argparse.Namespace) -> int:
+    """`potluck profile [--device D] [--model DIR]`: print this machine's profile as JSON."""
+    device = getattr(args, "device", None) or default_device()
+    model = getattr(args, "model", None)
+    if model is not None and not (Path(model) / "config.json").is_file():
+        print(f"potluck: {model} is not a Hugging Face model directory (no config.json)", file=sys.stderr)
+        return 2
+    profile = measure_device(device, model_dir=model)
+    print(json.dumps(profile.to_json(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="measure this machine and print its profile as JSON")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--model", default=None)
+    sys.exit(main(parser.parse_args()))
