@@ -23,6 +23,7 @@ class LocalWorkers:
     threads_per_worker: int | None = None
     memory_bytes_per_worker: int | None = None
     extra_args: Sequence[str] = ()
+    id_prefix: str = "local"
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     def start(self) -> None:
@@ -38,7 +39,7 @@ class LocalWorkers:
                 "--scheduler", self.scheduler_address,
                 "--device", self.device,
                 "--threads", str(threads),
-                "--worker-id", f"local-{index}",
+                "--worker-id", f"{self.id_prefix}-{index}",
                 "--parent-pid", str(os.getpid()),
                 *self.extra_args,
             ]  # fmt: skip
