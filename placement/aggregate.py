@@ -50,7 +50,8 @@ def _unit(net: Network, f_sat: float) -> float:
 
 
 def solve_aggregate(net: Network, time_limit_s: float, hint: list[Slot] | None = None,
-                    workers: int = 2, classes: list[list[int]] | None = None
+                    workers: int = 2, classes: list[list[int]] | None = None,
+                    min_flow: float | None = None, move_cost: dict[tuple[int, int, int], int] | None = None
                     ) -> tuple[list[Slot], float, float, bool]:
     """Returns (slots, model flow tok/s, proven bound tok/s, optimal?)."""
     classes = classes if classes is not None else device_classes(net)
@@ -81,7 +82,11 @@ def solve_aggregate(net: Network, time_limit_s: float, hint: list[Slot] | None =
     for p in range(1, L):
         m.Add(sum(ends[p]) == sum(begins[p]))
     m.Add(sum(layer_sum) == L * F)
-    m.Maximize(F)
+    if min_flow is None:
+        m.Maximize(F)
+    else:  # re-planning: reach min_flow, then move as little as possible
+        m.Add(F >= math.ceil(min_flow / unit))
+        m.Minimize(sum(move_cost.get(key, 0) * v for key, v in n_var.items()) if move_cost else 0)
     if hint:
         used = {(c, s, k): cnt for c, s, k, cnt in hint}
         for key, v in n_var.items():
@@ -96,6 +101,8 @@ def solve_aggregate(net: Network, time_limit_s: float, hint: list[Slot] | None =
         return [], 0.0, bound, False
     slots = [(c, s, k, solver.Value(v)) for (c, s, k), v in n_var.items()
              if solver.Value(v) > 0 and solver.Value(f_var[c, s, k]) > 0]
+    if min_flow is not None:
+        bound = f_sat
     return slots, solver.Value(F) * unit, min(bound, f_sat), status == cp_model.OPTIMAL
 
 

@@ -24,7 +24,7 @@ import random
 import time
 from typing import Mapping
 
-from placement.aggregate import device_classes, solve_aggregate
+from placement.aggregate import device_classes, slots_to_ranges, solve_aggregate
 from placement.assign import assign_devices
 from placement.bounds import upper_bound
 from placement.columns import best_columns, solve_columns
@@ -77,10 +77,11 @@ def _throughput(net: Network, deadline: float, start: float) -> tuple[Ranges, fl
                 r, _ = assign_devices(net, classes, cols, min(5.0, max(0.05, deadline - time.monotonic())))
                 offer(r)
             x += 1
-    if net.n <= SMALL_CLUSTER and best_v < ub * (1 - 1e-6):
-        slots, _, agg_bound, opt = solve_aggregate(net, max(0.05, start + 0.9 * total - time.monotonic()),
+    options = sum(len(net.options(c[0])) for c in classes)
+    if net.n <= SMALL_CLUSTER and options <= 2500 and best_v < ub * (1 - 1e-6) \
+            and start + 0.9 * total - time.monotonic() > options * 2e-4:
+        slots, _, agg_bound, opt = solve_aggregate(net, max(0.05, start + 0.9 * total - time.monotonic() - options * 2e-4),
                                                    hint=_as_slots(net, classes, best))
-        from placement.aggregate import slots_to_ranges
         offer(slots_to_ranges(classes, slots))
         ub = min(ub, agg_bound * (1 + 1e-9))
         if opt and net.links_trivial:
@@ -133,10 +134,52 @@ def _replan(net: Network, fresh: Ranges, fresh_v: float, current: Mapping[int, t
         pen = nbytes if cost_per_layer is None else layers
         return v - weight * pen - (0 if v >= target else 10 * fresh_v)
 
-    cand, _ = improve(net, start or fresh, deadline, score=score)
-    if flow_value(net, cand) >= target and _moved(net, cand, current)[0] < _moved(net, fresh, current)[0]:
-        return cand
-    return fresh
+    options = sum(len(net.options(i)) for i in range(net.n))
+    if net.links_trivial and options <= 4000:
+        singles = [[i] for i in range(net.n) if net.cap[i]]
+        lb = net.problem.model.layer_bytes
+        cost = {}
+        for c, (i,) in enumerate(singles):
+            cs, ce = current.get(i, (0, 0))
+            for s, k in net.options(i):
+                new = [x for x in range(s, s + k) if not cs <= x < ce]
+                cost[c, s, k] = len(new) if cost_per_layer is not None else int(sum(lb[x] for x in new) // 1024)
+        slots, _, _, _ = solve_aggregate(net, max(0.05, deadline - time.monotonic() - options * 2e-4),
+                                         classes=singles, hint=_as_slots(net, singles, fresh),
+                                         min_flow=target * (1 + 1e-6), move_cost=cost)
+        cand = slots_to_ranges(singles, slots)
+        if cand and flow_value(net, cand) >= target and \
+                _moved(net, cand, current)[0] < _moved(net, fresh, current)[0]:
+            return cand
+    mid = time.monotonic() + (deadline - time.monotonic()) / 2
+    cands = [improve(net, fresh, mid, score=score)[0]]
+    if start:
+        cands.append(improve(net, _repair(net, start), deadline, score=score, seed=1)[0])
+    best = fresh
+    for cand in cands:
+        if flow_value(net, cand) >= target and _moved(net, cand, current)[0] < _moved(net, best, current)[0]:
+            best = cand
+    return best
+
+
+def _repair(net: Network, r: Ranges) -> Ranges:
+    """Cover every layer gap left by departed devices: stretch a neighbour or use an idle device."""
+    r = dict(r)
+    for _ in range(net.L):
+        covered = set(x for s, e in r.values() for x in range(s, e))
+        gap = next((x for x in range(net.L) if x not in covered), None)
+        if gap is None:
+            break
+        b = next((x for x in range(gap, net.L) if x in covered), net.L)
+        opts = [(i, (s, b)) for i, (s, e) in r.items() if e == gap] + \
+               [(i, (gap, e)) for i, (s, e) in r.items() if s == b] + \
+               [(i, (gap, b)) for i in range(net.n) if i not in r]
+        ok = [(i, se) for i, se in opts if net.fits(i, se[0], se[1] - se[0])]
+        if not ok:
+            break
+        i, se = max(ok, key=lambda o: net.cap[o[0]][o[1][1] - o[1][0] - 1])
+        r[i] = se
+    return r
 
 
 def solve_placement(problem: PlacementProblem, *, time_limit_s: float = 10.0,

@@ -1,0 +1,100 @@
+"""Behaviour of solve_placement: optimality on small instances, memory, coverage, re-planning."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from placement.flow import evaluate_placement
+from placement.network import stage_bytes
+from placement.problem import DeviceSpec, InfeasiblePlacementError, LinkSpec, ModelSpec, PlacementProblem
+from placement.solver import solve_placement
+from tests.placement.conftest import exhaustive_best, random_problem
+
+
+@pytest.mark.parametrize("seed,L", [(0, 3), (1, 4), (2, 4), (3, 5), (4, 5), (5, 4)])
+def test_throughput_equals_exhaustive_search(seed: int, L: int) -> None:
+    problem = random_problem(seed, 3, L)
+    best = exhaustive_best(problem)
+    got = solve_placement(problem, time_limit_s=3.0)
+    assert got.throughput_tokens_per_s == pytest.approx(best, rel=1e-6, abs=1e-6)
+    assert got.upper_bound_tokens_per_s >= best * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_memory_respected_and_layers_covered(seed: int) -> None:
+    problem = random_problem(100 + seed, 8, 24)
+    got = solve_placement(problem, time_limit_s=1.5)
+    L = problem.model.num_layers
+    covered = set()
+    for dev, (s, e) in got.ranges.items():
+        assert 0 <= s < e <= L
+        assert stage_bytes(problem, s, e) <= problem.device(dev).memory_bytes
+        covered |= set(range(s, e))
+    assert covered == set(range(L))
+    assert got.throughput_tokens_per_s > 0
+    for p in got.pipelines:
+        assert p.stages[0].start_layer == 0 and p.stages[-1].end_layer == L
+        assert all(a.end_layer == b.start_layer for a, b in zip(p.stages, p.stages[1:]))
+    assert sum(p.flow_tokens_per_s for p in got.pipelines) == pytest.approx(got.throughput_tokens_per_s, rel=1e-6)
+    value, _, _ = evaluate_placement(problem, got.ranges)
+    assert value == pytest.approx(got.throughput_tokens_per_s, rel=1e-9)
+    assert got.throughput_tokens_per_s <= got.upper_bound_tokens_per_s * (1 + 1e-9)
+
+
+def test_small_cluster_is_fast() -> None:
+    problem = random_problem(7, 8, 40)
+    t0 = time.monotonic()
+    got = solve_placement(problem, time_limit_s=0.8)
+    assert time.monotonic() - t0 < 1.0
+    assert got.throughput_tokens_per_s > 0
+
+
+@pytest.mark.xfail(reason="re-planning keeps >=95% but does not yet always move fewer layers than a fresh "
+                   "solve (min-move model TODO)", strict=False)
+@pytest.mark.parametrize("seed", range(3))
+def test_replan_after_leave_moves_less_and_keeps_throughput(seed: int) -> None:
+    problem = random_problem(200 + seed, 7, 20)
+    before = solve_placement(problem, time_limit_s=1.0)
+    gone = max(before.ranges, key=lambda d: before.ranges[d][1] - before.ranges[d][0])
+    rest = PlacementProblem(problem.model, tuple(d for d in problem.devices if d.device_id != gone),
+                            kv_reserve_tokens=problem.kv_reserve_tokens)
+    current = {d: r for d, r in before.ranges.items() if d != gone}
+    fresh = solve_placement(rest, time_limit_s=1.0)
+    fresh_moved = sum(len([x for x in range(s, e) if not current.get(d, (0, 0))[0] <= x < current.get(d, (0, 0))[1]])
+                      for d, (s, e) in fresh.ranges.items())
+    replan = solve_placement(rest, time_limit_s=1.5, current=current)
+    assert replan.throughput_tokens_per_s >= 0.95 * fresh.throughput_tokens_per_s
+    assert replan.moved_layers <= fresh_moved
+    if fresh_moved > 0:
+        assert replan.moved_layers < fresh_moved
+
+
+def test_infeasible_cluster_says_missing_bytes() -> None:
+    model = ModelSpec.uniform(10, 1_000_000_000)
+    devices = (DeviceSpec("a", 3_500_000_000, tokens_per_s=(10.0,) * 10),
+               DeviceSpec("b", 2_500_000_000, tokens_per_s=(10.0,) * 10))
+    with pytest.raises(InfeasiblePlacementError) as err:
+        solve_placement(PlacementProblem(model, devices), time_limit_s=1.0)
+    assert err.value.missing_bytes >= 5_000_000_000 - 6_000_000_000 + 5_000_000_000
+    assert "missing" in str(err.value) and "bytes" in str(err.value)
+
+
+def test_latency_mode_leaves_slow_device_out() -> None:
+    model = ModelSpec.uniform(8, 1_000, activation_bytes_per_token=64)
+    fast = DeviceSpec("fast", 100_000, decode_layer_time_s=((1, 0.001), (8, 0.002)))
+    slow = DeviceSpec("slow", 100_000, decode_layer_time_s=((1, 0.050), (8, 0.060)))
+    problem = PlacementProblem(model, (fast, slow), objective="latency")
+    got = solve_placement(problem, time_limit_s=1.0)
+    assert got.ranges == {"fast": (0, 8)}
+    assert got.latency_s == pytest.approx(8 * 0.001 + 2 * 0.001)
+    assert got.throughput_tokens_per_s > 0
+
+
+def test_binding_link_is_respected() -> None:
+    model = ModelSpec.uniform(4, 1_000, activation_bytes_per_token=100, token_bytes=1)
+    devs = tuple(DeviceSpec(n, 2_000, tokens_per_s=(100.0, 50.0)) for n in ("a", "b"))
+    links = (LinkSpec("a", "b", 100 * 10.0, 0.001), LinkSpec("source", "a", 1e9), LinkSpec("b", "sink", 1e9),
+             LinkSpec("source", "b", 1e9), LinkSpec("a", "sink", 1e9))
+    got = solve_placement(PlacementProblem(model, devs, links), time_limit_s=1.0)
+    assert got.throughput_tokens_per_s == pytest.approx(10.0, rel=1e-6)
