@@ -9,8 +9,9 @@ Parts:
   how long it was measured, the fault-injection `slowdown` in force, and `prior` figures from the
   known-chips table (workers/device_memory.py), kept apart: measured figures win.
   `to_json()` / `from_json()`; `with_peers(rtt_s, bandwidth_bytes_per_s)`.
-- `measure_device(device, *, model_dir, seconds_budget, slowdown) -> DeviceProfile`: warm-up, then
-  the median of several timed repeats of each figure; `seconds_budget` caps the repeats.
+- `measure_device(device, *, model_dir, seconds_budget, slowdown, peers) -> DeviceProfile`: warm-up,
+  then the median of several timed repeats of each figure; `seconds_budget` caps the repeats;
+  `peers` (echo addresses) are probed with workers/peer_probe.py.
 - `measure_layer_timings(model_dir, device, ...)`: times a real `TorchStageBackend` holding one
   middle layer (`[1, 2)` when the model has more than two layers) on synthetic chunks.
 - `device_spec_kwargs(profile, ...)` / `to_device_spec(profile, device_id, ...)`: the placement
@@ -31,7 +32,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from typing import Any
 import torch
 
 from workers.device_memory import ChipPrior, chip_prior, device_name, usable_memory_bytes
-from workers.peer_probe import stall_until
+from workers.peer_probe import measure_peers, stall_until
 
 SLOWDOWN_ENV = "POTLUCK_PROFILE_SLOWDOWN"
 DECODE_BATCH_SIZES = (1, 4, 16)
@@ -146,14 +147,22 @@ def timed_median_s(fn: Callable[[], object], sync: Callable[[], None], *, slowdo
                    budget_s: float = 0.2, min_repeats: int = 3, max_repeats: int = 15,
                    warmup: int = 1) -> float:
     """Median wall seconds of `fn()` after `warmup` untimed calls. Repeats stop at `max_repeats`,
-    or once `min_repeats` are done and `budget_s` is spent. With `slowdown` > 1 each timed call
-    stalls (inside the timed region) until it has taken `slowdown` x its own duration."""
+    or once `min_repeats` are done and `budget_s` is spent (or after one repeat past 4 x `budget_s`,
+    so a badly contended machine still finishes). With `slowdown` > 1 each timed call stalls
+    (inside the timed region) until it has taken `slowdown` x its own duration."""
     for _ in range(warmup):
         fn()
     sync()
     times: list[float] = []
     begin = time.perf_counter()
-    while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - begin < budget_s):
+
+    def more() -> bool:
+        spent = time.perf_counter() - begin
+        if len(times) >= max_repeats or (times and spent > 4 * budget_s):
+            return False
+        return len(times) < min_repeats or spent < budget_s
+
+    while more():
         start = time.perf_counter()
         fn()
         sync()
@@ -254,8 +263,9 @@ def measure_layer_timings(model_dir: str, device: str, *, dtype: str = "auto", s
 
 # ----------------------------------------------------------------------------- the profile
 def measure_device(device: str, *, model_dir: str | None = None, seconds_budget: float = 2.0,
-                   slowdown: float | None = None) -> DeviceProfile:
-    """Measure `device` now. `slowdown` None reads `POTLUCK_PROFILE_SLOWDOWN` (default 1.0)."""
+                   slowdown: float | None = None, peers: Sequence[str] = ()) -> DeviceProfile:
+    """Measure `device` now. `slowdown` None reads `POTLUCK_PROFILE_SLOWDOWN` (default 1.0).
+    `peers`: `EchoResponder` addresses to probe (unreachable ones are left out)."""
     factor = env_slowdown() if slowdown is None else float(slowdown)
     if factor < 1.0:
         raise ValueError(f"slowdown must be >= 1, got {factor}")
@@ -269,12 +279,13 @@ def measure_device(device: str, *, model_dir: str | None = None, seconds_budget:
     timings = None
     if model_dir is not None:
         timings = measure_layer_timings(model_dir, device, slowdown=factor, budget_s=seconds_budget * 0.6)
+    rtt_s, bandwidth_bytes_per_s = measure_peers(peers, slowdown=factor) if peers else ({}, {})
     return DeviceProfile(
         device=device, kind=dev.type, name=name, memory_bytes=int(memory),
         matmul_flops_per_s=flops, matmul_dtype=str(_compute_dtype(dev)).removeprefix("torch."),
         memory_bandwidth_bytes_per_s=bandwidth, measured_at_unix_s=time.time(),
         profile_time_s=time.perf_counter() - begin, slowdown=factor, layer_timings=timings,
-        prior=chip_prior(name),
+        peer_rtt_s=rtt_s, peer_bandwidth_bytes_per_s=bandwidth_bytes_per_s, prior=chip_prior(name),
     )
 
 

@@ -9,6 +9,7 @@ threads turn a 0.3 ms layer step into hundreds of ms at random, which no median 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -68,8 +69,8 @@ def one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def model_dir(checkpoint_factory) -> Path:
-    return checkpoint_factory("llama", num_hidden_layers=4, seed=11)
+def model_dir(llama_checkpoint: Path) -> Path:
+    return llama_checkpoint  # tests/conftest.py: Llama, 4 layers, max_position_embeddings 512
 
 
 # ---------------------------------------------------------------- measured figures
@@ -225,16 +226,18 @@ def test_device_spec_from_a_profile() -> None:
 
 
 # ---------------------------------------------------------------- `potluck profile`
-def test_potluck_profile_prints_json(model_dir: Path) -> None:
+def test_potluck_profile_prints_json(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see the module docstring
     run = subprocess.run([sys.executable, "-m", "api.cli", "profile", "--device", "cpu", "--model", str(model_dir)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+                         cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert run.returncode == 0, run.stderr
     profile = DeviceProfile.from_json(json.loads(run.stdout))
     assert profile.device == "cpu" and profile.matmul_flops_per_s > 0
     assert profile.layer_timings is not None and profile.layer_timings.model == model_dir.name
-    bad = subprocess.run([sys.executable, "-m", "api.cli", "profile", "--model", str(ROOT / "no-such-model")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "config.json" in bad.stderr
+    from api.cli import main as cli_main
+
+    assert cli_main(["profile", "--model", str(ROOT / "no-such-model")]) == 2
+    assert "config.json" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- peers
@@ -247,6 +250,8 @@ def test_peer_probe_against_a_real_echo_on_loopback() -> None:
         slow_rtt_s, _ = probe_peer(echo.address, 1 << 16, slowdown=3.0)
         assert slow_rtt_s > 1.5 * min(rtt_s, probe_peer(echo.address, 1 << 16)[0])
         rtts, bandwidths = measure_peers([echo.address, "tcp://127.0.0.1:1"], 1 << 16, timeout_s=0.3)
+        joined = measure_device("cpu", seconds_budget=0.1, peers=[echo.address])
+    assert set(joined.peer_rtt_s) == set(joined.peer_bandwidth_bytes_per_s) == {echo.address}
     assert set(rtts) == set(bandwidths) == {echo.address}  # the dead peer is left out
     profile = _sample_profile().with_peers(rtts, bandwidths)
     assert profile.peer_rtt_s[echo.address] == rtts[echo.address]
