@@ -45,7 +45,7 @@ class BatchPlan:
     slots: torch.Tensor  # [N] flat cache row (block * block_size + offset) of each new token
     decode_rows: torch.Tensor | None  # [B_dec] rows of 1-token chunks (None: no decode group)
     decode_all: bool  # every chunk is a 1-token chunk (rows == arange(N))
-    decode_blocks: torch.Tensor | None  # [B_dec, max_blocks] padded block tables
+    decode_blocks: torch.Tensor | None  # [B_dec * max_blocks] padded block tables, flattened
     decode_mask: torch.Tensor | None  # [B_dec, 1, 1, max_blocks * block_size] additive
     prefills: list[PrefillGroup]
     last_rows: torch.Tensor  # [num_chunks] row of each chunk's last token
@@ -93,7 +93,7 @@ def build_batch_plan(
         visible = torch.arange(max_blocks * block_size)[None, :] < kv_lens[:, None]
         decode_mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, neg_inf)
         decode_mask = decode_mask[:, None, None, :].to(device)
-        decode_blocks = decode_blocks.to(device)
+        decode_blocks = decode_blocks.flatten().to(device)
         decode_rows = torch.tensor([row_starts[i] for i in decode_idx], dtype=torch.int64, device=device)
 
     prefills = []
@@ -198,8 +198,9 @@ class DecoderLayer(nn.Module):
                     v_p = v[rows].transpose(0, 1).unsqueeze(0)
                     out = F.scaled_dot_product_attention(q_p, k_p, v_p, is_causal=True, enable_gqa=True)
                 else:
-                    k_p = k_pool[group.blocks].view(1, -1, nkv, hd).transpose(1, 2)  # [1, nkv, L, hd]
-                    v_p = v_pool[group.blocks].view(1, -1, nkv, hd).transpose(1, 2)
+                    k_p = k_pool.index_select(0, group.blocks).view(1, -1, nkv, hd).transpose(1, 2)
+                    v_p = v_pool.index_select(0, group.blocks).view(1, -1, nkv, hd).transpose(1, 2)
+                    # k_p, v_p: [1, nkv, L, hd]
                     out = F.scaled_dot_product_attention(
                         q_p, k_p, v_p, attn_mask=group.mask, enable_gqa=True
                     )
@@ -218,8 +219,10 @@ class DecoderLayer(nn.Module):
         nq, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         batch = q.shape[0]
         q = q.reshape(batch, nkv, nq // nkv, hd)
-        keys = k_pool[plan.decode_blocks].view(batch, -1, nkv, hd).transpose(1, 2)  # [B, nkv, L, hd]
-        values = v_pool[plan.decode_blocks].view(batch, -1, nkv, hd).transpose(1, 2)
+        # index_select on flat block ids: one memcpy per block (3x faster than advanced indexing)
+        keys = k_pool.index_select(0, plan.decode_blocks).view(batch, -1, nkv, hd).transpose(1, 2)
+        values = v_pool.index_select(0, plan.decode_blocks).view(batch, -1, nkv, hd).transpose(1, 2)
+        # keys, values: [B, nkv, L, hd]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.decode_mask)
         return out.reshape(batch, nq * hd)  # [B, nq * hd]
 

@@ -107,3 +107,11 @@ def test_unsupported_architecture_is_named(raw):
 def test_unsupported_rope_type():
     with pytest.raises(UnsupportedModelError, match="yarn"):
         ModelConfig.from_dict({**BASE, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def test_backend_rejects_unsupported_checkpoint(tmp_path):
+    from workers.backend import StageConfig, load_backend
+
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, "model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}))
+    with pytest.raises(UnsupportedModelError, match="gpt_neox.*supported model types: llama, mistral, qwen2, qwen3"):
+        load_backend(StageConfig(str(tmp_path), 0, 1))
