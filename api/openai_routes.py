@@ -14,6 +14,7 @@ Parts:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -115,6 +116,8 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
         if not task.done():
             task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task  # let the engine's generator close before answering
     if task.cancelled():
         raise ClientDisconnected()
     return task.result()
@@ -264,11 +267,15 @@ def build_openai_router(engine: EngineLike) -> APIRouter:
     async def respond(request: Request, gen_request: GenerationRequest, stream: bool,
                       make_events: Callable[[AsyncIterator[GenerationOutput]], AsyncIterator[bytes]],
                       make_body: Callable[[list[GenerationOutput]], Any]) -> Response:
-        first, outputs = await start_generation(engine, gen_request)
         if stream:
+            first, outputs = await start_generation(engine, gen_request)
             return EventStreamResponse(guarded_events(make_events(following(first, outputs)), outputs))
+
+        async def run() -> list[GenerationOutput]:  # one task from start to end (queueing included)
+            return await collect(*await start_generation(engine, gen_request))
+
         try:
-            steps = await unless_disconnected(request, collect(first, outputs))
+            steps = await unless_disconnected(request, run())
         except ClientDisconnected:
             return Response(status_code=499)
         return JSONResponse(make_body(steps).model_dump())
