@@ -1,4 +1,4 @@
-"""Fixtures for API tests: one TinyEngine and one real uvicorn server per module."""
+"""Fixtures for the OpenAI-layer tests: one TinyEngine and one real uvicorn server per session (used on demand)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ def client(base_url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0, timeout=30)
 
 
-@pytest.fixture(autouse=True)
-def _reset_faults(engine: TinyEngine) -> Iterator[None]:
+@pytest.fixture()
+def reset_faults(engine: TinyEngine) -> Iterator[None]:
+    """Use in modules that inject faults into the TinyEngine (not autouse: other API tests have their own engines)."""
     yield
     engine.reject_with = None
     engine.fail_after_tokens = None

@@ -15,6 +15,7 @@ from scheduler.errors import OverloadedError
 
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "héllo wörld 日本語 🙂"}]
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+pytestmark = pytest.mark.usefixtures("reset_faults")
 
 
 def post(base_url: str, path: str, body: object, timeout: float = 30) -> httpx.Response:
