@@ -1,0 +1,51 @@
+"""Evaluator against Helix's published objectives, devices.json parsing, table and JSON output."""
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.helix_facts import DEFAULT_FACTS, helix_problem, load_facts, stored_ranges
+from placement.flow import evaluate_placement
+from placement.io import devices_from_json, format_placement_table, placement_to_json
+from placement.problem import ModelSpec, PlacementProblem
+from placement.solver import solve_placement
+
+needs_facts = pytest.mark.skipif(not DEFAULT_FACTS.exists(), reason="Helix facts not present")
+
+
+@needs_facts
+@pytest.mark.parametrize("key", ["single24_llama70b/helix_milp", "3region24_llama70b/helix_milp",
+                                 "hetero42_llama70b/helix_milp", "cluster10_llama30b/helix_milp_optimal"])
+def test_evaluator_reproduces_helix(key: str) -> None:
+    facts = load_facts()
+    sol = facts["solutions"][key]
+    value, _, pipes = evaluate_placement(helix_problem(facts, sol["instance"]), stored_ranges(facts, key))
+    assert value == pytest.approx(sol["helix_reported_milp_objective"], rel=1e-7)
+    assert sum(p.flow_tokens_per_s for p in pipes) == pytest.approx(value, rel=1e-6)
+
+
+@needs_facts
+def test_helix_targets_fast_instances() -> None:
+    facts = load_facts()
+    c10 = solve_placement(helix_problem(facts, "cluster10_llama30b"), time_limit_s=3.0)
+    assert c10.throughput_tokens_per_s == pytest.approx(286.5874097546, rel=1e-7)
+    s24 = solve_placement(helix_problem(facts, "single24_llama70b"), time_limit_s=5.0)
+    assert s24.throughput_tokens_per_s >= 2000
+    assert s24.status == "optimal"
+
+
+def test_devices_json_table_and_json() -> None:
+    obj = {"devices": [{"id": "a", "memory_bytes": "8GB", "kind": "4090", "tokens_per_s": [100, 50, 30, 20]},
+                       {"id": "b", "memory_bytes": 8e9, "flops_per_s": 1e14, "memory_bandwidth_bytes_per_s": 1e12}],
+           "links": [{"src": "a", "dst": "b", "bandwidth_bytes_per_s": 1e9, "latency_s": 0.002}]}
+    devices, links = devices_from_json(obj)
+    assert devices[0].memory_bytes == 8_000_000_000 and links[0].latency_s == 0.002
+    problem = PlacementProblem(ModelSpec.uniform(4, 1_000_000_000), devices, links)
+    p = solve_placement(problem, time_limit_s=1.0)
+    text = format_placement_table(p, problem)
+    assert "throughput" in text and "a" in text
+    js = placement_to_json(p)
+    covered = set()
+    for s, e in js["ranges"].values():
+        covered |= set(range(s, e))
+    assert covered == set(range(4))
+    assert js["throughput_tokens_per_s"] == pytest.approx(p.throughput_tokens_per_s)
