@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--memory-bytes", type=int, default=None)
     join.add_argument("--threads", type=int, default=None)
     join.add_argument("--worker-id", default=None)
+    join.add_argument("--model", default=None, help="local copy of the model: profile one of its layers at join")
+    join.add_argument("--no-profile", action="store_true", help="skip measuring this device at join")
 
     plan = commands.add_parser("plan", help="solve layer placement for a model and devices")
     plan.add_argument("--model", required=True, help="local Hugging Face model directory")
@@ -114,7 +116,13 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
         Tokenizer.from_model_dir(model_dir),
     )
     await engine.start()
-    workers = LocalWorkers(engine.control_address, args.local_workers, args.device or best_device(), args.worker_threads)
+    workers = LocalWorkers(
+        engine.control_address,
+        args.local_workers,
+        args.device or best_device(),
+        args.worker_threads,
+        profile_model_dir=None if args.no_profile else str(model_dir),
+    )
     server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=args.api_key, routers=extra_routers(engine), public_paths=PUBLIC_PATHS), host=args.host, port=args.port, log_level="warning"))
 
     async def announce() -> None:
@@ -154,6 +162,8 @@ def run_join(args: argparse.Namespace) -> None:
             memory_bytes=args.memory_bytes,
             worker_id=args.worker_id,
             num_threads=args.threads,
+            profile=not args.no_profile,
+            profile_model_dir=args.model,
         )
     )
 

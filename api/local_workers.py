@@ -24,6 +24,8 @@ class LocalWorkers:
     memory_bytes_per_worker: int | None = None
     extra_args: Sequence[str] = ()
     id_prefix: str = "local"
+    profile_model_dir: str | None = None  # measure the device (and one layer of this model) at join
+    profile_seconds: float = 1.0
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     def start(self) -> None:
@@ -45,6 +47,8 @@ class LocalWorkers:
             ]  # fmt: skip
             if memory:
                 command += ["--memory-bytes", str(memory)]
+            if self.profile_model_dir:
+                command += ["--profile", "--profile-model", self.profile_model_dir, "--profile-seconds", str(self.profile_seconds)]
             self.processes.append(subprocess.Popen(command, start_new_session=True))
 
     def stop(self, timeout_s: float = 5.0) -> None:

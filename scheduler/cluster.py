@@ -35,6 +35,9 @@ class WorkerState:
     kv_capacity_tokens: int = 0
     weight_bytes: int = 0
     in_flight: int = 0  # requests the scheduler routed through this worker, not finished
+    reserved_kv_tokens: int = 0  # prompt + max new tokens of those requests (never beyond capacity)
+    queued_prefill_tokens: int = 0  # prompt tokens routed here whose first token has not come back
+    requests_routed: int = 0  # since registration
     draining: bool = False
     error: str | None = None
 

@@ -27,10 +27,13 @@ import zmq.asyncio
 
 from scheduler.cluster import Cluster, LayerPlan, WorkerState
 from scheduler.detokenizer import IncrementalDetokenizer
-from scheduler.errors import GenerationFailedError, NoCapacityError, PromptTooLongError
+from scheduler.admission import AdmissionQueue
+from scheduler.errors import GenerationFailedError, NoCapacityError, OverloadedError, PromptTooLongError
+from scheduler.load import load_snapshot
 from scheduler.metrics import EngineMetrics
 from scheduler.planner import PlannerConfig, kv_budget_bytes, plan_layers
 from scheduler.request import GenerationOutput, GenerationRequest, TokenLogprob
+from scheduler.routing import RouteRequest, choose_route
 from scheduler.tokenizer import Tokenizer
 from workers import protocol as p
 
@@ -52,6 +55,8 @@ class EngineConfig:
     token_timeout_s: float = 120.0  # no token for this long: the request fails
     route_wait_s: float = 30.0  # how long a request waits for layers being loaded
     max_restarts: int = 8
+    max_waiting: int = 64  # admission queue bound: beyond it, HTTP 429
+    retry_after_s: float = 2.0
     placement: str = "auto"  # auto | solver | pipeline (scheduler/planner.py)
     placement_objective: str = "throughput"  # or "latency"
 
@@ -64,6 +69,8 @@ class RequestState:
     attempt: int = 0
     generated: list[int] = field(default_factory=list)
     started_at_s: float = field(default_factory=time.monotonic)
+    reserved_kv_tokens: int = 0  # per stage of the current route
+    queued_prefill_tokens: int = 0  # per stage of the current route, until its first token
 
     @property
     def wire_id(self) -> str:
@@ -91,6 +98,7 @@ class Engine:
         self.control_address = ""
         self.tasks: list[asyncio.Task] = []
         self.routes_changed = asyncio.Event()
+        self.admission: AdmissionQueue[str] = AdmissionQueue(config.max_waiting, config.retry_after_s)
         self.tokens_generated = 0
         self.metrics = EngineMetrics(self)  # Prometheus series (scheduler/metrics.py)
 
@@ -299,17 +307,27 @@ class Engine:
 
     # ------------------------------------------------------------------------------- requests
     def choose_route(self, state: RequestState) -> tuple[str, ...] | None:
-        routes = self.cluster.usable_routes()
-        if not routes:
-            return None
-        return min(routes, key=lambda r: max(self.cluster.workers[w].in_flight for w in r))
+        """The path with the least predicted finish time among stages with room (scheduler/routing.py)."""
+        request = state.request
+        route_request = RouteRequest(
+            num_prompt_tokens=len(request.prompt_token_ids) + len(state.generated),
+            max_new_tokens=request.sampling.max_new_tokens - len(state.generated),
+        )
+        choice = choose_route(load_snapshot(self.cluster, self.config.model.activation_bytes_per_token), route_request)
+        return None if choice is None else choice.worker_ids
 
     def _start_attempt(self, state: RequestState, route: tuple[str, ...]) -> None:
         request = state.request
         state.route = route
-        for worker_id in route:
-            self.cluster.workers[worker_id].in_flight += 1
         done = len(state.generated)
+        state.queued_prefill_tokens = len(request.prompt_token_ids) + done
+        state.reserved_kv_tokens = state.queued_prefill_tokens + request.sampling.max_new_tokens - done
+        for worker_id in route:
+            worker = self.cluster.workers[worker_id]
+            worker.in_flight += 1
+            worker.requests_routed += 1
+            worker.reserved_kv_tokens += state.reserved_kv_tokens
+            worker.queued_prefill_tokens += state.queued_prefill_tokens
         sampling = replace(request.sampling, max_new_tokens=request.sampling.max_new_tokens - done)
         start = p.RequestStart(self.cluster.addresses(route), self.control_address, sampling, first_token_index=done)
         self.requests[state.wire_id] = state
@@ -321,8 +339,12 @@ class Engine:
             worker = self.cluster.workers.get(worker_id)
             if worker is not None:
                 worker.in_flight -= 1
+                worker.reserved_kv_tokens -= state.reserved_kv_tokens
+                worker.queued_prefill_tokens -= state.queued_prefill_tokens
                 self._send(worker_id, p.ReleaseRequests((state.wire_id,)))
         state.route = ()
+        state.reserved_kv_tokens = state.queued_prefill_tokens = 0
+        self._routes_changed()  # capacity freed: waiting requests may go
 
     def _restart(self, state: RequestState, reason: str) -> None:
         """Move the request to a new route from the tokens the client already has."""
@@ -336,26 +358,48 @@ class Engine:
         state.queue.put_nowait(("restart", reason))
 
     async def _acquire_route(self, state: RequestState) -> None:
+        """Route now, or wait: for layers being loaded (up to `route_wait_s`), or in the admission
+        queue while every path is KV-full (FIFO; past `max_waiting` the request gets a 429)."""
         deadline = time.monotonic() + self.config.route_wait_s
-        while True:
-            route = self.choose_route(state)
-            if route is not None:
-                self._start_attempt(state, route)
-                return
-            waiting_for_change = (
-                self.cluster.is_loading()
-                or len(self.cluster.workers) < self.config.min_workers
-                or any(w.draining and w.assigned is not None for w in self.cluster.workers.values())
-            )
-            if not waiting_for_change:
-                raise NoCapacityError("no path through the model's layers is available (no workers serve it)")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise NoCapacityError(f"no path through the model's layers became available in {self.config.route_wait_s:.0f} s")
-            try:
-                await asyncio.wait_for(self.routes_changed.wait(), timeout=min(remaining, 0.5))
-            except TimeoutError:
-                pass
+        key = state.request.request_id
+        try:
+            while True:
+                usable = bool(self.cluster.usable_routes())
+                is_head = not len(self.admission) or self.admission.waiting()[0] == key
+                route = self.choose_route(state) if usable and is_head else None
+                if route is not None:
+                    self.admission.remove(key)
+                    self._start_attempt(state, route)
+                    return
+                if usable and key not in self.admission:  # every path is full: queue or turn away
+                    decision = self.admission.offer(key, time.monotonic(), has_route=False)
+                    if decision.outcome == "rejected":
+                        raise OverloadedError(
+                            f"all {len(self.admission)} admission slots are taken and every path is full; retry later",
+                            retry_after_s=decision.retry_after_s or 1.0,
+                        )
+                elif not usable and not self._expecting_routes():
+                    raise NoCapacityError("no path through the model's layers is available (no workers serve it)")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    if usable:
+                        raise OverloadedError("every path stayed full; retry later", retry_after_s=self.config.retry_after_s)
+                    raise NoCapacityError(f"no path through the model's layers became available in {self.config.route_wait_s:.0f} s")
+                try:
+                    await asyncio.wait_for(self.routes_changed.wait(), timeout=min(remaining, 0.5))
+                except TimeoutError:
+                    pass
+        finally:
+            if self.admission.remove(key):
+                self._routes_changed()  # the next in line may go
+
+    def _expecting_routes(self) -> bool:
+        """Whether a route may appear soon without anyone acting (layers loading, drain, workers due)."""
+        return (
+            self.cluster.is_loading()
+            or len(self.cluster.workers) < self.config.min_workers
+            or any(w.draining and w.assigned is not None for w in self.cluster.workers.values())
+        )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         num_prompt = len(request.prompt_token_ids)
@@ -384,6 +428,11 @@ class Engine:
                 output: p.TokenOutput = item
                 if output.request_id != state.wire_id or output.index != len(state.generated):
                     continue  # from an earlier attempt, or a duplicate
+                if state.queued_prefill_tokens:  # the prompt is through every stage
+                    for worker_id in state.route:
+                        if (worker := self.cluster.workers.get(worker_id)) is not None:
+                            worker.queued_prefill_tokens -= state.queued_prefill_tokens
+                    state.queued_prefill_tokens = 0
                 state.generated.append(output.token_id)
                 self.tokens_generated += 1
                 self.metrics.on_token(timer)

@@ -99,17 +99,22 @@ def model_spec(model: ModelFacts) -> ModelSpec:
     )
 
 
-def device_spec(worker: WorkerState) -> DeviceSpec:
-    """A worker as the solver sees it: measured layer step times when profiled, else a roofline."""
+def device_spec(worker: WorkerState, model: ModelFacts) -> DeviceSpec:
+    """A worker as the solver sees it: its measured per-layer decode step times when its profile
+    timed this model, else the roofline from its measured FLOP/s and memory bandwidth."""
     profile = worker.profile or {}
     memory_bytes = max(0, worker.memory_bytes - RUNTIME_OVERHEAD_BYTES)
-    decode = profile.get("decode_layer_time_s")  # [[batch, seconds per layer step], ...]
-    if decode:
-        steps = tuple((int(batch), float(seconds)) for batch, seconds in decode)
+    timings = profile.get("layer_timings") or {}
+    decode = timings.get("decode_step_s") or []
+    if decode:  # [[batch, context, seconds per layer step], ...]: the shortest context's row
+        shortest = min(context for _, context, _ in decode)
+        steps = tuple(sorted((int(batch), float(seconds)) for batch, context, seconds in decode if context == shortest))
         return DeviceSpec(worker.worker_id, memory_bytes, decode_layer_time_s=steps, kind=worker.device)
     flops = float(profile.get("matmul_flops_per_s") or DEFAULT_FLOPS_PER_S)
+    # the roofline charges batch x layer_bytes / flops (2 FLOPs per 2-byte weight): scale for the dtype
+    itemsize = model.activation_bytes_per_token // model.hidden_size
     bandwidth = float(profile.get("memory_bandwidth_bytes_per_s") or DEFAULT_BANDWIDTH_BYTES_PER_S)
-    return DeviceSpec(worker.worker_id, memory_bytes, flops_per_s=flops, memory_bandwidth_bytes_per_s=bandwidth, kind=worker.device)
+    return DeviceSpec(worker.worker_id, memory_bytes, flops_per_s=flops * itemsize / 2, memory_bandwidth_bytes_per_s=bandwidth, kind=worker.device)
 
 
 def plan_layers(
@@ -126,7 +131,7 @@ def plan_layers(
         raise NoCapacityError("no workers registered")
     if config.placement == "pipeline" or (config.placement == "auto" and len({host_of(w) for w in workers}) == 1):
         return pipeline_plan(model, workers, epoch)
-    devices = tuple(device_spec(w) for w in sorted(workers, key=lambda w: w.worker_id))
+    devices = tuple(device_spec(w, model) for w in sorted(workers, key=lambda w: w.worker_id))
     reserves = (config.max_model_len * config.max_concurrent_sequences, config.max_model_len)
     placement: Placement | None = None
     for reserve in reserves:

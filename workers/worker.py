@@ -53,7 +53,10 @@ class WorkerConfig:
     num_threads: int | None = None
     parent_pid: int | None = None  # exit when this process is gone (local workers)
     step_delay_s: float = 0.0  # fault injection for tests: extra time per step (off by default)
+    slowdown: float = 1.0  # fault injection: every step (and the profile) takes this many times as long
     profile: bool = False  # measure the device at join (workers/profiler.py)
+    profile_model_dir: str | None = None  # also time one layer of this model when profiling
+    profile_seconds: float = 2.0
 
 
 @dataclass
@@ -177,7 +180,13 @@ class Worker:
             return {}
         from workers.profiler import measure_device
 
-        return measure_device(self.config.device).to_json()
+        profile = measure_device(
+            self.config.device,
+            model_dir=self.config.profile_model_dir,
+            seconds_budget=self.config.profile_seconds,
+            slowdown=self.config.slowdown,
+        )
+        return profile.to_json()
 
     def run(self) -> None:
         self.register()
@@ -389,6 +398,8 @@ class Worker:
         inputs = batch[0].inputs if len(batch) == 1 else torch.cat([item.inputs for item in batch])
         started = time.perf_counter()
         outputs = backend.forward(chunks, inputs)
+        if self.config.slowdown > 1.0:
+            time.sleep((self.config.slowdown - 1.0) * (time.perf_counter() - started))
         if self.config.step_delay_s:
             time.sleep(self.config.step_delay_s)
         elapsed_s = time.perf_counter() - started
@@ -500,7 +511,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--step-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--slowdown", type=float, default=1.0, help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="measure the device before registering")
+    parser.add_argument("--profile-model", default=None, help="time one layer of this model directory when profiling")
+    parser.add_argument("--profile-seconds", type=float, default=2.0, help="time budget of the profile")
     return parser
 
 
@@ -534,7 +548,10 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         num_threads=args.threads,
         parent_pid=args.parent_pid,
         step_delay_s=args.step_delay_s,
+        slowdown=args.slowdown,
         profile=args.profile,
+        profile_model_dir=args.profile_model,
+        profile_seconds=args.profile_seconds,
     )
 
 
