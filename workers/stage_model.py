@@ -46,7 +46,8 @@ class BatchPlan:
     decode_rows: torch.Tensor | None  # [B_dec] rows of 1-token chunks (None: no decode group)
     decode_all: bool  # every chunk is a 1-token chunk (rows == arange(N))
     decode_blocks: torch.Tensor | None  # [B_dec * max_blocks] padded block tables, flattened
-    decode_mask: torch.Tensor | None  # [B_dec, 1, 1, max_blocks * block_size] additive
+    decode_kv_len: int  # longest decode context (keys beyond it are padding, sliced off)
+    decode_mask: torch.Tensor | None  # [B_dec, 1, 1, decode_kv_len] additive (None: equal lengths)
     prefills: list[PrefillGroup]
     last_rows: torch.Tensor  # [num_chunks] row of each chunk's last token
 
@@ -85,15 +86,18 @@ def build_batch_plan(
     neg_inf = torch.finfo(dtype).min
 
     decode_rows = decode_blocks = decode_mask = None
+    decode_kv_len = 0
     if decode_idx:
-        kv_lens = torch.tensor([starts[i] + 1 for i in decode_idx], dtype=torch.int64)
-        max_blocks = max(-(-(starts[i] + 1) // block_size) for i in decode_idx)
+        lens = [starts[i] + 1 for i in decode_idx]
+        decode_kv_len = max(lens)
+        max_blocks = -(-decode_kv_len // block_size)
         padded = [list(block_tables[i][:max_blocks]) for i in decode_idx]
         decode_blocks = torch.tensor([p + [0] * (max_blocks - len(p)) for p in padded], dtype=torch.int64)
-        visible = torch.arange(max_blocks * block_size)[None, :] < kv_lens[:, None]
-        decode_mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, neg_inf)
-        decode_mask = decode_mask[:, None, None, :].to(device)
         decode_blocks = decode_blocks.flatten().to(device)
+        if min(lens) != decode_kv_len:  # unequal contexts: mask each row's padding
+            visible = torch.arange(decode_kv_len)[None, :] < torch.tensor(lens)[:, None]
+            decode_mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, neg_inf)
+            decode_mask = decode_mask[:, None, None, :].to(device)
         decode_rows = torch.tensor([row_starts[i] for i in decode_idx], dtype=torch.int64, device=device)
 
     prefills = []
@@ -118,6 +122,7 @@ def build_batch_plan(
         decode_rows=decode_rows,
         decode_all=len(decode_idx) == len(lengths),
         decode_blocks=decode_blocks,
+        decode_kv_len=decode_kv_len,
         decode_mask=decode_mask,
         prefills=prefills,
         last_rows=torch.tensor([r - 1 for r in row_starts[1:]], dtype=torch.int64, device=device),
@@ -220,9 +225,10 @@ class DecoderLayer(nn.Module):
         batch = q.shape[0]
         q = q.reshape(batch, nkv, nq // nkv, hd)
         # index_select on flat block ids: one memcpy per block (3x faster than advanced indexing)
-        keys = k_pool.index_select(0, plan.decode_blocks).view(batch, -1, nkv, hd).transpose(1, 2)
-        values = v_pool.index_select(0, plan.decode_blocks).view(batch, -1, nkv, hd).transpose(1, 2)
-        # keys, values: [B, nkv, L, hd]
+        length = plan.decode_kv_len
+        keys = k_pool.index_select(0, plan.decode_blocks).view(batch, -1, nkv, hd)[:, :length]
+        values = v_pool.index_select(0, plan.decode_blocks).view(batch, -1, nkv, hd)[:, :length]
+        keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, nkv, L, hd]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.decode_mask)
         return out.reshape(batch, nq * hd)  # [B, nq * hd]
 
