@@ -8,8 +8,8 @@ Parts:
   `CompletionChunk`, `CompletionChunkChoice`.
 - chat responses: `ChatCompletionResponse`, `ChatChoice`, `ChatMessageOut`, `ChatLogprobs`,
   `ChatTokenLogprob`, `ChatTopLogprob`, `ChatCompletionChunk`, `ChatChunkChoice`, `ChatDelta`.
-- shared: `Usage`, `ModelCard`, `ModelList`, `ErrorBody`, `ErrorResponse`; vLLM's `TokenizeRequest`,
-  `TokenizeResponse`, `DetokenizeRequest`, `DetokenizeResponse`.
+- shared: `Usage`, `ModelCard`, `ModelList`, `ErrorBody`, `ErrorResponse`; vLLM's `TokenizeRequest`
+  (`TokenizeCompletionRequest` | `TokenizeChatRequest`), `TokenizeResponse`, `DetokenizeRequest`, `DetokenizeResponse`.
 """
 
 from __future__ import annotations
@@ -317,20 +317,24 @@ class ErrorResponse(BaseModel):
 # vLLM's /tokenize and /detokenize
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_special_tokens: bool = False
     add_generation_prompt: bool = True
     return_token_strs: bool = False
 
-    @model_validator(mode="after")
-    def _one_input(self) -> TokenizeRequest:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of 'prompt' or 'messages'")
-        return self
+
+TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest
 
 
 class TokenizeResponse(BaseModel):

@@ -33,7 +33,8 @@ from api.openai_schema import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
-    TokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
     TokenizeResponse,
 )
 from scheduler.errors import InvalidRequestError, ModelNotFoundError, OverloadedError, PotluckError
@@ -183,15 +184,15 @@ def create_app(
         return card().model_dump()
 
     @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+    async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> dict[str, Any]:
         check_model(engine, body.model)
         tok = engine.tokenizer
-        if body.messages is not None:
-            text = tok.apply_chat_template([m.model_dump() for m in body.messages], body.add_generation_prompt)
-            ids = tok.encode(text, add_special_tokens=bool(body.add_special_tokens))
+        if isinstance(body, TokenizeChatRequest):
+            messages = [m.model_dump(exclude_none=True) for m in body.messages]
+            text = tok.apply_chat_template(messages, body.add_generation_prompt)
         else:
-            add = True if body.add_special_tokens is None else body.add_special_tokens
-            ids = tok.encode(body.prompt or "", add_special_tokens=add)
+            text = body.prompt
+        ids = tok.encode(text, add_special_tokens=body.add_special_tokens)
         strs = [tok.id_to_token(i) or "" for i in ids] if body.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids,
                                 token_strs=strs).model_dump(exclude_none=True)

@@ -218,3 +218,17 @@ def test_client_disconnect_aborts_a_non_streamed_request(base_url: str, engine: 
     while rid not in engine.aborted and time.monotonic() < deadline:
         time.sleep(0.02)
     assert rid in engine.aborted and rid not in engine.finished
+
+
+def test_tokenize_and_detokenize(base_url: str, engine: TinyEngine) -> None:
+    text = "héllo wörld 日本語 🙂"
+    out = post(base_url, "/tokenize", {"prompt": text, "return_token_strs": True}).json()
+    assert out["tokens"] == engine.tokenizer.encode(text) and out["count"] == len(out["tokens"])
+    assert out["max_model_len"] == engine.max_model_len and len(out["token_strs"]) == out["count"]
+    assert post(base_url, "/detokenize", {"tokens": out["tokens"]}).json() == {"prompt": text}
+    chat = post(base_url, "/tokenize", {"messages": MSGS}).json()["tokens"]
+    expected = engine.tokenizer.encode(engine.tokenizer.apply_chat_template(MSGS), add_special_tokens=False)
+    assert chat == expected
+    assert_error(post(base_url, "/tokenize", {"model": "other", "prompt": "x"}), 404)
+    assert_error(post(base_url, "/tokenize", {}), 400)
+    assert_error(post(base_url, "/detokenize", {"tokens": [-1]}), 400)
