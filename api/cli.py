@@ -95,7 +95,7 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
     from scheduler.engine import Engine, EngineConfig
     from scheduler.tokenizer import Tokenizer
     from workers.model_facts import read_model_facts
-    from workers.worker import best_device
+    from workers.__main__ import best_device
 
     dtype = args.dtype
     facts = read_model_facts(model_dir, dtype)
@@ -150,7 +150,8 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
 
 
 def run_join(args: argparse.Namespace) -> None:
-    from workers.worker import WorkerConfig, best_device, run_worker, scheduler_address
+    from workers.__main__ import best_device, scheduler_address
+    from workers.worker import WorkerConfig, run_worker
 
     run_worker(
         WorkerConfig(

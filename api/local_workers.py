@@ -1,7 +1,7 @@
 """Worker processes started on this machine by `potluck serve --local-workers N`.
 
 Parts:
-- `LocalWorkers`: starts N `python -m workers.worker` processes pointed at the scheduler, shares
+- `LocalWorkers`: starts N `python -m workers` processes pointed at the scheduler, shares
   this machine's cores and memory among them, and stops every one of them (terminate, then kill).
 """
 
@@ -37,7 +37,7 @@ class LocalWorkers:
             memory = int(psutil.virtual_memory().available * 0.8) // max(1, self.count)
         for index in range(self.count):
             command = [
-                sys.executable, "-m", "workers.worker",
+                sys.executable, "-m", "workers",
                 "--scheduler", self.scheduler_address,
                 "--device", self.device,
                 "--threads", str(threads),

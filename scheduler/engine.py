@@ -27,6 +27,7 @@ import zmq.asyncio
 
 from scheduler.cluster import Cluster, LayerPlan, WorkerState
 from scheduler.detokenizer import IncrementalDetokenizer
+from scheduler import snapshots
 from scheduler.admission import AdmissionQueue
 from scheduler.errors import GenerationFailedError, NoCapacityError, OverloadedError, PromptTooLongError
 from scheduler.load import load_snapshot
@@ -465,72 +466,10 @@ class Engine:
 
     # ------------------------------------------------------------------------------- snapshots
     def worker_snapshot(self, worker_id: str) -> dict:
-        """One worker as JSON: address, device, profile, layers, live load. KeyError if unknown."""
-        w = self.cluster.workers[worker_id]
-        heartbeat = w.heartbeat
-        return {
-            "id": w.worker_id,
-            "address": w.data_address,
-            "device": w.device,
-            "memory_bytes": w.memory_bytes,
-            "profile": w.profile,
-            "assigned_layers": list(w.assigned) if w.assigned else None,
-            "loaded_layers": list(w.loaded) if w.loaded else None,
-            "state": "error" if w.error else "draining" if w.draining else "ready" if w.is_ready else "loading" if w.assigned else "idle",
-            "error": w.error,
-            "weight_bytes": w.weight_bytes,
-            "kv_capacity_tokens": w.kv_capacity_tokens,
-            "kv_free_tokens": w.kv_free_tokens,
-            "in_flight_requests": w.in_flight,
-            "running_requests": heartbeat.running_requests if heartbeat else 0,
-            "queued_items": heartbeat.queued_items if heartbeat else 0,
-            "step_time_ewma_s": heartbeat.step_time_ewma_s if heartbeat else 0.0,
-            "tokens_processed": heartbeat.tokens_processed if heartbeat else 0,
-            "seconds_since_heartbeat": round(time.monotonic() - w.last_seen_s, 3),
-        }
+        return snapshots.worker_snapshot(self.cluster.workers[worker_id])
 
     def cluster_snapshot(self) -> dict:
-        """The whole cluster as JSON: model, plan (ranges, pipelines, predictions), workers."""
-        plan = self.cluster.plan
-        model = self.config.model
-        return {
-            "model": {
-                "id": self.model_id,
-                "type": model.model_type,
-                "num_layers": model.num_layers,
-                "dtype": model.dtype,
-                "max_model_len": self.max_model_len,
-            },
-            "epoch": self.cluster.epoch,
-            "plan": None
-            if plan is None
-            else {
-                "epoch": plan.epoch,
-                "ranges": {wid: list(r) for wid, r in plan.ranges.items()},
-                "pipelines": [list(route) for route in plan.pipelines],
-                "usable_pipelines": [list(route) for route in self.cluster.usable_routes()],
-                "predicted_tokens_per_s": plan.predicted_tokens_per_s,
-                "predicted_latency_s": plan.predicted_latency_s,
-                "upper_bound_tokens_per_s": plan.upper_bound_tokens_per_s,
-                "solve_time_s": plan.solve_time_s,
-            },
-            "workers": [self.worker_snapshot(wid) for wid in sorted(self.cluster.workers)],
-            "running_requests": len({state.request.request_id for state in self.requests.values()}),
-            "tokens_generated": self.tokens_generated,
-        }
+        return snapshots.cluster_snapshot(self)
 
     def requests_snapshot(self) -> list[dict]:
-        """Requests in flight: id, route, tokens generated so far, restarts."""
-        now = time.monotonic()
-        return [
-            {
-                "id": state.request.request_id,
-                "route": list(state.route),
-                "prompt_tokens": len(state.request.prompt_token_ids),
-                "generated_tokens": len(state.generated),
-                "max_new_tokens": state.request.sampling.max_new_tokens,
-                "restarts": state.attempt,
-                "age_s": round(now - state.started_at_s, 3),
-            }
-            for state in self.requests.values()
-        ]
+        return snapshots.requests_snapshot(self.requests.values())

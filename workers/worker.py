@@ -6,7 +6,7 @@ Parts:
 - `Worker`: owns one PULL socket (everything it receives: control from the scheduler, activations
   and next tokens from peers) and one PUSH socket per peer; runs `StageBackend.forward` on
   whatever work is pending, in one batch per step.
-- `main`: `python -m workers.worker --scheduler tcp://HOST:PORT` (what `potluck join` runs).
+- `run_worker`: builds a `Worker` and runs its loop (`python -m workers` / `potluck join`).
 
 The loop (`run`) is: receive everything pending -> take a batch -> forward -> send. A request
 joins or leaves the batch between steps (continuous batching). The first stage sizes decode
@@ -16,7 +16,6 @@ A malformed or stale message is logged and dropped; the worker stays up.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -24,7 +23,6 @@ import socket
 import threading
 import time
 import uuid
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,9 +31,9 @@ import zmq
 
 from workers import protocol as p
 from workers.backend import SequenceChunk, StageBackend, StageConfig, load_backend
+from workers.tensor_frames import payload_to_tensor, tensor_to_payload
 
 log = logging.getLogger("potluck.worker")
-warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 HEARTBEAT_INTERVAL_S = 0.5
 MAX_PREFILL_TOKENS_PER_STEP = 4096
@@ -77,28 +75,6 @@ class WorkItem:
     @property
     def num_tokens(self) -> int:
         return int(self.inputs.shape[0])
-
-
-def tensor_to_payload(tensor: torch.Tensor) -> p.TensorPayload:
-    """A tensor as a wire payload; the payload's buffer shares the tensor's memory on CPU."""
-    tensor = tensor.detach().contiguous()
-    if tensor.device.type != "cpu":
-        tensor = tensor.cpu()
-    dtype = str(tensor.dtype).removeprefix("torch.")
-    data = tensor.view(torch.uint8).numpy() if tensor.numel() else b""
-    return p.TensorPayload(dtype=dtype, shape=tuple(tensor.shape), data=data)
-
-
-def payload_to_tensor(payload: p.TensorPayload) -> torch.Tensor:
-    dtype = getattr(torch, payload.dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise p.ProtocolError(f"unknown dtype {payload.dtype!r}")
-    expected = math.prod(payload.shape) * torch.empty((), dtype=dtype).element_size()
-    if len(memoryview(payload.data).cast("B")) != expected:
-        raise p.ProtocolError("tensor frame size does not match its shape")
-    if expected == 0:
-        return torch.empty(payload.shape, dtype=dtype)
-    return torch.frombuffer(payload.data, dtype=dtype).view(payload.shape)
 
 
 def default_memory_bytes(device: str) -> int:
@@ -499,78 +475,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="potluck-worker", description="Run one potluck worker.")
-    parser.add_argument("--scheduler", required=True, help="scheduler control address, HOST:PORT or tcp://HOST:PORT")
-    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
-    parser.add_argument("--port", type=int, default=0, help="port to listen on (0: a free one)")
-    parser.add_argument("--advertise-host", default=None, help="host peers use to reach this worker")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
-    parser.add_argument("--memory-bytes", type=int, default=None, help="memory for weights + KV cache")
-    parser.add_argument("--worker-id", default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--step-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
-    parser.add_argument("--slowdown", type=float, default=1.0, help=argparse.SUPPRESS)
-    parser.add_argument("--profile", action="store_true", help="measure the device before registering")
-    parser.add_argument("--profile-model", default=None, help="time one layer of this model directory when profiling")
-    parser.add_argument("--profile-seconds", type=float, default=2.0, help="time budget of the profile")
-    return parser
-
-
-def best_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def scheduler_address(value: str) -> str:
-    value = value.strip()
-    if value.startswith("tcp://"):
-        return value
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"scheduler address must be HOST:PORT, got {value!r}")
-    return f"tcp://{host}:{port}"
-
-
-def config_from_args(args: argparse.Namespace) -> WorkerConfig:
-    return WorkerConfig(
-        scheduler_address=scheduler_address(args.scheduler),
-        listen_host=args.host,
-        listen_port=args.port,
-        advertise_host=args.advertise_host,
-        device=args.device or best_device(),
-        memory_bytes=args.memory_bytes,
-        worker_id=args.worker_id,
-        num_threads=args.threads,
-        parent_pid=args.parent_pid,
-        step_delay_s=args.step_delay_s,
-        slowdown=args.slowdown,
-        profile=args.profile,
-        profile_model_dir=args.profile_model,
-        profile_seconds=args.profile_seconds,
-    )
-
-
 def run_worker(config: WorkerConfig) -> None:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     worker = Worker(config)
     log.info("%s listening on %s, scheduler %s", worker.worker_id, worker.data_address, config.scheduler_address)
     worker.run()
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=os.environ.get("POTLUCK_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
-    args = build_arg_parser().parse_args(argv)
-    try:
-        run_worker(config_from_args(args))
-    except KeyboardInterrupt:
-        pass
-
-
-if __name__ == "__main__":
-    main()

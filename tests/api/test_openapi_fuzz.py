@@ -24,7 +24,7 @@ from api.cluster_routes import PUBLIC_PATHS
 
 EXAMPLES_PER_OPERATION = 30
 GENERATION_PATHS = {"/v1/completions", "/v1/chat/completions"}
-json_scalars = st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False) | st.text(max_size=8)
+json_scalars = st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8)
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3)
                            | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
 
@@ -84,7 +84,7 @@ def from_schema(schema: dict[str, Any], doc: dict[str, Any], depth: int = 0,
             return st.floats(schema.get("minimum", schema.get("exclusiveMinimum", -10.0)),
                              schema.get("maximum", schema.get("exclusiveMaximum", 10.0)),
                              exclude_min="exclusiveMinimum" in schema, exclude_max="exclusiveMaximum" in schema)
-        return st.floats(allow_nan=False, allow_infinity=False, min_value=-10, max_value=10) | st.floats(allow_nan=False)
+        return st.floats(allow_nan=False, allow_infinity=False, min_value=-10, max_value=10) | st.floats(allow_nan=False, allow_infinity=False)
     if kind == "boolean":
         return st.booleans()
     if kind == "null":

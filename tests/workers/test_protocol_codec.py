@@ -8,7 +8,7 @@ import torch
 import zmq
 
 from workers import protocol as p
-from workers.worker import payload_to_tensor, tensor_to_payload
+from workers.tensor_frames import payload_to_tensor, tensor_to_payload
 
 
 def _start() -> p.RequestStart:

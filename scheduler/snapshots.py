@@ -1,0 +1,102 @@
+"""The scheduler's state as JSON, for `/cluster`, `/cluster/nodes/{id}`, `/cluster/requests`,
+the dashboard and `potluck status`.
+
+Parts:
+- `worker_snapshot(worker)`: address, device, measured profile, layers, live load.
+- `cluster_snapshot(engine)`: model, plan (ranges, pipelines, predictions, bound), every worker.
+- `requests_snapshot(states)`: requests in flight with their route and tokens so far.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from scheduler.cluster import WorkerState
+
+if TYPE_CHECKING:
+    from scheduler.engine import Engine, RequestState
+
+
+def worker_state_name(worker: WorkerState) -> str:
+    if worker.error:
+        return "error"
+    if worker.draining:
+        return "draining"
+    if worker.is_ready:
+        return "ready"
+    return "loading" if worker.assigned else "idle"
+
+
+def worker_snapshot(worker: WorkerState) -> dict:
+    heartbeat = worker.heartbeat
+    return {
+        "id": worker.worker_id,
+        "address": worker.data_address,
+        "device": worker.device,
+        "memory_bytes": worker.memory_bytes,
+        "profile": worker.profile,
+        "assigned_layers": list(worker.assigned) if worker.assigned else None,
+        "loaded_layers": list(worker.loaded) if worker.loaded else None,
+        "state": worker_state_name(worker),
+        "error": worker.error,
+        "weight_bytes": worker.weight_bytes,
+        "kv_capacity_tokens": worker.kv_capacity_tokens,
+        "kv_free_tokens": worker.kv_free_tokens,
+        "in_flight_requests": worker.in_flight,
+        "requests_routed": worker.requests_routed,
+        "running_requests": heartbeat.running_requests if heartbeat else 0,
+        "queued_items": heartbeat.queued_items if heartbeat else 0,
+        "step_time_ewma_s": heartbeat.step_time_ewma_s if heartbeat else 0.0,
+        "tokens_processed": heartbeat.tokens_processed if heartbeat else 0,
+        "seconds_since_heartbeat": round(time.monotonic() - worker.last_seen_s, 3),
+    }
+
+
+def cluster_snapshot(engine: Engine) -> dict:
+    cluster = engine.cluster
+    plan = cluster.plan
+    model = engine.config.model
+    return {
+        "model": {
+            "id": engine.model_id,
+            "type": model.model_type,
+            "num_layers": model.num_layers,
+            "dtype": model.dtype,
+            "max_model_len": engine.max_model_len,
+        },
+        "epoch": cluster.epoch,
+        "plan": None
+        if plan is None
+        else {
+            "epoch": plan.epoch,
+            "ranges": {wid: list(r) for wid, r in plan.ranges.items()},
+            "pipelines": [list(route) for route in plan.pipelines],
+            "usable_pipelines": [list(route) for route in cluster.usable_routes()],
+            "predicted_tokens_per_s": plan.predicted_tokens_per_s,
+            "predicted_latency_s": plan.predicted_latency_s,
+            "upper_bound_tokens_per_s": plan.upper_bound_tokens_per_s,
+            "solve_time_s": plan.solve_time_s,
+        },
+        "workers": [worker_snapshot(cluster.workers[wid]) for wid in sorted(cluster.workers)],
+        "running_requests": len({state.request.request_id for state in engine.requests.values()}),
+        "waiting_requests": len(engine.admission),
+        "tokens_generated": engine.tokens_generated,
+    }
+
+
+def requests_snapshot(states: Iterable[RequestState]) -> list[dict]:
+    now = time.monotonic()
+    return [
+        {
+            "id": state.request.request_id,
+            "route": list(state.route),
+            "prompt_tokens": len(state.request.prompt_token_ids),
+            "generated_tokens": len(state.generated),
+            "max_new_tokens": state.request.sampling.max_new_tokens,
+            "restarts": state.attempt,
+            "age_s": round(now - state.started_at_s, 3),
+        }
+        for state in states
+    ]

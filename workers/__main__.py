@@ -1,0 +1,88 @@
+"""`python -m workers --scheduler tcp://HOST:PORT`: one worker process (what `potluck join` and
+`potluck serve --local-workers N` start).
+
+Parts:
+- `build_arg_parser`, `config_from_args`: command line -> `WorkerConfig`.
+- `best_device`: cuda, else mps, else cpu. `scheduler_address`: HOST:PORT -> tcp://HOST:PORT.
+- `main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+
+from workers.worker import WorkerConfig, run_worker
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="potluck-worker", description="Run one potluck worker.")
+    parser.add_argument("--scheduler", required=True, help="scheduler control address, HOST:PORT or tcp://HOST:PORT")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (0: a free one)")
+    parser.add_argument("--advertise-host", default=None, help="host peers use to reach this worker")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
+    parser.add_argument("--memory-bytes", type=int, default=None, help="memory for weights + KV cache")
+    parser.add_argument("--worker-id", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--step-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--slowdown", type=float, default=1.0, help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help="measure the device before registering")
+    parser.add_argument("--profile-model", default=None, help="time one layer of this model directory when profiling")
+    parser.add_argument("--profile-seconds", type=float, default=2.0, help="time budget of the profile")
+    return parser
+
+
+def best_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def scheduler_address(value: str) -> str:
+    value = value.strip()
+    if value.startswith("tcp://"):
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"scheduler address must be HOST:PORT, got {value!r}")
+    return f"tcp://{host}:{port}"
+
+
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    return WorkerConfig(
+        scheduler_address=scheduler_address(args.scheduler),
+        listen_host=args.host,
+        listen_port=args.port,
+        advertise_host=args.advertise_host,
+        device=args.device or best_device(),
+        memory_bytes=args.memory_bytes,
+        worker_id=args.worker_id,
+        num_threads=args.threads,
+        parent_pid=args.parent_pid,
+        step_delay_s=args.step_delay_s,
+        slowdown=args.slowdown,
+        profile=args.profile,
+        profile_model_dir=args.profile_model,
+        profile_seconds=args.profile_seconds,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=os.environ.get("POTLUCK_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    args = build_arg_parser().parse_args(argv)
+    try:
+        run_worker(config_from_args(args))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Tensors as wire payloads (workers/protocol.py `TensorPayload`) and back, without copies on CPU.
+
+Parts:
+- `tensor_to_payload`: a tensor's bytes as a payload that shares its memory (any dtype, bf16 too).
+- `payload_to_tensor`: a received frame as a tensor of the sent dtype and shape; a frame whose size
+  does not match its header raises `ProtocolError`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from workers import protocol as p
+
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+def tensor_to_payload(tensor: torch.Tensor) -> p.TensorPayload:
+    """A tensor as a wire payload; the payload's buffer shares the tensor's memory on CPU."""
+    tensor = tensor.detach().contiguous()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    data = tensor.view(torch.uint8).numpy() if tensor.numel() else b""
+    return p.TensorPayload(dtype=dtype, shape=tuple(tensor.shape), data=data)
+
+
+def payload_to_tensor(payload: p.TensorPayload) -> torch.Tensor:
+    dtype = getattr(torch, payload.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise p.ProtocolError(f"unknown dtype {payload.dtype!r}")
+    expected = math.prod(payload.shape) * torch.empty((), dtype=dtype).element_size()
+    if len(memoryview(payload.data).cast("B")) != expected:
+        raise p.ProtocolError("tensor frame size does not match its shape")
+    if expected == 0:
+        return torch.empty(payload.shape, dtype=dtype)
+    return torch.frombuffer(payload.data, dtype=dtype).view(payload.shape)
