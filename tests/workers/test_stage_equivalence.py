@@ -146,3 +146,20 @@ def test_hidden_states_have_stage_dtype_and_shape(llama_checkpoint):
     logits = last.forward([SequenceChunk("a", 0, 5), SequenceChunk("b", 0, 1)], hidden)
     assert logits.dtype == torch.float32 and logits.shape == (2, last.vocab_size)
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", ["sharded", "mistral"])
+def test_sharded_and_mistral_checkpoints_match_transformers(request, checkpoint_factory, name):
+    if name == "sharded":
+        path = request.getfixturevalue("sharded_checkpoint")
+    else:
+        path = checkpoint_factory("mistral", num_hidden_layers=3, seed=5)
+    prompt = [5, 17, 99, 200, 3, 42, 7, 11]
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt + [60]])).logits[0]
+    chain = _chain(path, 2)
+    logits = _step(chain, [SequenceChunk("r", 0, len(prompt))], prompt)
+    torch.testing.assert_close(logits[0], ref[len(prompt) - 1], atol=1e-4, rtol=0)
+    logits = _step(chain, [SequenceChunk("r", len(prompt), 1)], [60])
+    torch.testing.assert_close(logits[0], ref[len(prompt)], atol=1e-4, rtol=0)
