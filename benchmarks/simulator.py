@@ -33,6 +33,7 @@ from typing import Callable
 from benchmarks.sim_cluster import (MAX_BATCH, PROFILE_CTX_TOKENS, SimCluster, SimRequest, TraceConfig,
                                     bursty_trace, kv_capacity_tokens, layer_step_s, make_cluster,
                                     mean_output_tokens, placement_problem, with_device, without_device)
+from placement.flow import evaluate_placement
 from placement.problem import SINK, SOURCE, Placement
 from placement.solver import solve_placement
 from scheduler.admission import AdmissionQueue
@@ -175,15 +176,29 @@ def simulate(cluster: SimCluster, placement: Placement, trace: tuple[SimRequest,
         s.busy = True
         push(now + dur, 1, (s, batch, done, dur))
 
-    def forward(s: _Stage, q: _Req, now: float, tokens: int) -> None:
+    def forward_prompt(s: _Stage, q: _Req, now: float) -> None:
         if q.pos == len(q.route) - 1:
-            push(now + hop_lat.get((s.id, SINK), default_lat), 4, q)
+            push(now + hop_lat.get((s.id, SINK), default_lat), 4, [q])
             return
-        nxt = q.route[q.pos + 1]
-        key = (s.id, nxt.id)
         q.pos += 1
-        push(now + hop_lat.get(key, default_lat) + tokens * act / hop_bw.get(key, default_bw),
-             2 if tokens == 1 and q.generated else 3, q)
+        key = (s.id, q.route[q.pos].id)
+        push(now + hop_lat.get(key, default_lat) + q.r.prompt_tokens * act / hop_bw.get(key, default_bw), 3, q)
+
+    def forward_tokens(s: _Stage, batch: list[_Req], now: float) -> None:
+        """One event per destination: every token of a step leaves at the same time."""
+        groups: dict[_Stage, list[_Req]] = {}
+        out = []
+        for q in batch:
+            if q.pos == len(q.route) - 1:
+                out.append(q)
+            else:
+                q.pos += 1
+                groups.setdefault(q.route[q.pos], []).append(q)
+        if out:
+            push(now + hop_lat.get((s.id, SINK), default_lat), 4, out)
+        for nxt, group in groups.items():
+            key = (s.id, nxt.id)
+            push(now + hop_lat.get(key, default_lat) + act / hop_bw.get(key, default_bw), 2, (nxt, group))
 
     for r in trace:
         push(r.arrival_s, 0, reqs[r.request_id])
@@ -203,41 +218,42 @@ def simulate(cluster: SimCluster, placement: Placement, trace: tuple[SimRequest,
             s, batch, done, dur = payload
             s.busy = False
             s.step_ewma_s += EWMA_ALPHA * (dur - s.step_ewma_s)
-            for q in batch:
-                forward(s, q, now, 1)
+            forward_tokens(s, batch, now)
             for q in done:
-                forward(s, q, now, q.r.prompt_tokens)
+                forward_prompt(s, q, now)
             kick(s, now)
-        elif kind == 2:  # a decode token's activations arrive
-            q = payload
-            s = q.route[q.pos]
-            s.ready.append(q)
+        elif kind == 2:  # decode tokens' activations arrive at a stage
+            s, group = payload
+            s.ready.extend(group)
             kick(s, now)
         elif kind == 3:  # a prompt's activations arrive
             q = payload
             s = q.route[q.pos]
             s.prefill.append([q, q.r.prompt_tokens])
             kick(s, now)
-        else:  # a token reaches the coordinator
-            q = payload
-            q.generated += 1
-            emitted.append(now)
-            if q.generated == 1:
-                q.first_s = now
-            if q.generated >= q.r.new_tokens:
-                q.finish_s = now
-                kv = q.r.prompt_tokens + q.r.new_tokens
-                for s in q.route:
-                    s.running -= 1
-                    s.kv_free += kv
-                if len(queue):
-                    queue.release(try_admit(now))
-                    drained_s = now
-                first_finish_s = min(first_finish_s, now)
-            else:
-                q.ctx += 1
-                q.pos = 0
-                push(now + hop_lat.get((SOURCE, q.route[0].id), default_lat), 2, q)
+        else:  # tokens reach the coordinator
+            back: dict[_Stage, list[_Req]] = {}
+            for q in payload:
+                q.generated += 1
+                emitted.append(now)
+                if q.generated == 1:
+                    q.first_s = now
+                if q.generated >= q.r.new_tokens:
+                    q.finish_s = now
+                    kv = q.r.prompt_tokens + q.r.new_tokens
+                    for s in q.route:
+                        s.running -= 1
+                        s.kv_free += kv
+                    if len(queue):
+                        queue.release(try_admit(now))
+                        drained_s = now
+                    first_finish_s = min(first_finish_s, now)
+                else:
+                    q.ctx += 1
+                    q.pos = 0
+                    back.setdefault(q.route[0], []).append(q)
+            for first, group in back.items():
+                push(now + hop_lat.get((SOURCE, first.id), default_lat), 2, (first, group))
     done_reqs = [q for q in reqs.values() if not math.isnan(q.finish_s)]
     ttft = [q.first_s - q.r.arrival_s for q in done_reqs]
     e2e = [q.finish_s - q.r.arrival_s for q in done_reqs]
@@ -253,23 +269,27 @@ def simulate(cluster: SimCluster, placement: Placement, trace: tuple[SimRequest,
 
 
 def baseline_pipelines(placement: Placement, num_layers: int) -> tuple[tuple[str, ...], ...]:
-    """Fixed, disjoint pipelines for the baselines (each device in at most one, Parallax-like):
-    the placement's flow pipelines, largest flow first, skipping any that reuse a device; then
-    chains over the devices left (``routing.disjoint_pipelines``)."""
-    taken: set[str] = set()
-    out = []
+    """The pipelines the baselines cycle over: the placement's max-flow pipelines (its precomputed
+    routes, largest flow first, duplicates dropped), or greedy disjoint chains if it has none."""
+    out: list[tuple[str, ...]] = []
     for p in sorted(placement.pipelines, key=lambda p: -p.flow_tokens_per_s):
         ids = tuple(s.device_id for s in p.stages)
-        if not taken & set(ids):
+        if ids not in out:
             out.append(ids)
-            taken |= set(ids)
-    rest = tuple(StageLoad(d, s, e, 0, 0, 0, 0.0, 0.0) for d, (s, e) in sorted(placement.ranges.items())
-                 if d not in taken and e > s)
-    return tuple(out) + disjoint_pipelines(LoadSnapshot(rest, num_layers))
+    if out:
+        return tuple(out)
+    stages = tuple(StageLoad(d, s, e, 0, 0, 0, 0.0, 0.0) for d, (s, e) in sorted(placement.ranges.items()) if e > s)
+    return disjoint_pipelines(LoadSnapshot(stages, num_layers))
 
 
 def default_time_limit_s(num_devices: int) -> float:
-    return 5.0 if num_devices <= 12 else 10.0
+    return 5.0 if num_devices <= 12 else 20.0 if num_devices <= 128 else 10.0
+
+
+def placement_from_ranges(cluster: SimCluster, ranges: dict[str, tuple[int, int]]) -> Placement:
+    """A fixed placement, evaluated by the real max-flow code (for reproducible tests)."""
+    value, latency, pipes = evaluate_placement(placement_problem(cluster), ranges)
+    return Placement(dict(ranges), value, latency, value, pipes, 0.0, "feasible")
 
 
 def place(cluster: SimCluster, time_limit_s: float, current: dict[str, tuple[int, int]] | None = None
@@ -289,6 +309,11 @@ def saturation_tokens_per_s(cluster: SimCluster, placement: Placement, cfg: Trac
                             policy: str = "potluck") -> float:
     """Output tokens/s of the cluster kept full: every request of a trace arrives at once, and the
     rate is measured from the first finish until the admission queue has drained."""
+    probe = bursty_trace(1.0, cfg, seed + 1, bursty=False)
+    mean_kv = sum(r.prompt_tokens + r.new_tokens for r in probe) / len(probe)
+    fits = sum(kv_capacity_tokens(cluster, cluster.device(d), s, e)
+               for d, (s, e) in placement.ranges.items() if s == 0 and e > s) / mean_kv
+    cfg = TraceConfig(**{**asdict(cfg), "num_requests": max(cfg.num_requests, int(2 * fits))})
     trace = tuple(SimRequest(r.request_id, 0.0, r.prompt_tokens, r.new_tokens)
                   for r in bursty_trace(1.0, cfg, seed + 1, bursty=False))
     res = simulate(cluster, placement, trace, policy, baseline_pipelines(placement, cluster.model.num_layers))
@@ -320,7 +345,8 @@ def run_size(num_devices: int, load: float, seed: int, cfg: TraceConfig) -> dict
     pipes = baseline_pipelines(placement, L)
     sat = saturation_tokens_per_s(cluster, placement, cfg, seed)
     rate = load * sat / mean_output_tokens(cfg)
-    trace = bursty_trace(rate, cfg, seed)
+    scaled = TraceConfig(**{**asdict(cfg), "num_requests": int(cfg.num_requests * max(1.0, (num_devices / 8) ** 0.5))})
+    trace = bursty_trace(rate, scaled, seed)
     results = {name: simulate(cluster, placement, trace, name, pipes) for name in POLICIES}
     return {"devices": num_devices, "solve_s": solve_s, "placement_tokens_per_s": placement.throughput_tokens_per_s,
             "stages": sum(1 for s, e in placement.ranges.values() if e > s), "baseline_pipelines": len(pipes),
@@ -373,7 +399,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--devices", type=int, nargs="*", default=[8, 64], help="cluster sizes to simulate")
     ap.add_argument("--replan-devices", type=int, nargs="*", default=[8, 64, 512])
     ap.add_argument("--load", type=float, default=0.8, help="fraction of the measured saturation")
-    ap.add_argument("--requests", type=int, default=TraceConfig.num_requests)
+    ap.add_argument("--requests", type=int, default=TraceConfig.num_requests,
+                    help="requests in the trace at 8 devices (x sqrt(devices / 8) above)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
