@@ -4,8 +4,9 @@ Parts:
 - `BatchPlan` / `build_batch_plan(...)`: everything that is the same for all layers of one step,
   computed once per forward: positions, RoPE cos/sin, KV write slots, the decode group's
   padded block gather + mask, each prefill chunk's rows (+ prefix mask), the last-token rows.
-- `DecoderLayer`: RMSNorm -> fused QKV (weights stored [in, out] for `x @ w`) (+ Qwen2 bias, + Qwen3 q/k norm) -> RoPE -> GQA attention
+- `DecoderLayer`: RMSNorm -> fused QKV (+ Qwen2 bias, + Qwen3 q/k norm) -> RoPE -> GQA attention
   over the block KV cache -> o_proj -> residual; RMSNorm -> fused gate/up SwiGLU -> down -> residual.
+  Linear weights are stored transposed, [in, out], and applied as `x @ w` (see `_param_t`).
 - `StageModel`: `layers[start:end]` (+ `embed_tokens` on the first stage; final norm + LM head
   on the last), built from checkpoint tensors (`StageModel.from_tensors`).
 
