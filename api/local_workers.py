@@ -29,7 +29,10 @@ class LocalWorkers:
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     def start(self) -> None:
-        threads = self.threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, self.count))
+        # Co-located stages run one after another on a batch (no microbatches: see LayerPlan), so
+        # each may use every core; idle OpenMP threads sleep instead of spinning.
+        threads = self.threads_per_worker or (os.cpu_count() or 1)
+        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         memory = self.memory_bytes_per_worker
         if memory is None and self.device == "cpu":
             import psutil
@@ -49,7 +52,7 @@ class LocalWorkers:
                 command += ["--memory-bytes", str(memory)]
             if self.profile_model_dir:
                 command += ["--profile", "--profile-model", self.profile_model_dir, "--profile-seconds", str(self.profile_seconds)]
-            self.processes.append(subprocess.Popen(command, start_new_session=True))
+            self.processes.append(subprocess.Popen(command, start_new_session=True, env=env))
 
     def stop(self, timeout_s: float = 5.0) -> None:
         for process in self.processes:

@@ -59,6 +59,9 @@ class LayerPlan:
     predicted_latency_s: float = 0.0
     upper_bound_tokens_per_s: float = 0.0
     solve_time_s: float = 0.0
+    # Stages that share one machine share its memory bandwidth: splitting a batch into
+    # microbatches would stream every stage's weights once per microbatch, so they do not.
+    co_located: bool = False
 
 
 @dataclass

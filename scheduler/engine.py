@@ -288,7 +288,7 @@ class Engine:
             if held:
                 self._send(worker.worker_id, p.UnloadLayers(plan.epoch))
             return
-        stages = max((len(r) for r in plan.pipelines if worker.worker_id in r), default=1)
+        stages = 1 if plan.co_located else max((len(r) for r in plan.pipelines if worker.worker_id in r), default=1)
         self._send(
             worker.worker_id,
             p.AssignLayers(

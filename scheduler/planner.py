@@ -85,7 +85,7 @@ def pipeline_plan(model: ModelFacts, workers: Sequence[WorkerState], epoch: int)
     }
     if short:
         raise NoCapacityError(f"the model does not fit: {sum(short.values())} bytes of memory are missing ({short})")
-    return LayerPlan(epoch=epoch, ranges=plan, pipelines=(tuple(plan),))
+    return LayerPlan(epoch=epoch, ranges=plan, pipelines=(tuple(plan),), co_located=len({host_of(w) for w in ordered}) == 1)
 
 
 def model_spec(model: ModelFacts) -> ModelSpec:
