@@ -55,17 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_arguments(demo)
     demo.set_defaults(local_workers=3)
 
-    join = commands.add_parser("join", help="run a worker that joins a scheduler")
-    join.add_argument("--scheduler", required=True, help="scheduler control address HOST:PORT")
-    join.add_argument("--host", default="0.0.0.0", help="interface to listen on")
-    join.add_argument("--port", type=int, default=0)
-    join.add_argument("--advertise-host", default=None, help="address other machines use to reach this one")
-    join.add_argument("--device", default=None)
-    join.add_argument("--memory-bytes", type=int, default=None)
-    join.add_argument("--threads", type=int, default=None)
-    join.add_argument("--worker-id", default=None)
-    join.add_argument("--model", default=None, help="local copy of the model: profile one of its layers at join")
-    join.add_argument("--no-profile", action="store_true", help="skip measuring this device at join")
+    from workers.__main__ import build_arg_parser as worker_arguments
+
+    join = commands.add_parser("join", help="run a worker that joins a scheduler", parents=[worker_arguments(add_help=False)])
+    join.set_defaults(host="0.0.0.0", profile=True)
 
     plan = commands.add_parser("plan", help="solve layer placement for a model and devices")
     plan.add_argument("--model", required=True, help="local Hugging Face model directory")
@@ -150,23 +143,10 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
 
 
 def run_join(args: argparse.Namespace) -> None:
-    from workers.__main__ import best_device, scheduler_address
-    from workers.worker import WorkerConfig, run_worker
+    from workers.__main__ import config_from_args
+    from workers.worker import run_worker
 
-    run_worker(
-        WorkerConfig(
-            scheduler_address=scheduler_address(args.scheduler),
-            listen_host=args.host,
-            listen_port=args.port,
-            advertise_host=args.advertise_host,
-            device=args.device or best_device(),
-            memory_bytes=args.memory_bytes,
-            worker_id=args.worker_id,
-            num_threads=args.threads,
-            profile=not args.no_profile,
-            profile_model_dir=args.model,
-        )
-    )
+    run_worker(config_from_args(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,6 +31,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from scheduler.snapshots import worker_state_name
 
 # vLLM's buckets (seconds), so dashboards built for vLLM read these the same way.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -110,16 +111,6 @@ class EngineMetrics:
             self.request_aborted.inc()
 
 
-def _worker_state(worker: Any) -> str:
-    if worker.error:
-        return "error"
-    if worker.draining:
-        return "draining"
-    if worker.is_ready:
-        return "ready"
-    return "loading" if worker.assigned else "idle"
-
-
 class EngineCollector(Collector):
     """Gauges computed from the engine's registry of workers and requests when Prometheus scrapes."""
 
@@ -139,7 +130,7 @@ class EngineCollector(Collector):
         workers = list(engine.cluster.workers.values())
         by_state = GaugeMetricFamily("potluck:workers", "Registered workers, by state.", labels=["state"])
         for state in WORKER_STATES:
-            by_state.add_metric([state], sum(1 for w in workers if _worker_state(w) == state))
+            by_state.add_metric([state], sum(1 for w in workers if worker_state_name(w) == state))
         yield by_state
         plan = engine.cluster.plan
         pipelines = GaugeMetricFamily("potluck:pipelines", "Pipelines in the plan, and those usable now.", labels=["kind"])

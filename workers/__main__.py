@@ -19,8 +19,8 @@ import torch
 from workers.worker import WorkerConfig, run_worker
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="potluck-worker", description="Run one potluck worker.")
+def build_arg_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="potluck-worker", description="Run one potluck worker.", add_help=add_help)
     parser.add_argument("--scheduler", required=True, help="scheduler control address, HOST:PORT or tcp://HOST:PORT")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (0: a free one)")
@@ -33,7 +33,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--step-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--slowdown", type=float, default=1.0, help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="measure the device before registering")
-    parser.add_argument("--profile-model", default=None, help="time one layer of this model directory when profiling")
+    parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip measuring the device")
+    parser.add_argument("--profile-model", "--model", dest="profile_model", default=None, help="time one layer of this (local) model directory when profiling")
     parser.add_argument("--profile-seconds", type=float, default=2.0, help="time budget of the profile")
     return parser
 
