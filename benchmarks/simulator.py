@@ -313,7 +313,7 @@ def saturation_tokens_per_s(cluster: SimCluster, placement: Placement, cfg: Trac
     mean_kv = sum(r.prompt_tokens + r.new_tokens for r in probe) / len(probe)
     fits = sum(kv_capacity_tokens(cluster, cluster.device(d), s, e)
                for d, (s, e) in placement.ranges.items() if s == 0 and e > s) / mean_kv
-    cfg = TraceConfig(**{**asdict(cfg), "num_requests": max(cfg.num_requests, int(2 * fits))})
+    cfg = TraceConfig(**{**asdict(cfg), "num_requests": max(cfg.num_requests, int(1.3 * fits))})
     trace = tuple(SimRequest(r.request_id, 0.0, r.prompt_tokens, r.new_tokens)
                   for r in bursty_trace(1.0, cfg, seed + 1, bursty=False))
     res = simulate(cluster, placement, trace, policy, baseline_pipelines(placement, cluster.model.num_layers))
@@ -345,8 +345,7 @@ def run_size(num_devices: int, load: float, seed: int, cfg: TraceConfig) -> dict
     pipes = baseline_pipelines(placement, L)
     sat = saturation_tokens_per_s(cluster, placement, cfg, seed)
     rate = load * sat / mean_output_tokens(cfg)
-    scaled = TraceConfig(**{**asdict(cfg), "num_requests": int(cfg.num_requests * max(1.0, (num_devices / 8) ** 0.5))})
-    trace = bursty_trace(rate, scaled, seed)
+    trace = bursty_trace(rate, cfg, seed)
     results = {name: simulate(cluster, placement, trace, name, pipes) for name in POLICIES}
     return {"devices": num_devices, "solve_s": solve_s, "placement_tokens_per_s": placement.throughput_tokens_per_s,
             "stages": sum(1 for s, e in placement.ranges.values() if e > s), "baseline_pipelines": len(pipes),
@@ -400,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--replan-devices", type=int, nargs="*", default=[8, 64, 512])
     ap.add_argument("--load", type=float, default=0.8, help="fraction of the measured saturation")
     ap.add_argument("--requests", type=int, default=TraceConfig.num_requests,
-                    help="requests in the trace at 8 devices (x sqrt(devices / 8) above)")
+                    help="requests in each trace (the saturation run uses more if the KV holds more)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
