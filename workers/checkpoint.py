@@ -152,15 +152,20 @@ def load_stage_tensors(
     """
     files = checkpoint_files(model_dir)
     names = stage_tensor_names(set(files), start_layer, end_layer, num_layers, tie_word_embeddings)
-    by_file: dict[Path, list[str]] = {}
+    # One open per (file, layer): safe_open maps the file, and every page read stays resident
+    # until it is closed, so reading a layer at a time keeps at most one layer mapped.
+    groups: dict[tuple[Path, str], list[str]] = {}
     for name in names:
-        by_file.setdefault(files[name], []).append(name)
+        layer = name.split(".")[2] if name.startswith("model.layers.") else name
+        groups.setdefault((files[name], layer), []).append(name)
     tensors: dict[str, torch.Tensor] = {}
-    for path, file_names in sorted(by_file.items()):
+    for (path, _), group_names in groups.items():
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in file_names:
-                tensor = f.get_tensor(name)
+            for name in group_names:
+                tensor = f.get_tensor(name)  # a view of the file's mapping
                 if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
                     tensor = tensor.to(dtype)
+                else:  # own the bytes: one tensor left on the mapping keeps the whole file resident
+                    tensor = tensor.clone()
                 tensors[name] = tensor.to(device) if device != "cpu" else tensor
     return tensors

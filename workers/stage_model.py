@@ -287,12 +287,18 @@ class StageModel(nn.Module):
     def from_tensors(
         cls, config: ModelConfig, start_layer: int, end_layer: int, tensors: dict[str, torch.Tensor]
     ) -> StageModel:
-        """Build from checkpoint-named tensors (as returned by checkpoint.load_stage_tensors)."""
+        """Build from checkpoint-named tensors (as returned by checkpoint.load_stage_tensors).
+
+        Consumes `tensors`: each layer's entries are removed as the layer is built, so the
+        original tensors are freed while the layer's own (fused, transposed) copies are made and
+        peak memory stays near one stage plus one layer."""
         layers = []
         for index in range(start_layer, end_layer):
             prefix = f"model.layers.{index}."
-            weights = {n[len(prefix) :]: t for n, t in tensors.items() if n.startswith(prefix)}
+            names = [n for n in tensors if n.startswith(prefix)]
+            weights = {n[len(prefix) :]: tensors.pop(n) for n in names}
             layers.append(DecoderLayer(config, weights))
+            del weights
         last = end_layer == config.num_hidden_layers
         embed = tensors.get("model.embed_tokens.weight")
         lm_head = tensors.get("lm_head.weight", embed) if last else None
