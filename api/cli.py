@@ -101,6 +101,7 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
             control_port=args.scheduler_port,
             dtype=dtype,
             min_workers=max(1, args.local_workers),
+            local_workers=args.local_workers,
             max_model_len=args.max_model_len,
             placement=args.placement,
             placement_objective=args.placement_objective,

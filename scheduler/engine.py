@@ -50,6 +50,7 @@ class EngineConfig:
     control_port: int = 0  # 0: a free port
     dtype: str = "auto"
     min_workers: int = 1  # plan once this many workers have registered
+    local_workers: int = 0  # workers started with this scheduler: requests wait for them to join
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_concurrent_sequences: int = 16  # KV reserve is sized for this many full-length sequences
     heartbeat_timeout_s: float = 5.0
@@ -380,7 +381,10 @@ class Engine:
                             retry_after_s=decision.retry_after_s or 1.0,
                         )
                 elif not usable and not self._expecting_routes():
-                    raise NoCapacityError("no path through the model's layers is available (no workers serve it)")
+                    raise NoCapacityError(
+                        "no path through the model's layers is available: "
+                        + ("no worker has joined yet (start one with `potluck join`)" if not self.cluster.workers else "no worker serves it")
+                    )
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     if usable:
@@ -398,7 +402,7 @@ class Engine:
         """Whether a route may appear soon without anyone acting (layers loading, drain, workers due)."""
         return (
             self.cluster.is_loading()
-            or len(self.cluster.workers) < self.config.min_workers
+            or len(self.cluster.workers) < self.config.local_workers
             or any(w.draining and w.assigned is not None for w in self.cluster.workers.values())
         )
 

@@ -68,3 +68,22 @@ def test_potluck_demo_builds_a_checkpoint_and_serves_it(tmp_path: Path) -> None:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)
     assert process.returncode is not None
+
+
+def test_a_request_with_no_worker_gets_a_clear_503_at_once(tmp_path: Path) -> None:
+    model_dir = make_checkpoint(tmp_path / "llama", "llama", num_hidden_layers=2)
+    with ServedModel(model_dir, 0, log_path=tmp_path / "serve.log") as served:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{served.url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        started = time.monotonic()
+        response = httpx.post(f"{served.url}/v1/completions", json={"prompt": "hello", "max_tokens": 4}, timeout=30)
+        assert time.monotonic() - started < 5  # never a hang
+        assert response.status_code == 503
+        assert "no worker has joined yet" in response.json()["error"]["message"]
