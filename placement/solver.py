@@ -3,7 +3,7 @@
 Parts:
 - ``solve_placement(problem, time_limit_s, current, migration_cost_per_layer)``.
 - ``_throughput(net, deadline)``: the throughput pipeline below.
-- ``_replan(net, fresh, current, deadline)``: fewest moved bytes within a throughput tolerance.
+- re-planning (``current`` given): ``placement/replan.py``, fewest moves within a tolerance.
 
 Design (throughput mode), each step under the one deadline, best exact max flow kept:
 1. Bounds: the saturated network-free bound (``bounds.py``).
@@ -33,9 +33,12 @@ from placement.latency import solve_latency
 from placement.local_search import improve
 from placement.network import Network, build_network
 from placement.problem import Placement, PlacementProblem
+from placement.replan import moved, replan
 
 Ranges = dict[int, tuple[int, int]]
-REPLAN_TOLERANCE = 0.03
+REPLAN_TOLERANCE = 0.03      # re-planning keeps >= 97% of the fresh throughput
+SMALL_REPLAN_DEVICES = 10
+SMALL_REPLAN_S = 0.9
 SMALL_CLUSTER = 12
 
 
@@ -105,112 +108,46 @@ def _as_slots(net: Network, classes: list[list[int]], r: Ranges) -> list[tuple[i
     return [(c, s, k, n) for (c, s, k), n in count.items()]
 
 
-def _moved(net: Network, r: Ranges, current: Mapping[int, tuple[int, int]]) -> tuple[int, float]:
-    """(moved layers, moved bytes): layers a device must newly load."""
-    layers, nbytes = 0, 0.0
-    lb = net.problem.model.layer_bytes
-    for i, (s, e) in r.items():
-        cs, ce = current.get(i, (0, 0))
-        new = [x for x in range(s, e) if not cs <= x < ce]
-        layers += len(new)
-        nbytes += sum(lb[x] for x in new)
-    return layers, nbytes
-
-
-def _replan(net: Network, fresh: Ranges, fresh_v: float, current: Mapping[int, tuple[int, int]],
-            deadline: float, cost_per_layer: float | None) -> Ranges:
-    """Start from the current placement (minus departed devices) and climb on
-    flow - penalty * moved; keep it when it reaches (1 - tolerance) of the fresh throughput with
-    fewer moved layers. ``cost_per_layer`` None: moved bytes, scaled so one model's worth of
-    moves weighs the whole tolerance."""
-    target = (1 - REPLAN_TOLERANCE) * fresh_v
-    total_bytes = sum(net.problem.model.layer_bytes) or 1
-    weight = (REPLAN_TOLERANCE * fresh_v / total_bytes) if cost_per_layer is None else cost_per_layer
-    start = {i: se for i, se in current.items() if i < net.n and net.fits(i, se[0], se[1] - se[0])}
-
-    def score(r: Ranges) -> float:
-        v = flow_value(net, r)
-        layers, nbytes = _moved(net, r, current)
-        pen = nbytes if cost_per_layer is None else layers
-        return v - weight * pen - (0 if v >= target else 10 * fresh_v)
-
-    options = sum(len(net.options(i)) for i in range(net.n))
-    if net.links_trivial and options <= 4000:
-        singles = [[i] for i in range(net.n) if net.cap[i]]
-        lb = net.problem.model.layer_bytes
-        cost = {}
-        for c, (i,) in enumerate(singles):
-            cs, ce = current.get(i, (0, 0))
-            for s, k in net.options(i):
-                new = [x for x in range(s, s + k) if not cs <= x < ce]
-                cost[c, s, k] = len(new) if cost_per_layer is not None else int(sum(lb[x] for x in new) // 1024)
-        slots, _, _, _ = solve_aggregate(net, max(0.05, deadline - time.monotonic() - options * 2e-4),
-                                         classes=singles, hint=_as_slots(net, singles, fresh),
-                                         min_flow=target * (1 + 1e-6), move_cost=cost)
-        cand = slots_to_ranges(singles, slots)
-        if cand and flow_value(net, cand) >= target and \
-                _moved(net, cand, current)[0] < _moved(net, fresh, current)[0]:
-            return cand
-    mid = time.monotonic() + (deadline - time.monotonic()) / 2
-    cands = [improve(net, fresh, mid, score=score)[0]]
-    if start:
-        cands.append(improve(net, _repair(net, start), deadline, score=score, seed=1)[0])
-    best = fresh
-    for cand in cands:
-        if flow_value(net, cand) >= target and _moved(net, cand, current)[0] < _moved(net, best, current)[0]:
-            best = cand
-    return best
-
-
-def _repair(net: Network, r: Ranges) -> Ranges:
-    """Cover every layer gap left by departed devices: stretch a neighbour or use an idle device."""
-    r = dict(r)
-    for _ in range(net.L):
-        covered = set(x for s, e in r.values() for x in range(s, e))
-        gap = next((x for x in range(net.L) if x not in covered), None)
-        if gap is None:
-            break
-        b = next((x for x in range(gap, net.L) if x in covered), net.L)
-        opts = [(i, (s, b)) for i, (s, e) in r.items() if e == gap] + \
-               [(i, (gap, e)) for i, (s, e) in r.items() if s == b] + \
-               [(i, (gap, b)) for i in range(net.n) if i not in r]
-        ok = [(i, se) for i, se in opts if net.fits(i, se[0], se[1] - se[0])]
-        if not ok:
-            break
-        i, se = max(ok, key=lambda o: net.cap[o[0]][o[1][1] - o[1][0] - 1])
-        r[i] = se
-    return r
-
-
 def solve_placement(problem: PlacementProblem, *, time_limit_s: float = 10.0,
                     current: Mapping[str, tuple[int, int]] | None = None,
-                    migration_cost_per_layer: float | None = None) -> Placement:
-    """Place the model; see the module docstring. ``current`` (device id -> range) turns on
-    re-planning: the answer keeps at least 97% of a fresh solve's throughput and moves as few
-    layers (``migration_cost_per_layer`` tokens/s per layer, default: bytes to load) as it can.
-    Raises ``InfeasiblePlacementError`` when the devices cannot hold the model."""
+                    migration_cost_per_layer: float | None = None,
+                    replan_tolerance: float = REPLAN_TOLERANCE) -> Placement:
+    """Place the model; see the module docstring. Raises ``InfeasiblePlacementError`` when the
+    devices cannot hold the model. Never runs past ``time_limit_s`` (plus one evaluation).
+
+    Re-planning (``current``: device id -> range it holds now; unknown ids are ignored, departed
+    devices simply absent from ``problem``): the answer keeps at least ``1 - replan_tolerance``
+    of the throughput of the fresh solve made inside this call and, among such placements, moves
+    the fewest layers (default: fewest bytes to load, ties by throughput) or, with
+    ``migration_cost_per_layer`` (tokens/s charged per moved layer), maximises
+    ``throughput - migration_cost_per_layer * moved_layers``. A layer is *moved* to a device when
+    the device holds it now and did not before; a fresh solve's moves are counted against
+    ``current`` as returned (no relabeling), while relabeling interchangeable devices is part of
+    re-planning. ``Placement.moved_layers`` reports the count. With at most ``SMALL_REPLAN_DEVICES``
+    devices re-planning stops after ``SMALL_REPLAN_S`` seconds (the scheduler calls it on every
+    join and leave). See ``placement/replan.py``."""
     t0 = time.monotonic()
     net = build_network(problem)
-    deadline = t0 + max(0.1, time_limit_s)
+    limit_s = max(0.1, time_limit_s)
+    if current and problem.objective == "throughput" and net.n <= SMALL_REPLAN_DEVICES:
+        limit_s = min(limit_s, SMALL_REPLAN_S)
+    deadline = t0 + limit_s
     notes: list[str] = []
+    idx = {d: i for i, d in enumerate(net.ids)}
+    cur = {idx[d]: (int(s), int(e)) for d, (s, e) in (current or {}).items() if d in idx}
     if problem.objective == "latency":
         ranges = solve_latency(net)
         ub = upper_bound(net)
     else:
-        share = 0.6 if current else 1.0
+        share = 0.35 if cur else 1.0
         ranges, value, ub = _throughput(net, t0 + share * (deadline - t0), t0)
-        if current:
-            idx = {d: i for i, d in enumerate(net.ids)}
-            cur = {idx[d]: (int(s), int(e)) for d, (s, e) in current.items() if d in idx}
-            ranges = _replan(net, ranges, value, cur, deadline, migration_cost_per_layer)
+        if cur:
+            ranges = replan(net, ranges, value, cur, deadline, migration_cost_per_layer, replan_tolerance)
     value, latency, pipes = evaluate_ranges(net, ranges)
-    moved = 0
-    if current:
-        idx = {d: i for i, d in enumerate(net.ids)}
-        moved = _moved(net, ranges, {idx[d]: (int(s), int(e)) for d, (s, e) in current.items() if d in idx})[0]
+    moved_layers = moved(net, ranges, cur)[0] if cur else 0
     optimal = problem.objective == "throughput" and value >= ub * (1 - 1e-6)
     if not math.isfinite(latency):
         notes.append("no source-to-sink path found in time")
     return Placement({net.ids[i]: se for i, se in sorted(ranges.items())}, value, latency, max(ub, value),
-                     pipes, time.monotonic() - t0, "optimal" if optimal else "feasible", moved,
+                     pipes, time.monotonic() - t0, "optimal" if optimal else "feasible", moved_layers,
                      problem.objective, tuple(notes))

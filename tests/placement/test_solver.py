@@ -50,8 +50,12 @@ def test_small_cluster_is_fast() -> None:
     assert got.throughput_tokens_per_s > 0
 
 
-@pytest.mark.xfail(reason="re-planning keeps >=95% but does not yet always move fewer layers than a fresh "
-                   "solve (min-move model TODO)", strict=False)
+def _fresh_moves(ranges: dict[str, tuple[int, int]], current: dict[str, tuple[int, int]]) -> int:
+    """Layers a placement makes devices load, counted against ``current`` as returned."""
+    return sum(len([x for x in range(s, e) if not current.get(d, (0, 0))[0] <= x < current.get(d, (0, 0))[1]])
+               for d, (s, e) in ranges.items())
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_replan_after_leave_moves_less_and_keeps_throughput(seed: int) -> None:
     problem = random_problem(200 + seed, 7, 20)
@@ -61,13 +65,48 @@ def test_replan_after_leave_moves_less_and_keeps_throughput(seed: int) -> None:
                             kv_reserve_tokens=problem.kv_reserve_tokens)
     current = {d: r for d, r in before.ranges.items() if d != gone}
     fresh = solve_placement(rest, time_limit_s=1.0)
-    fresh_moved = sum(len([x for x in range(s, e) if not current.get(d, (0, 0))[0] <= x < current.get(d, (0, 0))[1]])
-                      for d, (s, e) in fresh.ranges.items())
+    fresh_moved = _fresh_moves(fresh.ranges, current)
+    t0 = time.monotonic()
     replan = solve_placement(rest, time_limit_s=1.5, current=current)
+    assert time.monotonic() - t0 < 1.2          # <= 10 devices: re-planning stays under a second
     assert replan.throughput_tokens_per_s >= 0.95 * fresh.throughput_tokens_per_s
+    assert replan.moved_layers == _fresh_moves(replan.ranges, current)
     assert replan.moved_layers <= fresh_moved
     if fresh_moved > 0:
         assert replan.moved_layers < fresh_moved
+
+
+def test_replan_after_join_moves_less() -> None:
+    problem = random_problem(305, 7, 20)   # the new device lifts throughput ~9%
+    old = PlacementProblem(problem.model, problem.devices[:-1], kv_reserve_tokens=problem.kv_reserve_tokens)
+    current = dict(solve_placement(old, time_limit_s=1.0).ranges)
+    fresh = solve_placement(problem, time_limit_s=1.0)
+    replan = solve_placement(problem, time_limit_s=1.5, current=current)
+    assert replan.throughput_tokens_per_s >= 0.95 * fresh.throughput_tokens_per_s
+    # strictly fewer on most runs (1 here vs 24); under CPU load it sometimes only ties the fresh solve
+    assert replan.moved_layers <= _fresh_moves(fresh.ranges, current)
+
+
+def test_migration_cost_decides_what_moves() -> None:
+    problem = random_problem(210, 6, 16)
+    before = solve_placement(problem, time_limit_s=1.0)
+    # nothing changed: with a huge cost per moved layer nothing moves
+    same = solve_placement(problem, time_limit_s=1.0, current=before.ranges, migration_cost_per_layer=1e9,
+                           replan_tolerance=0.5)
+    assert same.moved_layers == 0
+    assert same.throughput_tokens_per_s >= before.throughput_tokens_per_s * (1 - 1e-9)
+    # a device leaves: huge cost moves no more than free moves, which buy at least as much throughput
+    gone = max(before.ranges, key=lambda d: before.ranges[d][1] - before.ranges[d][0])
+    rest = PlacementProblem(problem.model, tuple(d for d in problem.devices if d.device_id != gone),
+                            kv_reserve_tokens=problem.kv_reserve_tokens)
+    current = {d: r for d, r in before.ranges.items() if d != gone}
+    dear = solve_placement(rest, time_limit_s=1.0, current=current, migration_cost_per_layer=1e9,
+                           replan_tolerance=0.5)
+    free = solve_placement(rest, time_limit_s=1.0, current=current, migration_cost_per_layer=0.0,
+                           replan_tolerance=0.5)
+    assert dear.moved_layers <= free.moved_layers
+    assert free.throughput_tokens_per_s >= dear.throughput_tokens_per_s * (1 - 1e-9)
+    assert dear.throughput_tokens_per_s > 0
 
 
 def test_infeasible_cluster_says_missing_bytes() -> None:
