@@ -79,7 +79,30 @@ class IncrementalDetokenizer:
             return DetokenizedStep("", True)
         self._ids.append(token_id)
         self._num_generated += 1
-        return self._release(self._decode_delta(final=False), final=False)
+        delta = self._decode_delta(final=False)
+        if not delta and self._stop:
+            # A partial character is held back; the complete ones before it cannot change, so a
+            # stop string already among them ends generation now, not a token later.
+            stopped = self._stop_at_first(self._pending + self._complete_tail())
+            if stopped is not None:
+                return stopped
+        return self._release(delta, final=False)
+
+    def _stop_at_first(self, text: str) -> DetokenizedStep | None:
+        """End the output before the earliest full occurrence of any stop string in `text`."""
+        cut = min((i for i in (text.find(s) for s in self._stop) if i >= 0), default=-1)
+        if cut < 0:
+            return None
+        self._stopped = True
+        self._pending = ""
+        self._output += text[:cut]
+        return DetokenizedStep(text[:cut], True)
+
+    def _complete_tail(self) -> str:
+        """The characters decoded past the read offset, without the trailing partial one."""
+        prefix_text = self._tokenizer.decode(self._ids[self._prefix_offset:self._read_offset], self._skip)
+        full_text = self._tokenizer.decode(self._ids[self._prefix_offset:], self._skip)
+        return full_text[len(prefix_text):].rstrip(_REPLACEMENT)
 
     def flush(self) -> str:
         """End of generation: release the held-back text (and any incomplete character as U+FFFD)."""
@@ -102,13 +125,9 @@ class IncrementalDetokenizer:
             self._pending = ""
             self._output += text
             return DetokenizedStep(text, False)
-        # The earliest full occurrence of any stop string ends the output.
-        cut = min((i for i in (text.find(s) for s in self._stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self._stopped = True
-            self._pending = ""
-            self._output += text[:cut]
-            return DetokenizedStep(text[:cut], True)
+        stopped = self._stop_at_first(text)
+        if stopped is not None:
+            return stopped
         hold = 0 if final else self._partial_stop_len(text)
         released, self._pending = text[: len(text) - hold], text[len(text) - hold:]
         self._output += released
