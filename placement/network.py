@@ -10,6 +10,7 @@ Parts:
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from placement.problem import (DEFAULT_LINK, SINK, SOURCE, DeviceSpec, InfeasiblePlacementError,
@@ -39,8 +40,10 @@ def capacity_table(problem: PlacementProblem, device: DeviceSpec) -> tuple[float
     if device.tokens_per_s is not None:
         return tuple(float(x) for x in device.tokens_per_s[:kmax])
     avg = sum(problem.model.layer_bytes) / L
-    return tuple(max(b / (k * _layer_time_s(device, avg, b)) for b in range(1, device.max_batch + 1))
-                 for k in range(1, kmax + 1))
+    # b / (k * t(b)) is maximised by the same batch b for every k: find it once
+    b_best = max(range(1, device.max_batch + 1), key=lambda b: b / _layer_time_s(device, avg, b))
+    t_best = _layer_time_s(device, avg, b_best)
+    return tuple(b_best / (k * t_best) for k in range(1, kmax + 1))
 
 
 def stage_latency_s(problem: PlacementProblem, device: DeviceSpec, k: int) -> float:
@@ -62,8 +65,8 @@ class Network:
     sink_cap: list[float]             # i -> T
     src_lat: list[float]
     sink_lat: list[float]
-    arc_cap: dict[tuple[int, int], float]   # i -> j (devices), tokens/s
-    arc_lat: dict[tuple[int, int], float]
+    arc_cap: Mapping[tuple[int, int], float]   # i -> j (devices), tokens/s (read with .get)
+    arc_lat: Mapping[tuple[int, int], float]
 
     @property
     def L(self) -> int:
@@ -88,7 +91,16 @@ class Network:
 
     @property
     def links_trivial(self) -> bool:
+        if self._trivial is None:
+            self._trivial = self._links_trivial()
+        return self._trivial
+
+    def _links_trivial(self) -> bool:
         top = [max(c) if c else 0.0 for c in self.cap]
+        if isinstance(self.arc_cap, CompleteArcs):
+            two = sorted(top)[-2:] if self.n > 1 else [0.0]
+            return all(self.src_cap[i] >= top[i] and self.sink_cap[i] >= top[i] for i in range(self.n) if top[i]) \
+                and two[0] <= self.arc_cap.value
         for i in range(self.n):
             if not top[i]:
                 continue
@@ -101,6 +113,31 @@ class Network:
 
     def __post_init__(self) -> None:
         self._start_sets = [[set(s) for s in per_k] for per_k in self.starts]
+        self._trivial: bool | None = None
+
+
+class CompleteArcs(Mapping):
+    """Every ordered pair of distinct devices 0..n-1 with the same value (default links), without
+    materialising n^2 entries."""
+
+    def __init__(self, n: int, value: float) -> None:
+        self.n, self.value = n, value
+
+    def __getitem__(self, key: tuple[int, int]) -> float:
+        a, b = key
+        if a != b and 0 <= a < self.n and 0 <= b < self.n:
+            return self.value
+        raise KeyError(key)
+
+    def get(self, key: tuple[int, int], default: float | None = None) -> float | None:  # type: ignore[override]
+        a, b = key
+        return self.value if a != b and 0 <= a < self.n and 0 <= b < self.n else default
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((a, b) for a in range(self.n) for b in range(self.n) if a != b)
+
+    def __len__(self) -> int:
+        return self.n * (self.n - 1)
 
 
 def stage_bytes(problem: PlacementProblem, start: int, end: int) -> int:
@@ -116,12 +153,32 @@ def build_network(problem: PlacementProblem) -> Network:
     m = problem.model
     L = m.num_layers
     caps, starts = [], []
+    sb = [[0] * (L + 1) for _ in range(L + 1)]   # stage_bytes(s, e), computed once
+    for s0 in range(L):
+        for e0 in range(s0 + 1, L + 1):
+            sb[s0][e0] = stage_bytes(problem, s0, e0)
+    table_cache: dict = {}
+    starts_cache: dict[tuple[int, int], list[list[int]]] = {}
     for d in problem.devices:
-        table = capacity_table(problem, d)
-        per_k = [[s for s in range(0, L - k + 1) if stage_bytes(problem, s, s + k) <= d.memory_bytes]
-                 for k in range(1, len(table) + 1)]
-        while per_k and not per_k[-1]:
-            per_k.pop()
+        try:
+            key = (d.tokens_per_s, d.decode_layer_time_s, d.flops_per_s, d.memory_bandwidth_bytes_per_s,
+                   d.max_batch, d.max_layers)
+            hash(key)
+        except TypeError:
+            key = None
+        table = table_cache.get(key) if key is not None else None
+        if table is None:
+            table = capacity_table(problem, d)
+            if key is not None:
+                table_cache[key] = table
+        skey = (d.memory_bytes, len(table))
+        if skey not in starts_cache:
+            per_k = [[s for s in range(0, L - k + 1) if sb[s][s + k] <= d.memory_bytes]
+                     for k in range(1, len(table) + 1)]
+            while per_k and not per_k[-1]:
+                per_k.pop()
+            starts_cache[skey] = per_k
+        per_k = [list(x) for x in starts_cache[skey]]
         caps.append(list(table[:len(per_k)]))
         starts.append(per_k)
     n = len(problem.devices)
@@ -131,10 +188,9 @@ def build_network(problem: PlacementProblem) -> Network:
     arc_cap: dict[tuple[int, int], float] = {}
     arc_lat: dict[tuple[int, int], float] = {}
     links = list(problem.links)
-    if not links:
-        links = [DEFAULT_LINK.__class__(a.device_id, b.device_id, DEFAULT_LINK.bandwidth_bytes_per_s,
-                                        DEFAULT_LINK.latency_s)
-                 for x, a in enumerate(problem.devices) for b in problem.devices[x + 1:]]
+    if not links:   # complete graph of default links, filled in directly (fast at 512 devices)
+        arc_cap = CompleteArcs(n, DEFAULT_LINK.bandwidth_bytes_per_s / m.activation_bytes_per_token)
+        arc_lat = CompleteArcs(n, DEFAULT_LINK.latency_s)
     if not any(SOURCE in (l.src, l.dst) or SINK in (l.src, l.dst) for l in links):
         for d in problem.devices:
             links.append(DEFAULT_LINK.__class__(SOURCE, d.device_id, DEFAULT_LINK.bandwidth_bytes_per_s,
