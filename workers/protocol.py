@@ -81,6 +81,7 @@ class NextToken:
     request_id: str
     token_id: int
     position: int  # position of this token in the sequence (= tokens before it)
+    finished: bool = False  # the request ended at the last stage: free it, run nothing
 
 
 @dataclass(frozen=True)

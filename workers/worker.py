@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import zmq
@@ -37,6 +37,9 @@ log = logging.getLogger("potluck.worker")
 
 HEARTBEAT_INTERVAL_S = 0.5
 MAX_PREFILL_TOKENS_PER_STEP = 4096
+# A co-located ring runs one batch; the first stage waits this long at most for every request in
+# the ring to come back before it steps, so that groups that started apart merge into one.
+RING_MERGE_WAIT_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class WorkItem:
     start_position: int
     inputs: torch.Tensor  # token ids [n] (first stage) or hidden [n, hidden_size]
     forward_start: p.RequestStart | None = None  # meta to pass along (first hop only)
+    arrived_s: float = field(default_factory=time.monotonic)
 
     @property
     def num_tokens(self) -> int:
@@ -113,6 +117,7 @@ class Worker:
         self.step_time_ewma_s = 0.0
         self.tokens_processed = 0
         self.running = True
+        self.holding = False  # decodes wait for the rest of the ring (see take_batch)
         self.profile: dict | None = None
 
     # ----------------------------------------------------------------------------- sockets
@@ -172,7 +177,7 @@ class Worker:
         poller.register(self.pull, zmq.POLLIN)
         try:
             while self.running:
-                timeout_ms = 0 if self.pending else 200
+                timeout_ms = (1 if self.holding else 0) if self.pending else 200
                 if poller.poll(timeout_ms):
                     self.receive_all()
                 if self.pending and self.backend is not None:
@@ -326,6 +331,9 @@ class Worker:
             state = self.requests.get(token.request_id)
             if state is None or state.position != token.position:
                 continue  # released (finished, stopped or aborted) meanwhile
+            if token.finished:
+                self.release((token.request_id,))
+                continue
             inputs = torch.tensor([token.token_id], dtype=torch.long)
             self.pending.append(WorkItem(token.request_id, token.position, inputs))
 
@@ -355,15 +363,24 @@ class Worker:
             batch.append(item)
             budget -= item.num_tokens
         backend = self.backend
-        if backend is not None and backend.is_first and self.num_stages_hint > 1:
-            size = max(1, math.ceil(len(self.requests) / self.num_stages_hint))
-            decodes = decodes[:size]
+        self.holding = False
+        if backend is not None and backend.is_first and decodes:
+            if self.num_stages_hint > 1:  # one microbatch per stage keeps every stage busy
+                decodes = decodes[: max(1, math.ceil(len(self.requests) / self.num_stages_hint))]
+            else:  # one batch: wait (bounded) until every request in the ring is back
+                in_ring = sum(1 for state in self.requests.values() if state.position > 0)
+                oldest_s = min(item.arrived_s for item in decodes)
+                if len(decodes) < in_ring and time.monotonic() - oldest_s < RING_MERGE_WAIT_S:
+                    self.holding = True
+                    return batch
         batch.extend(decodes)
         return batch
 
     def step(self) -> None:
         backend = self._require_backend()
         batch = self.take_batch()
+        if not batch:
+            return
         chunks = [SequenceChunk(item.request_id, item.start_position, item.num_tokens) for item in batch]
         if not backend.can_allocate(chunks):
             batch, chunks = self._fit_kv(batch, chunks)
@@ -449,11 +466,11 @@ class Worker:
             outputs.setdefault(state.start.scheduler_address, []).append(
                 p.TokenOutput(state.request_id, index, token.token_id, reason, token.logprob, token.top_logprobs)
             )
-            if reason is None:
-                next_tokens.setdefault(state.start.route[0], []).append(
-                    p.NextToken(state.request_id, token.token_id, state.position)
-                )
-            else:
+            # the ring closes: the first stage runs the next step, or frees a finished request
+            next_tokens.setdefault(state.start.route[0], []).append(
+                p.NextToken(state.request_id, token.token_id, state.position, finished=reason is not None)
+            )
+            if reason is not None:
                 finished.append(state.request_id)
         for address, items in outputs.items():
             self.send(address, p.TokenOutputs(self.worker_id, tuple(items)))
