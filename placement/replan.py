@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Mapping
+from typing import Iterator, Mapping
 
 from ortools.graph.python import linear_sum_assignment
 
@@ -131,52 +131,54 @@ class _Scorer:
         return (reach, tuple(round(x, 9) for x in obj))
 
 
-def _boundary_moves(net: Network, r: Ranges, reach: int = 4) -> list[Ranges]:
+Edit = tuple[tuple[int, tuple[int, int] | None], ...]   # (device, new range or None = drop)
+
+
+def _boundary_moves(net: Network, r: Ranges, reach: int = 4) -> list[Edit]:
     """Move a stage boundary p to p +- d for every device ending or starting at p at once."""
-    out = []
+    out: list[Edit] = []
     for p in sorted({e for _, e in r.values() if e < net.L}):
         for q in range(max(1, p - reach), min(net.L - 1, p + reach) + 1):
             if q == p:
                 continue
-            c = dict(r)
-            for i, (s, e) in r.items():
-                if e == p:
-                    c[i] = (s, q)
-                elif s == p:
-                    c[i] = (q, e)
-            if all(c[i][0] < c[i][1] and net.fits(i, c[i][0], c[i][1] - c[i][0]) for i in c):
-                out.append(c)
+            edit = tuple((i, (s, q) if e == p else (q, e)) for i, (s, e) in r.items() if e == p or s == p)
+            if all(se[0] < se[1] and net.fits(i, se[0], se[1] - se[0]) for i, se in edit):
+                out.append(edit)
     return out
+
+
+def _apply(r: Ranges, edit: Edit) -> Ranges:
+    c = dict(r)
+    for i, se in edit:
+        if se is None:
+            c.pop(i, None)
+        else:
+            c[i] = se
+    return c
 
 
 def descend(net: Network, start: Ranges, current: Current, scorer: _Scorer, deadline: float,
             seed: int = 0) -> Ranges:
     """First-improvement hill climbing on ``scorer.key`` with the usual moves plus "go back to
-    the current range" and "drop" for every device."""
+    the current range" and "drop" for every device. Candidates are kept as edits and built one at
+    a time, so that a round over every option of every device (hundreds of thousands at 512
+    devices) stops at ``deadline``."""
     rng = random.Random(seed)
     best, best_k = dict(start), scorer.key(start)
     stale = 0
     while time.monotonic() < deadline and stale < 25:
-        cands = []
+        cands: list[Edit] = []
         for i in list(best):
             if i in current and best[i] != current[i] and net.fits(i, current[i][0], current[i][1] - current[i][0]):
-                c = dict(best)
-                c[i] = current[i]
-                cands.append(c)
+                cands.append(((i, current[i]),))
             if i not in current or best[i] != current[i]:
-                c = dict(best)
-                del c[i]
-                cands.append(c)
+                cands.append(((i, None),))
         cands += _boundary_moves(net, best)
         rng.shuffle(cands)
         if stale >= 2:  # first-improvement stalled: try every option of every device
-            for i in rng.sample(range(net.n), net.n):
-                for s, k in net.options(i):
-                    c = dict(best)
-                    c[i] = (s, s + k)
-                    cands.append(c)
+            cands += (((i, (s, s + k)),) for i in rng.sample(range(net.n), net.n) for s, k in net.options(i))
         improved = False
-        for c in cands + _moves(net, best, rng):
+        for c in _lazy(best, cands, _moves(net, best, rng)):
             if time.monotonic() >= deadline:
                 break
             k = scorer.key(c)
@@ -185,6 +187,12 @@ def descend(net: Network, start: Ranges, current: Current, scorer: _Scorer, dead
                 break
         stale = 0 if improved else stale + 1
     return best
+
+
+def _lazy(best: Ranges, edits: list[Edit], extra: list[Ranges]) -> Iterator[Ranges]:
+    for e in edits:
+        yield _apply(best, e)
+    yield from extra
 
 
 def blend(net: Network, fresh: Ranges, current: Current, scorer: _Scorer, deadline: float) -> Ranges:

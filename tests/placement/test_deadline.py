@@ -6,9 +6,10 @@ import time
 import pytest
 
 from benchmarks.placement_scaling import generated_problem
-from benchmarks.sim_cluster import make_cluster, placement_problem
+from benchmarks.sim_cluster import make_cluster, placement_problem, with_device, without_device
 from placement.greedy import greedy_placement
 from placement.network import build_network, stage_bytes
+from placement.replan import descend
 from placement.problem import DeviceSpec, InfeasiblePlacementError, ModelSpec, PlacementProblem
 from placement.solver import solve_placement
 
@@ -63,3 +64,36 @@ def test_infeasible_cluster_raises_with_missing_bytes() -> None:
         solve_placement(PlacementProblem(model, devices), time_limit_s=0.5)
     assert err.value.missing_bytes >= 8 * 1_000_000_000
     assert "missing" in str(err.value)
+
+
+@pytest.mark.slow
+def test_512_devices_replan_within_limit() -> None:
+    # re-planning (current=) at 512 devices ran 20-43 s past a 10 s limit: descend built every
+    # option of every device as a full placement before looking at the clock
+    cluster = make_cluster(512, seed=0)
+    base = solve_placement(placement_problem(cluster), time_limit_s=5.0)
+    victim = max(base.ranges, key=lambda d: (base.ranges[d][1] - base.ranges[d][0], d))
+    left = {d: r for d, r in base.ranges.items() if d != victim}
+    for problem, current in ((placement_problem(with_device(cluster, 0)), dict(base.ranges)),
+                             (placement_problem(without_device(cluster, victim)), left)):
+        limit = 5.0
+        t0 = time.monotonic()
+        got = solve_placement(problem, time_limit_s=limit, current=current)
+        wall = time.monotonic() - t0
+        assert wall <= limit * 1.1 + 1.0, wall
+        assert got.ranges and got.throughput_tokens_per_s > 0 and got.pipelines
+
+
+def test_descend_stops_at_deadline_at_512_devices() -> None:
+    # once stalled, descend tries every option of every device (about 545k here); it used to
+    # build them all as full placements first (28.7 s for a 1 s deadline)
+    net = build_network(placement_problem(make_cluster(512, seed=0)))
+    start = {i: (net.options(i)[0][0], sum(net.options(i)[0])) for i in range(net.n) if net.options(i)}
+
+    class Flat:   # nothing ever improves: the search stalls at once
+        def key(self, r: dict) -> tuple:
+            return (0,)
+
+    t0 = time.monotonic()
+    descend(net, start, start, Flat(), t0 + 1.0)  # type: ignore[arg-type]
+    assert time.monotonic() - t0 < 2.0
