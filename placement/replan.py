@@ -20,9 +20,10 @@ out of the solver, no relabeling): relabeling interchangeable devices is part of
 """
 from __future__ import annotations
 
+import itertools
 import random
 import time
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 from ortools.graph.python import linear_sum_assignment
 
@@ -175,10 +176,12 @@ def descend(net: Network, start: Ranges, current: Current, scorer: _Scorer, dead
                 cands.append(((i, None),))
         cands += _boundary_moves(net, best)
         rng.shuffle(cands)
-        if stale >= 2:  # first-improvement stalled: try every option of every device
-            cands += (((i, (s, s + k)),) for i in rng.sample(range(net.n), net.n) for s, k in net.options(i))
+        edits: Iterable[Edit] = cands
+        if stale >= 2:  # first-improvement stalled: try every option of every device (lazily)
+            edits = itertools.chain(cands, (((i, (s, s + k)),) for i in rng.sample(range(net.n), net.n)
+                                            for s, k in net.options(i)))
         improved = False
-        for c in _lazy(best, cands, _moves(net, best, rng)):
+        for c in _lazy(best, edits, _moves(net, best, rng)):
             if time.monotonic() >= deadline:
                 break
             k = scorer.key(c)
@@ -189,7 +192,7 @@ def descend(net: Network, start: Ranges, current: Current, scorer: _Scorer, dead
     return best
 
 
-def _lazy(best: Ranges, edits: list[Edit], extra: list[Ranges]) -> Iterator[Ranges]:
+def _lazy(best: Ranges, edits: Iterable[Edit], extra: list[Ranges]) -> Iterator[Ranges]:
     for e in edits:
         yield _apply(best, e)
     yield from extra
