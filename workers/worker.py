@@ -31,6 +31,7 @@ import zmq
 
 from workers import protocol as p
 from workers.backend import SequenceChunk, StageBackend, StageConfig, load_backend
+from workers.sampling import sample
 from workers.tensor_frames import payload_to_tensor, tensor_to_payload
 
 log = logging.getLogger("potluck.worker")
@@ -64,6 +65,7 @@ class WorkerConfig:
 class StageRequest:
     request_id: str
     start: p.RequestStart
+    next_address: str | None = None  # the stage after this one on the route (None: last stage)
     position: int = 0  # tokens in this stage's KV cache
     num_generated: int = 0  # tokens sampled so far in this run (last stage)
 
@@ -303,7 +305,7 @@ class Worker:
             raise p.ProtocolError("StartRequest needs a first stage and at least one token")
         if message.request_id in self.requests:
             raise p.ProtocolError(f"request {message.request_id} already started")
-        self.requests[message.request_id] = StageRequest(message.request_id, message.start)
+        self.requests[message.request_id] = self._new_request(message.request_id, message.start)
         tokens = torch.tensor(message.token_ids, dtype=torch.long)
         self.pending.append(WorkItem(message.request_id, 0, tokens, forward_start=message.start))
 
@@ -319,7 +321,7 @@ class Worker:
             row += entry.num_tokens
             state = self.requests.get(entry.request_id)
             if entry.start is not None and state is None and entry.start_position == 0:
-                state = StageRequest(entry.request_id, entry.start)
+                state = self._new_request(entry.request_id, entry.start)
                 self.requests[entry.request_id] = state
             if state is None or state.position != entry.start_position:
                 log.debug("dropped stale activations for %s", entry.request_id)
@@ -353,8 +355,10 @@ class Worker:
     # ----------------------------------------------------------------------------- step
     def take_batch(self) -> list[WorkItem]:
         """Prefills up to a token budget, plus a decode microbatch sized for the pipeline."""
-        prefills = [item for item in self.pending if item.num_tokens > 1 or item.start_position == 0]
-        decodes = [item for item in self.pending if not (item.num_tokens > 1 or item.start_position == 0)]
+        prefills: list[WorkItem] = []
+        decodes: list[WorkItem] = []
+        for item in self.pending:  # a prefill brings a prompt (or a request's first token) to this stage
+            (prefills if item.num_tokens > 1 or item.start_position == 0 else decodes).append(item)
         batch: list[WorkItem] = []
         budget = MAX_PREFILL_TOKENS_PER_STEP
         for item in prefills:
@@ -425,12 +429,14 @@ class Worker:
             self.send(state.start.scheduler_address, p.RequestFailed(self.worker_id, request_id, message))
         self.release((request_id,))
 
-    def _next_address(self, state: StageRequest) -> str:
-        route = state.start.route
+    def _new_request(self, request_id: str, start: p.RequestStart) -> StageRequest:
+        """This stage's state of a request; its successor on the route is found once, here."""
+        backend = self._require_backend()
+        route = start.route
         index = route.index(self.data_address) if self.data_address in route else -1
-        if index < 0 or index + 1 >= len(route):
-            raise p.ProtocolError(f"{self.data_address} has no successor in the route of {state.request_id}")
-        return route[index + 1]
+        if not backend.is_last and not 0 <= index < len(route) - 1:
+            raise p.ProtocolError(f"{self.data_address} has no successor in the route of {request_id}")
+        return StageRequest(request_id, start, None if backend.is_last else route[index + 1])
 
     def forward_activations(self, batch: list[WorkItem], hidden: torch.Tensor) -> None:
         groups: dict[str, tuple[list[p.ActivationEntry], list[torch.Tensor]]] = {}
@@ -439,7 +445,7 @@ class Worker:
             rows = hidden[row : row + item.num_tokens]
             row += item.num_tokens
             state = self.requests[item.request_id]
-            entries, tensors = groups.setdefault(self._next_address(state), ([], []))
+            entries, tensors = groups.setdefault(state.next_address, ([], []))
             entries.append(p.ActivationEntry(item.request_id, item.start_position, item.num_tokens, item.forward_start))
             tensors.append(rows)
         for address, (entries, tensors) in groups.items():
@@ -447,8 +453,6 @@ class Worker:
             self.send(address, p.Activations(tuple(entries), tensor_to_payload(stacked)))
 
     def emit_tokens(self, batch: list[WorkItem], logits: torch.Tensor) -> None:
-        from workers.sampling import sample
-
         states = [self.requests[item.request_id] for item in batch]
         indices = [state.start.first_token_index + state.num_generated for state in states]
         sampled = sample(logits, [state.start.sampling for state in states], indices)
