@@ -258,7 +258,6 @@ def simulate(cluster: SimCluster, placement: Placement, trace: tuple[SimRequest,
     ttft = [q.first_s - q.r.arrival_s for q in done_reqs]
     e2e = [q.finish_s - q.r.arrival_s for q in done_reqs]
     t_first = min(r.arrival_s for r in trace)
-    t_last_arrival = max(r.arrival_s for r in trace)
     makespan = max((q.finish_s for q in done_reqs), default=t_first) - t_first
     window = math.nan
     if drained_s > first_finish_s:

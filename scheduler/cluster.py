@@ -125,9 +125,6 @@ class Cluster:
                 routes.append(route)
         return routes
 
-    def route_is_usable(self, route: tuple[str, ...]) -> bool:
-        return all((s := self.workers.get(wid)) is not None and s.is_ready for wid in route)
-
     def is_loading(self) -> bool:
         """Whether some worker was given layers it has not reported ready yet."""
         return any(s.assigned is not None and not s.is_ready and s.error is None for s in self.workers.values())

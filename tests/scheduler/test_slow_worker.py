@@ -22,7 +22,6 @@ from scheduler.planner import RUNTIME_OVERHEAD_BYTES, plan_layers
 from scheduler.request import GenerationRequest
 from scheduler.tokenizer import Tokenizer
 from tests.checkpoints import make_checkpoint
-from tests.scheduler.test_fault_tolerance import all_ready
 from workers.model_facts import read_model_facts
 from workers.protocol import SamplingParams
 
