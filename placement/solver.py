@@ -9,6 +9,9 @@ Design (throughput mode), each step under the one deadline, best exact max flow 
 0. A cheap feasible placement (``greedy.py``: greedy pipelines over a grid of stage targets),
    so that every later step only improves on an answer that exists.
 1. Bounds: the saturated network-free bound (``bounds.py``).
+1b. Sparse graphs (links missing or too thin to ignore, but one linked part can hold the model):
+   the linked column sequence CP-SAT (``linked_columns.py``), which orders the columns along the
+   links (hub/spoke alternation on Helix's pruned graph), for 75% of the time.
 2. Column bisection (``columns.py``): aligned boundaries, device classes, pattern ILP; exact max
    flow when links are complete and never bind, and often equal to the bound.
 3. Links that bind or are missing: the column multisets of several target F are handed to the
@@ -33,6 +36,7 @@ from placement.columns import best_columns, solve_columns
 from placement.flow import evaluate_ranges, flow_value
 from placement.greedy import greedy_placement
 from placement.latency import solve_latency
+from placement.linked_columns import solve_linked_columns, spans_model
 from placement.local_search import improve
 from placement.network import Network, build_network
 from placement.problem import Placement, PlacementProblem
@@ -43,6 +47,7 @@ REPLAN_TOLERANCE = 0.03      # re-planning keeps >= 97% of the fresh throughput
 SMALL_REPLAN_DEVICES = 10
 SMALL_REPLAN_S = 0.9
 SMALL_CLUSTER = 12
+LINKED_SHARE = 0.75          # share of the time for the linked column model on sparse graphs
 
 
 def _throughput(net: Network, deadline: float, start: float) -> tuple[Ranges, float, float]:
@@ -63,13 +68,18 @@ def _throughput(net: Network, deadline: float, start: float) -> tuple[Ranges, fl
     # 0. a cheap feasible placement first (well under a second even at 512 devices)
     g_r, _ = greedy_placement(net, start + min(0.15 * total, 1.0))
     offer(g_r)
-    col_v, col_r = best_columns(net, classes, 0.0, ub * (1 + 1e-9), start + 0.5 * total)
+    linked = not net.links_trivial and spans_model(net, ub)
+    if linked:   # sparse graph: the column order must follow the links (hubs and spokes)
+        lc_r, _ = solve_linked_columns(net, start + LINKED_SHARE * total - time.monotonic())
+        offer(lc_r)
+    col_end = start + (LINKED_SHARE + 0.05 if linked else 0.5) * total
+    col_v, col_r = best_columns(net, classes, 0.0, ub * (1 + 1e-9), col_end)
     offer(col_r)
     if not net.links_trivial and col_v > 0:
         rng = random.Random(0)
         fracs = [0.6, 0.7, 0.8, 0.5, 0.9, 0.65, 0.75, 0.55, 0.85, 0.62, 0.68]
         x = 0
-        while time.monotonic() < start + 0.8 * total:
+        while time.monotonic() < start + (LINKED_SHARE + 0.1 if linked else 0.8) * total:
             F = col_v * fracs[x % len(fracs)]
             cols = solve_columns(net, classes, F, min(2.0, deadline - time.monotonic()), min_columns=True)
             if cols and len(cols) > 3:

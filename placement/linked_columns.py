@@ -1,0 +1,183 @@
+"""Link-aware column sequences for sparse graphs (pruned or multi-region clusters), CP-SAT.
+
+Parts:
+- ``link_classes(net, threshold)``: devices grouped by capacity table, memory starts, source/sink
+  link and *neighbourhood* (links of capacity >= ``threshold``); members of a class are
+  interchangeable, also for the links.
+- ``solve_linked_columns(net, time_limit_s, positions, hint_f)``: the model below; returns
+  ranges (or None) and the model's column throughput.
+
+Design. A placement is a sequence of columns ``[b_p, b_{p+1})``; each used device holds exactly
+one column. If every device of column p has a usable link to every device of column p+1 (and
+the first column is fed by the source, the last drains to the sink), the junctions are complete
+bipartite and never bind, so the max flow is at least the smallest column capacity. The column
+pattern ILP (``columns.py``) ignores which devices are linked; here the order is part of the
+model, so the alternating "hub" structure of a pruned graph (spokes linked only to hubs) is
+found by the solver. Per position p: length booleans ``lam[p,l]``, counts ``m[p,c,l]`` of
+class c holding l layers, presence ``z[p,c]``; ``sum_l l*len = L``, class counts respected,
+column capacity ``sum cap_c(l) m[p,c,l] >= F`` on used positions (used positions form a prefix),
+``z[p,c] + z[p+1,d] <= 1`` for class pairs that are not completely linked, source classes only
+at position 0, sink classes only at the last used position. Maximise F. The redundant
+``sum l*cap*m >= L*F`` tightens the LP. Capacities are rounded down, so the model's F is a lower
+bound of the exact max flow of the placement it returns.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+from ortools.sat.python import cp_model
+
+from placement.network import Network
+
+Ranges = dict[int, tuple[int, int]]
+MAX_CLASSES = 80   # the model has positions x classes^2 link clauses; beyond this it is skipped
+
+
+def _neighbours(net: Network, i: int, thr: float) -> tuple[frozenset[int], frozenset[int]]:
+    out = frozenset(j for j in range(net.n) if j != i and net.arc_cap.get((i, j), 0.0) >= thr)
+    inn = frozenset(j for j in range(net.n) if j != i and net.arc_cap.get((j, i), 0.0) >= thr)
+    return out, inn
+
+
+def link_classes(net: Network, threshold: float) -> list[list[int]]:
+    """Interchangeable devices: same table, starts, source/sink links, and neighbours. Devices
+    that link each other (a clique) share their closed neighbourhood, the others the open one."""
+    nb = {i: _neighbours(net, i, threshold) for i in range(net.n) if net.cap[i]}
+
+    def base(i: int) -> tuple:
+        return (tuple(net.cap[i]), tuple(tuple(s) for s in net.starts[i]),
+                net.src_cap[i] >= threshold, net.sink_cap[i] >= threshold)
+
+    closed: dict[tuple, list[int]] = defaultdict(list)
+    for i, (o, n_in) in nb.items():
+        closed[(base(i), o | {i}, n_in | {i})].append(i)
+    groups = [g for g in closed.values() if len(g) > 1]
+    taken = {i for g in groups for i in g}
+    opened: dict[tuple, list[int]] = defaultdict(list)
+    for i, (o, n_in) in nb.items():
+        if i not in taken:
+            opened[(base(i), o, n_in)].append(i)
+    return groups + list(opened.values())
+
+
+def spans_model(net: Network, threshold: float) -> bool:
+    """Whether some connected part of the usable-link graph has a source device, a sink device and
+    room for all layers (else no linked column sequence exists: skip the model)."""
+    seen: set[int] = set()
+    for root in range(net.n):
+        if root in seen or not net.cap[root]:
+            continue
+        part, todo = [], [root]
+        seen.add(root)
+        while todo:
+            i = todo.pop()
+            part.append(i)
+            for j in range(net.n):
+                if j not in seen and net.cap[j] and (net.arc_cap.get((i, j), 0.0) >= threshold
+                                                     or net.arc_cap.get((j, i), 0.0) >= threshold):
+                    seen.add(j)
+                    todo.append(j)
+        if sum(net.kmax(i) for i in part) >= net.L and any(net.src_cap[i] >= threshold for i in part) \
+                and any(net.sink_cap[i] >= threshold for i in part):
+            return True
+    return False
+
+
+def _linked(net: Network, a: list[int], b: list[int], thr: float) -> bool:
+    return all(net.arc_cap.get((i, j), 0.0) >= thr for i in a for j in b if i != j)
+
+
+def solve_linked_columns(net: Network, time_limit_s: float, positions: int = 20, workers: int = 2,
+                         threshold: float | None = None, params: dict | None = None
+                         ) -> tuple[Ranges | None, float]:
+    """(ranges, column throughput tok/s) of the best linked column sequence found in time."""
+    from placement.bounds import upper_bound
+    ub = upper_bound(net)
+    thr = ub if threshold is None else threshold
+    classes = link_classes(net, thr)
+    if not classes or ub <= 0 or len(classes) > MAX_CLASSES:
+        return None, 0.0
+    L = net.L
+    P = max(1, min(positions, L))
+    unit = ub / 100_000
+    fmax = math.ceil(ub / unit) + 1
+    kmax = max(net.kmax(c[0]) for c in classes)
+    capu = [[math.floor(min(net.cap[c[0]][l - 1], ub) / unit) for l in range(1, net.kmax(c[0]) + 1)] for c in classes]
+    src = [net.src_cap[c[0]] >= thr for c in classes]
+    snk = [net.sink_cap[c[0]] >= thr for c in classes]
+    m = cp_model.CpModel()
+    F = m.NewIntVar(0, fmax, "F")
+    used = [m.NewBoolVar(f"u{p}") for p in range(P)]
+    lam = [[m.NewBoolVar(f"l{p}_{l}") for l in range(1, kmax + 1)] for p in range(P)]
+    cnt: dict[tuple[int, int, int], cp_model.IntVar] = {}
+    z = [[m.NewBoolVar(f"z{p}_{c}") for c in range(len(classes))] for p in range(P)]
+    m.Add(used[0] == 1)
+    total_len, work = [], []
+    for p in range(P):
+        m.Add(sum(lam[p]) == used[p])
+        if p + 1 < P:
+            m.Add(used[p] >= used[p + 1])
+        total_len.extend(l * lam[p][l - 1] for l in range(1, kmax + 1))
+        col = []
+        for c, members in enumerate(classes):
+            mine = []
+            for l in range(1, net.kmax(members[0]) + 1):
+                if capu[c][l - 1] <= 0:
+                    continue
+                v = m.NewIntVar(0, len(members), f"m{p}_{c}_{l}")
+                m.Add(v <= len(members) * lam[p][l - 1])
+                cnt[p, c, l] = v
+                mine.append(v)
+                col.append(capu[c][l - 1] * v)
+                work.append(l * capu[c][l - 1] * v)
+            if mine:
+                m.Add(sum(mine) <= len(members) * z[p][c])
+            else:
+                m.Add(z[p][c] == 0)
+        m.Add(sum(col) >= F - fmax * (1 - used[p]))
+        m.Add(sum(v for (pp, _, _), v in cnt.items() if pp == p) >= used[p])
+    m.Add(sum(total_len) == L)
+    m.Add(sum(work) >= L * F)
+    for c, members in enumerate(classes):
+        m.Add(sum(v for (p, cc, l), v in cnt.items() if cc == c) <= len(members))
+        if not src[c]:
+            m.Add(z[0][c] == 0)
+    for p in range(P):   # only sink classes in the last used column
+        last = used[p] if p + 1 == P else None
+        if last is None:
+            last = m.NewBoolVar(f"last{p}")
+            m.Add(last >= used[p] - used[p + 1])
+        for c in range(len(classes)):
+            if not snk[c]:
+                m.Add(z[p][c] + last <= 1)
+    bad = [(c, d) for c in range(len(classes)) for d in range(len(classes))
+           if not _linked(net, classes[c], classes[d], thr)]
+    for p in range(P - 1):
+        for c, d in bad:
+            m.AddBoolOr([z[p][c].Not(), z[p + 1][d].Not()])
+    m.Maximize(F)
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = max(0.05, time_limit_s)
+    solver.parameters.num_workers = workers
+    for key, val in (params or {}).items():
+        setattr(solver.parameters, key, val)
+    status = solver.Solve(m)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return None, 0.0
+    free = [list(c) for c in classes]
+    out: Ranges = {}
+    b = 0
+    for p in range(P):
+        if not solver.Value(used[p]):
+            break
+        l = next(l for l in range(1, kmax + 1) if solver.Value(lam[p][l - 1]))
+        for c in range(len(classes)):
+            for _ in range(solver.Value(cnt[p, c, l]) if (p, c, l) in cnt else 0):
+                ok = [i for i in free[c] if net.fits(i, b, l)]
+                if not ok:
+                    return None, 0.0
+                free[c].remove(ok[0])
+                out[ok[0]] = (b, b + l)
+        b += l
+    return out, solver.Value(F) * unit

@@ -1,0 +1,65 @@
+"""Linked column sequences on sparse graphs: hub/spoke alternation, classes, Helix's pruned hetero42."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from benchmarks.helix_facts import DEFAULT_FACTS, helix_problem, load_facts
+from placement.flow import flow_value
+from placement.linked_columns import link_classes, solve_linked_columns, spans_model
+from placement.network import build_network
+from placement.problem import DeviceSpec, LinkSpec, ModelSpec, PlacementProblem
+from placement.solver import solve_placement
+
+needs_facts = pytest.mark.skipif(not DEFAULT_FACTS.exists(), reason="Helix facts not present")
+HELIX_PRUNED_HETERO42 = 4137.5475845536
+
+
+def hub_and_spokes() -> PlacementProblem:
+    """Entries (source-linked) and exits (sink-linked) reach each other only through the hub."""
+    model = ModelSpec.uniform(6, 1_000, activation_bytes_per_token=1, token_bytes=1)
+    spoke = (100.0, 50.0)
+    devs = [DeviceSpec(n, 10_000, tokens_per_s=spoke) for n in ("e1", "e2", "x1", "x2")]
+    devs.append(DeviceSpec("h", 10_000, tokens_per_s=(200.0, 100.0, 66.0)))
+    links = [LinkSpec("source", "e1", 1e9), LinkSpec("source", "e2", 1e9),
+             LinkSpec("x1", "sink", 1e9), LinkSpec("x2", "sink", 1e9)]
+    links += [LinkSpec("h", n, 1e9) for n in ("e1", "e2", "x1", "x2")]
+    return PlacementProblem(model, tuple(devs), tuple(links))
+
+
+def test_hub_and_spokes_alternate() -> None:
+    net = build_network(hub_and_spokes())
+    assert spans_model(net, 100.0)
+    ranges, model_flow = solve_linked_columns(net, 5.0)
+    assert ranges is not None
+    assert flow_value(net, ranges) == pytest.approx(100.0, rel=1e-6)
+    assert model_flow <= flow_value(net, ranges) * (1 + 1e-9)
+    got = solve_placement(hub_and_spokes(), time_limit_s=2.0)
+    assert got.throughput_tokens_per_s == pytest.approx(100.0, rel=1e-6)
+    assert got.ranges["h"] == (2, 4)
+
+
+def test_disconnected_parts_are_skipped() -> None:
+    model = ModelSpec.uniform(4, 1_000, activation_bytes_per_token=1, token_bytes=1)
+    devs = tuple(DeviceSpec(n, 10_000, tokens_per_s=(10.0, 5.0)) for n in ("a", "b"))
+    links = (LinkSpec("source", "a", 1e9), LinkSpec("b", "sink", 1e9), LinkSpec("a", "b", 1.0))
+    net = build_network(PlacementProblem(model, devs, links))
+    assert not spans_model(net, 10.0)
+
+
+@needs_facts
+def test_link_classes_on_pruned_hetero42() -> None:
+    net = build_network(helix_problem(load_facts(), "hetero42_llama70b", "milp"))
+    classes = {tuple(sorted(int(net.ids[i]) for i in c)) for c in link_classes(net, 6000.0)}
+    assert (10, 13, 16, 19) in classes            # T4 spokes linked to the same hubs
+    assert all((h,) in classes for h in range(4, 10))  # every hub of 4-9 is its own class
+
+
+@needs_facts
+def test_pruned_hetero42_beats_helix() -> None:
+    t0 = time.monotonic()
+    got = solve_placement(helix_problem(load_facts(), "hetero42_llama70b", "milp"), time_limit_s=30.0)
+    assert time.monotonic() - t0 <= 30.0 * 1.1 + 1.0
+    assert got.throughput_tokens_per_s > HELIX_PRUNED_HETERO42
+    assert got.throughput_tokens_per_s <= got.upper_bound_tokens_per_s
