@@ -8,7 +8,8 @@ import pytest
 
 from scheduler.admission import AdmissionQueue
 from scheduler.routing import (LoadSnapshot, RouteRequest, StageLoad, all_paths, choose_route,
-                               disjoint_pipelines, least_loaded_route, path_times_s, round_robin_route)
+                               disjoint_pipelines, least_loaded_route, path_times_s, round_robin_route,
+                               route_score_s)
 
 
 def stage(wid: str, s: int, e: int, *, queued: int = 0, running: int = 0, kv: int = 10_000,
@@ -42,23 +43,44 @@ def random_snapshot(rng: random.Random) -> LoadSnapshot:
                         rng.choice([0, 8192]))
 
 
-def test_choose_route_is_the_least_predicted_finish_of_all_paths() -> None:
+@pytest.mark.parametrize("w", [None, 0.0, 1.0, 3.0])
+def test_choose_route_is_the_least_score_of_all_paths(w: float | None) -> None:
+    """Brute force over every path: the DP finds the least TTFT + w x decode time (the default
+    weight, pure TTFT, the finish time, and a weight above 1)."""
     rng = random.Random(7)
     found = 0
+    kw = {} if w is None else {"decode_weight": w}
     for _ in range(400):
         snap = random_snapshot(rng)
         req = RouteRequest(rng.randint(1, 2000), rng.randint(1, 300))
         paths = list(all_paths(snap, req))
-        choice = choose_route(snap, req)
+        choice = choose_route(snap, req, **kw)
         if not paths:
             assert choice is None
             continue
         found += 1
-        best = min(path_times_s(snap, p, req)[1] for p in paths)
+        best = min(route_score_s(*path_times_s(snap, p, req), **kw) for p in paths)
         assert choice is not None and choice.worker_ids in paths
-        assert choice.predicted_finish_s == pytest.approx(best, rel=1e-9, abs=1e-12)
+        assert route_score_s(choice.predicted_ttft_s, choice.predicted_finish_s, **kw) == pytest.approx(
+            best, rel=1e-9, abs=1e-12)
         assert choice.predicted_ttft_s <= choice.predicted_finish_s + 1e-12
     assert found > 150  # the random instances do exercise the search
+
+
+def test_first_token_outweighs_decode_time() -> None:
+    """C has ~2.8 s of queued prompts but decodes 50 ms/token faster than D: over 199 later tokens
+    that is ~10 s, so the least finish time (weight 1) waits behind C's queue while the default
+    weight (a TTFT second = 10 decode seconds) takes D and its first token ~2.7 s sooner."""
+    req = RouteRequest(200, 200)
+    snap = four(C={"queued": 20_000}, D={"step": 0.06})
+    finish = choose_route(snap, req, decode_weight=1.0)
+    default = choose_route(snap, req)
+    assert finish is not None and finish.worker_ids[1] == "C"
+    assert default is not None and default.worker_ids[1] == "D"
+    assert default.predicted_ttft_s < finish.predicted_ttft_s - 2.5
+    assert default.predicted_finish_s > finish.predicted_finish_s
+    with pytest.raises(ValueError):
+        choose_route(snap, req, decode_weight=-0.1)
 
 
 def test_never_routes_through_a_kv_full_or_dead_stage_and_none_when_all_full() -> None:
@@ -101,7 +123,7 @@ def test_dp_handles_many_replicas_quickly() -> None:
     # per column the cheapest stage wins (uniform hops): compare with the column-wise optimum
     req = RouteRequest(300, 100)
     best = tuple(min((s for s in stages if s.start_layer == 8 * c),
-                     key=lambda s: path_times_s(LoadSnapshot((s,), 64), (s.worker_id,), req)[1]).worker_id
+                     key=lambda s: route_score_s(*path_times_s(LoadSnapshot((s,), 64), (s.worker_id,), req))).worker_id
                  for c in range(8))
     assert choice.worker_ids == best
 
