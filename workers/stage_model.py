@@ -6,7 +6,8 @@ Parts:
   padded block gather + mask, each prefill chunk's rows (+ prefix mask), the last-token rows.
 - `DecoderLayer`: RMSNorm -> fused QKV (+ Qwen2 bias, + Qwen3 q/k norm) -> RoPE -> GQA attention
   over the block KV cache -> o_proj -> residual; RMSNorm -> fused gate/up SwiGLU -> down -> residual.
-  Linear weights are stored transposed, [in, out], and applied as `x @ w` (see `_param_t`).
+  Linear weights are stored transposed, [in, out], and applied as `x @ w` through a
+  `GemmChooser` (workers/gemm.py) shared by the stage's layers (see `_param_t`).
 - `StageModel`: `layers[start:end]` (+ `embed_tokens` on the first stage; final norm + LM head
   on the last), built from checkpoint tensors (`StageModel.from_tensors`).
 
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.gemm import GemmChooser
 from workers.model_config import ModelConfig
 
 KVLayer = tuple[torch.Tensor, torch.Tensor]  # (K pool, V pool) [num_blocks, block, kv_heads, hd]
@@ -148,14 +150,10 @@ def _param_t(weight: torch.Tensor) -> nn.Parameter:
     """A [out, in] linear weight stored transposed, [in, out], for `x @ w_t`.
 
     On CPU, MKL's x @ W (row-major [in, out]) streams the weight ~25% faster than F.linear's
-    x @ W^T at one token per step (memory-bound GEMV), and is on par for batches.
+    x @ W^T at one token per step (memory-bound GEMV); for batches, the same memory read as
+    (W^T @ x^T)^T is often faster on several threads (GemmChooser measures which).
     """
     return nn.Parameter(weight.t().contiguous(), requires_grad=False)
-
-
-def _matmul(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    # x: [N, in], w_t: [in, out] -> [N, out]
-    return torch.mm(x, w_t) if bias is None else torch.addmm(bias, x, w_t)
 
 
 class DecoderLayer(nn.Module):
@@ -180,13 +178,14 @@ class DecoderLayer(nn.Module):
             self.qk_norm = _param(torch.cat([q_norm, k_norm]))
         self.w_gate_up = _param_t(torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]))
         self.w_down = _param_t(w["mlp.down_proj.weight"])
+        self.gemm = GemmChooser()  # StageModel gives all its layers one chooser
 
     def forward(self, hidden: torch.Tensor, plan: BatchPlan, kv: KVLayer) -> torch.Tensor:
         # hidden: [N, hidden_size]
         nq, nkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
         num_tokens = hidden.shape[0]
         x = rms_norm(hidden, self.input_norm, self.eps)
-        qkv = _matmul(x, self.w_qkv, self.b_qkv).view(num_tokens, nq + 2 * nkv, hd)
+        qkv = self.gemm(x, self.w_qkv, self.b_qkv).view(num_tokens, nq + 2 * nkv, hd)
         qk = qkv[:, : nq + nkv]  # [N, nq + nkv, hd]
         if self.qk_norm is not None:
             qk = rms_norm(qk, self.qk_norm, self.eps)
@@ -226,11 +225,11 @@ class DecoderLayer(nn.Module):
                     )
                 attn[rows] = out[0].transpose(0, 1).reshape(n, nq * hd)  # [n, nq * hd]
 
-        hidden = hidden + _matmul(attn, self.w_o)
+        hidden = hidden + self.gemm(attn, self.w_o)
         x = rms_norm(hidden, self.post_attention_norm, self.eps)
-        gate_up = _matmul(x, self.w_gate_up)  # [N, 2 * intermediate]
+        gate_up = self.gemm(x, self.w_gate_up)  # [N, 2 * intermediate]
         gate, up = gate_up.chunk(2, dim=-1)
-        return hidden + _matmul(F.silu(gate) * up, self.w_down)
+        return hidden + self.gemm(F.silu(gate) * up, self.w_down)
 
     def _decode_attention(
         self, q: torch.Tensor, plan: BatchPlan, k_pool: torch.Tensor, v_pool: torch.Tensor, block: int
@@ -265,6 +264,9 @@ class StageModel(nn.Module):
         self.config = config
         self.start_layer, self.end_layer = start_layer, end_layer
         self.layers = nn.ModuleList(layers)
+        self.gemm = GemmChooser()  # layers of one shape share one measured choice of GEMM form
+        for layer in layers:
+            layer.gemm = self.gemm
         self.embed_tokens = _param(embed) if embed is not None else None
         self.norm = _param(final_norm) if final_norm is not None else None
         # LM head: [hidden, vocab] (transposed) unless tied with the embeddings held here too,
@@ -329,5 +331,5 @@ class StageModel(nn.Module):
         last = hidden.index_select(0, plan.last_rows)  # [num_chunks, hidden_size]
         last = rms_norm(last, self.norm, self.config.rms_norm_eps)
         if self.lm_head_t is not None:
-            return _matmul(last, self.lm_head_t).float()  # [num_chunks, vocab]
+            return self.gemm(last, self.lm_head_t).float()  # [num_chunks, vocab]
         return F.linear(last, self.lm_head).float()

@@ -38,9 +38,14 @@ log = logging.getLogger("potluck.worker")
 
 HEARTBEAT_INTERVAL_S = 0.5
 MAX_PREFILL_TOKENS_PER_STEP = 4096
-# A co-located ring runs one batch; the first stage waits this long at most for every request in
-# the ring to come back before it steps, so that groups that started apart merge into one.
+# A co-located ring runs one batch: the first stage holds its decodes until every request in the
+# ring is back, so that groups that started apart (a prefill behind a few decodes) merge into one
+# instead of running side by side on the same cores. It waits for a request no longer than
+# RING_RETURN_FACTOR x (its last step here x stages on its route) + RING_MERGE_WAIT_S after it
+# left, and never more than RING_MERGE_MAX_WAIT_S in all.
 RING_MERGE_WAIT_S = 0.1
+RING_RETURN_FACTOR = 2.0
+RING_MERGE_MAX_WAIT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class StageRequest:
     next_address: str | None = None  # the stage after this one on the route (None: last stage)
     position: int = 0  # tokens in this stage's KV cache
     num_generated: int = 0  # tokens sampled so far in this run (last stage)
+    ring_deadline_s: float = 0.0  # first stage: when its next token is overdue (monotonic)
 
 
 @dataclass
@@ -119,7 +125,7 @@ class Worker:
         self.step_time_ewma_s = 0.0
         self.tokens_processed = 0
         self.running = True
-        self.holding = False  # decodes wait for the rest of the ring (see take_batch)
+        self.hold_until_s = 0.0  # decodes wait for the rest of the ring until then (see take_batch)
         self.profile: dict | None = None
 
     # ----------------------------------------------------------------------------- sockets
@@ -179,7 +185,9 @@ class Worker:
         poller.register(self.pull, zmq.POLLIN)
         try:
             while self.running:
-                timeout_ms = (1 if self.holding else 0) if self.pending else 200
+                timeout_ms = 200
+                if self.pending:  # a message ends a hold early: the poll returns when one arrives
+                    timeout_ms = max(0, math.ceil(1000 * (self.hold_until_s - time.monotonic())))
                 if poller.poll(timeout_ms):
                     self.receive_all()
                 if self.pending and self.backend is not None:
@@ -367,15 +375,21 @@ class Worker:
             batch.append(item)
             budget -= item.num_tokens
         backend = self.backend
-        self.holding = False
+        self.hold_until_s = 0.0
         if backend is not None and backend.is_first and decodes:
             if self.num_stages_hint > 1:  # one microbatch per stage keeps every stage busy
                 decodes = decodes[: max(1, math.ceil(len(self.requests) / self.num_stages_hint))]
             else:  # one batch: wait (bounded) until every request in the ring is back
-                in_ring = sum(1 for state in self.requests.values() if state.position > 0)
+                back = {item.request_id for item in decodes}
+                due_s = [
+                    state.ring_deadline_s
+                    for state in self.requests.values()
+                    if state.position > 0 and state.request_id not in back
+                ]
                 oldest_s = min(item.arrived_s for item in decodes)
-                if len(decodes) < in_ring and time.monotonic() - oldest_s < RING_MERGE_WAIT_S:
-                    self.holding = True
+                hold_until_s = min(max(due_s), oldest_s + RING_MERGE_MAX_WAIT_S) if due_s else 0.0
+                if time.monotonic() < hold_until_s:
+                    self.hold_until_s = hold_until_s
                     return batch
         batch.extend(decodes)
         return batch
@@ -402,8 +416,12 @@ class Worker:
         elapsed_s = time.perf_counter() - started
         self.step_time_ewma_s = elapsed_s if not self.step_time_ewma_s else 0.8 * self.step_time_ewma_s + 0.2 * elapsed_s
         self.tokens_processed += sum(chunk.num_tokens for chunk in chunks)
+        ring_s = RING_RETURN_FACTOR * elapsed_s
+        now_s = time.monotonic()
         for item in batch:
-            self.requests[item.request_id].position += item.num_tokens
+            state = self.requests[item.request_id]
+            state.position += item.num_tokens
+            state.ring_deadline_s = now_s + ring_s * len(state.start.route) + RING_MERGE_WAIT_S
         if backend.is_last:
             self.emit_tokens(batch, outputs)
         else:
