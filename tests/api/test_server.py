@@ -154,6 +154,10 @@ def test_errors_through_the_openai_client(client: openai.OpenAI, engine: TinyEng
     bad = httpx.post(f"{base_url}/v1/chat/completions", content=b'{"messages": [', headers={**AUTH, "content-type": "application/json"})
     assert "JSON" in assert_error(bad, 400)["message"]
     assert_error(post(base_url, "/v1/chat/completions", {"messages": []}), 400, param="messages")
+    for path, body in (("/v1/completions", b'{"prompt": "a\\ud800b"}'), ("/tokenize", b'{"prompt": "\\udfff"}'),
+                       ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x\\ud800"}]}')):
+        lone_surrogate = httpx.post(f"{base_url}{path}", content=body, headers={**AUTH, "content-type": "application/json"})
+        assert "not valid Unicode" in assert_error(lone_surrogate, 400)["message"]
     assert_error(post(base_url, "/v1/chat/completions", {"messages": MSGS, "top_logprobs": 2}), 400)
     assert_error(post(base_url, "/v1/nothing-here", {}), 404)
 
