@@ -4,8 +4,10 @@ Parts:
 - ``link_classes(net, threshold)``: devices grouped by capacity table, memory starts, source/sink
   link and *neighbourhood* (links of capacity >= ``threshold``); members of a class are
   interchangeable, also for the links.
-- ``solve_linked_columns(net, time_limit_s, positions, hint_f)``: the model below; returns
-  ranges (or None) and the model's column throughput.
+- ``solve_linked_columns(net, time_limit_s, positions)``: a greedy linked sequence
+  (``linked_greedy.py``) first, then the CP-SAT model below hinted with it; returns the best
+  ranges (or None) and their exact max flow.
+- ``spans_model(net, threshold)``: cheap test whether any linked sequence can exist.
 
 Design. A placement is a sequence of columns ``[b_p, b_{p+1})``; each used device holds exactly
 one column. If every device of column p has a usable link to every device of column p+1 (and
@@ -19,15 +21,20 @@ column capacity ``sum cap_c(l) m[p,c,l] >= F`` on used positions (used positions
 ``z[p,c] + z[p+1,d] <= 1`` for class pairs that are not completely linked, source classes only
 at position 0, sink classes only at the last used position. Maximise F. The redundant
 ``sum l*cap*m >= L*F`` tightens the LP. Capacities are rounded down, so the model's F is a lower
-bound of the exact max flow of the placement it returns.
+bound of the exact max flow of the placement it returns. The greedy start is a complete hint
+(every variable), so CP-SAT begins at the greedy value instead of searching for a first solution.
 """
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 
 from ortools.sat.python import cp_model
 
+from placement.bounds import upper_bound
+from placement.flow import flow_value
+from placement.linked_greedy import Column, greedy_linked
 from placement.network import Network
 
 Ranges = dict[int, tuple[int, int]]
@@ -88,30 +95,60 @@ def _linked(net: Network, a: list[int], b: list[int], thr: float) -> bool:
     return all(net.arc_cap.get((i, j), 0.0) >= thr for i in a for j in b if i != j)
 
 
+def _to_ranges(net: Network, classes: list[list[int]], cols: list[Column]) -> Ranges | None:
+    free = [list(c) for c in classes]
+    out: Ranges = {}
+    b = 0
+    for l, parts in cols:
+        for c, k in parts:
+            for _ in range(k):
+                ok = [i for i in free[c] if net.fits(i, b, l)]
+                if not ok:
+                    return None
+                free[c].remove(ok[0])
+                out[ok[0]] = (b, b + l)
+        b += l
+    return out
+
+
 def solve_linked_columns(net: Network, time_limit_s: float, positions: int = 20, workers: int = 2,
-                         threshold: float | None = None, params: dict | None = None
-                         ) -> tuple[Ranges | None, float]:
-    """(ranges, column throughput tok/s) of the best linked column sequence found in time."""
-    from placement.bounds import upper_bound
+                         threshold: float | None = None) -> tuple[Ranges | None, float]:
+    """(ranges, exact max flow tok/s) of the best linked column sequence found in time: the
+    greedy start (``linked_greedy.py``, at most 20% of the time) and CP-SAT hinted with it."""
+    t0 = time.monotonic()
     ub = upper_bound(net)
     thr = ub if threshold is None else threshold
     classes = link_classes(net, thr)
     if not classes or ub <= 0 or len(classes) > MAX_CLASSES:
         return None, 0.0
+    linked = [[_linked(net, a, b, thr) for b in classes] for a in classes]
+    src = [net.src_cap[c[0]] >= thr for c in classes]
+    snk = [net.sink_cap[c[0]] >= thr for c in classes]
+    start_cols = greedy_linked(net, classes, linked, src, snk, ub, t0 + min(0.2 * time_limit_s, 5.0))
+    best = _to_ranges(net, classes, start_cols) if start_cols else None
+    best_v = flow_value(net, best) if best else 0.0
+    P = max(1, min(max(positions, len(start_cols or [])), net.L))
+    cols = _solve_model(net, classes, linked, src, snk, ub, P, start_cols, t0 + time_limit_s - time.monotonic(), workers)
+    r = _to_ranges(net, classes, cols) if cols else None
+    v = flow_value(net, r) if r else 0.0
+    return (r, v) if v > best_v else (best, best_v)
+
+
+def _solve_model(net: Network, classes: list[list[int]], linked: list[list[bool]], src: list[bool],
+                 snk: list[bool], ub: float, P: int, hint: list[Column] | None, time_limit_s: float,
+                 workers: int) -> list[Column] | None:
     L = net.L
-    P = max(1, min(positions, L))
     unit = ub / 100_000
     fmax = math.ceil(ub / unit) + 1
     kmax = max(net.kmax(c[0]) for c in classes)
     capu = [[math.floor(min(net.cap[c[0]][l - 1], ub) / unit) for l in range(1, net.kmax(c[0]) + 1)] for c in classes]
-    src = [net.src_cap[c[0]] >= thr for c in classes]
-    snk = [net.sink_cap[c[0]] >= thr for c in classes]
     m = cp_model.CpModel()
     F = m.NewIntVar(0, fmax, "F")
     used = [m.NewBoolVar(f"u{p}") for p in range(P)]
     lam = [[m.NewBoolVar(f"l{p}_{l}") for l in range(1, kmax + 1)] for p in range(P)]
     cnt: dict[tuple[int, int, int], cp_model.IntVar] = {}
     z = [[m.NewBoolVar(f"z{p}_{c}") for c in range(len(classes))] for p in range(P)]
+    lasts: list[cp_model.IntVar] = []
     m.Add(used[0] == 1)
     total_len, work = [], []
     for p in range(P):
@@ -144,40 +181,50 @@ def solve_linked_columns(net: Network, time_limit_s: float, positions: int = 20,
         if not src[c]:
             m.Add(z[0][c] == 0)
     for p in range(P):   # only sink classes in the last used column
-        last = used[p] if p + 1 == P else None
-        if last is None:
-            last = m.NewBoolVar(f"last{p}")
+        last = used[p] if p + 1 == P else m.NewBoolVar(f"last{p}")
+        if p + 1 < P:
             m.Add(last >= used[p] - used[p + 1])
+        lasts.append(last)
         for c in range(len(classes)):
             if not snk[c]:
                 m.Add(z[p][c] + last <= 1)
-    bad = [(c, d) for c in range(len(classes)) for d in range(len(classes))
-           if not _linked(net, classes[c], classes[d], thr)]
+    bad = [(c, d) for c in range(len(classes)) for d in range(len(classes)) if not linked[c][d]]
     for p in range(P - 1):
         for c, d in bad:
             m.AddBoolOr([z[p][c].Not(), z[p + 1][d].Not()])
     m.Maximize(F)
+    if hint and len(hint) <= P:
+        _add_hint(m, hint, capu, P, kmax, len(classes), F, used, lam, cnt, z, lasts)
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = max(0.05, time_limit_s)
     solver.parameters.num_workers = workers
-    for key, val in (params or {}).items():
-        setattr(solver.parameters, key, val)
     status = solver.Solve(m)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        return None, 0.0
-    free = [list(c) for c in classes]
-    out: Ranges = {}
-    b = 0
+        return None
+    out: list[Column] = []
     for p in range(P):
         if not solver.Value(used[p]):
             break
         l = next(l for l in range(1, kmax + 1) if solver.Value(lam[p][l - 1]))
-        for c in range(len(classes)):
-            for _ in range(solver.Value(cnt[p, c, l]) if (p, c, l) in cnt else 0):
-                ok = [i for i in free[c] if net.fits(i, b, l)]
-                if not ok:
-                    return None, 0.0
-                free[c].remove(ok[0])
-                out[ok[0]] = (b, b + l)
-        b += l
-    return out, solver.Value(F) * unit
+        out.append((l, tuple((c, solver.Value(cnt[p, c, l])) for c in range(len(classes))
+                             if (p, c, l) in cnt and solver.Value(cnt[p, c, l]))))
+    return out
+
+
+def _add_hint(m: cp_model.CpModel, hint: list[Column], capu: list[list[int]], P: int, kmax: int, n_cls: int,
+              F: cp_model.IntVar, used: list, lam: list, cnt: dict, z: list, lasts: list) -> None:
+    """A complete hint (every variable), so CP-SAT starts from the greedy sequence."""
+    m.AddHint(F, min(sum(capu[c][l - 1] * k for c, k in parts) for l, parts in hint))
+    for p in range(P):
+        l_p, parts = hint[p] if p < len(hint) else (0, ())
+        has = dict(parts)
+        m.AddHint(used[p], int(p < len(hint)))
+        if p + 1 < P:   # the last position's flag is ``used`` itself
+            m.AddHint(lasts[p], int(p == len(hint) - 1))
+        for l in range(1, kmax + 1):
+            m.AddHint(lam[p][l - 1], int(l == l_p))
+        for c in range(n_cls):
+            m.AddHint(z[p][c], int(c in has))
+            for l in range(1, kmax + 1):
+                if (p, c, l) in cnt:
+                    m.AddHint(cnt[p, c, l], has.get(c, 0) if l == l_p else 0)

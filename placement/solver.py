@@ -70,7 +70,7 @@ def _throughput(net: Network, deadline: float, start: float) -> tuple[Ranges, fl
     offer(g_r)
     linked = not net.links_trivial and spans_model(net, ub)
     if linked:   # sparse graph: the column order must follow the links (hubs and spokes)
-        lc_r, _ = solve_linked_columns(net, start + LINKED_SHARE * total - time.monotonic())
+        lc_r, _ = solve_linked_columns(net, start + LINKED_SHARE * total - time.monotonic())  # exact flow
         offer(lc_r)
     col_end = start + (LINKED_SHARE + 0.05 if linked else 0.5) * total
     col_v, col_r = best_columns(net, classes, 0.0, ub * (1 + 1e-9), col_end)

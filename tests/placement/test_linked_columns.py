@@ -7,7 +7,8 @@ import pytest
 
 from benchmarks.helix_facts import DEFAULT_FACTS, helix_problem, load_facts
 from placement.flow import flow_value
-from placement.linked_columns import link_classes, solve_linked_columns, spans_model
+from placement.linked_columns import _linked, link_classes, solve_linked_columns, spans_model
+from placement.linked_greedy import greedy_linked
 from placement.network import build_network
 from placement.problem import DeviceSpec, LinkSpec, ModelSpec, PlacementProblem
 from placement.solver import solve_placement
@@ -40,6 +41,18 @@ def test_hub_and_spokes_alternate() -> None:
     assert got.ranges["h"] == (2, 4)
 
 
+def test_greedy_start_alternates_hub_and_spokes() -> None:
+    net = build_network(hub_and_spokes())
+    classes = link_classes(net, 100.0)
+    linked = [[_linked(net, a, b, 100.0) for b in classes] for a in classes]
+    src = [net.src_cap[c[0]] > 0 for c in classes]
+    snk = [net.sink_cap[c[0]] > 0 for c in classes]
+    cols = greedy_linked(net, classes, linked, src, snk, 100.0, time.monotonic() + 2.0)
+    assert cols is not None and sum(l for l, _ in cols) == 6
+    hub = next(x for x, c in enumerate(classes) if net.ids[c[0]] == "h")
+    assert [any(c == hub for c, _ in parts) for _, parts in cols] == [False, True, False]
+
+
 def test_disconnected_parts_are_skipped() -> None:
     model = ModelSpec.uniform(4, 1_000, activation_bytes_per_token=1, token_bytes=1)
     devs = tuple(DeviceSpec(n, 10_000, tokens_per_s=(10.0, 5.0)) for n in ("a", "b"))
@@ -58,8 +71,8 @@ def test_link_classes_on_pruned_hetero42() -> None:
 
 @needs_facts
 def test_pruned_hetero42_beats_helix() -> None:
-    t0 = time.monotonic()
-    got = solve_placement(helix_problem(load_facts(), "hetero42_llama70b", "milp"), time_limit_s=30.0)
-    assert time.monotonic() - t0 <= 30.0 * 1.1 + 1.0
+    t0 = time.monotonic()   # the greedy linked start alone gives 4319.7 in about a second
+    got = solve_placement(helix_problem(load_facts(), "hetero42_llama70b", "milp"), time_limit_s=15.0)
+    assert time.monotonic() - t0 <= 15.0 * 1.1 + 1.0
     assert got.throughput_tokens_per_s > HELIX_PRUNED_HETERO42
     assert got.throughput_tokens_per_s <= got.upper_bound_tokens_per_s
