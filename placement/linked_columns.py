@@ -128,14 +128,14 @@ def solve_linked_columns(net: Network, time_limit_s: float, positions: int = 20,
     best = _to_ranges(net, classes, start_cols) if start_cols else None
     best_v = flow_value(net, best) if best else 0.0
     P = max(1, min(max(positions, len(start_cols or [])), net.L))
-    cols = _solve_model(net, classes, linked, src, snk, ub, P, start_cols, t0 + time_limit_s - time.monotonic(), workers)
+    cols = _solve_model(net, classes, linked, src, snk, ub, P, start_cols, t0 + time_limit_s, workers)
     r = _to_ranges(net, classes, cols) if cols else None
     v = flow_value(net, r) if r else 0.0
     return (r, v) if v > best_v else (best, best_v)
 
 
 def _solve_model(net: Network, classes: list[list[int]], linked: list[list[bool]], src: list[bool],
-                 snk: list[bool], ub: float, P: int, hint: list[Column] | None, time_limit_s: float,
+                 snk: list[bool], ub: float, P: int, hint: list[Column] | None, deadline: float,
                  workers: int) -> list[Column] | None:
     L = net.L
     unit = ub / 100_000
@@ -196,7 +196,7 @@ def _solve_model(net: Network, classes: list[list[int]], linked: list[list[bool]
     if hint and len(hint) <= P:
         _add_hint(m, hint, capu, P, kmax, len(classes), F, used, lam, cnt, z, lasts)
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(0.05, time_limit_s)
+    solver.parameters.max_time_in_seconds = max(0.05, deadline - time.monotonic())
     solver.parameters.num_workers = workers
     status = solver.Solve(m)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
