@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.gemm import GemmChooser
+from workers.gemm import GemmChooser, onednn_is_faster, pack_weight
 from workers.model_config import ModelConfig
 
 KVLayer = tuple[torch.Tensor, torch.Tensor]  # (K pool, V pool) [num_blocks, block, kv_heads, hd]
@@ -156,8 +156,17 @@ def _param_t(weight: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(weight.t().contiguous(), requires_grad=False)
 
 
+def _linear_weight(weight: torch.Tensor, packed: bool) -> torch.Tensor:
+    """A [out, in] weight packed for oneDNN (a plain attribute: mkldnn tensors are opaque), or
+    stored transposed as a parameter; GemmChooser runs either."""
+    return pack_weight(weight) if packed else _param_t(weight)
+
+
+LINEAR_WEIGHTS = ("w_qkv", "w_o", "w_gate_up", "w_down")
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], packed: bool = False) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -167,17 +176,17 @@ class DecoderLayer(nn.Module):
         self.input_norm = _param(w["input_layernorm.weight"])
         self.post_attention_norm = _param(w["post_attention_layernorm.weight"])
         proj = ("q_proj", "k_proj", "v_proj")
-        self.w_qkv = _param_t(torch.cat([w[f"self_attn.{p}.weight"] for p in proj]))  # [in, out]
+        self.w_qkv = _linear_weight(torch.cat([w[f"self_attn.{p}.weight"] for p in proj]), packed)
         has_bias = "self_attn.q_proj.bias" in w
         self.b_qkv = _param(torch.cat([w[f"self_attn.{p}.bias"] for p in proj])) if has_bias else None
-        self.w_o = _param_t(w["self_attn.o_proj.weight"])
+        self.w_o = _linear_weight(w["self_attn.o_proj.weight"], packed)
         self.qk_norm = None
         if config.qk_norm:  # one [q_heads + kv_heads, head_dim] weight: q_norm rows, then k_norm rows
             q_norm = w["self_attn.q_norm.weight"].expand(self.num_heads, -1)
             k_norm = w["self_attn.k_norm.weight"].expand(self.num_kv_heads, -1)
             self.qk_norm = _param(torch.cat([q_norm, k_norm]))
-        self.w_gate_up = _param_t(torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]))
-        self.w_down = _param_t(w["mlp.down_proj.weight"])
+        self.w_gate_up = _linear_weight(torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]), packed)
+        self.w_down = _linear_weight(w["mlp.down_proj.weight"], packed)
         self.gemm = GemmChooser()  # StageModel gives all its layers one chooser
 
     def forward(self, hidden: torch.Tensor, plan: BatchPlan, kv: KVLayer) -> torch.Tensor:
@@ -259,6 +268,7 @@ class StageModel(nn.Module):
         embed: torch.Tensor | None,
         final_norm: torch.Tensor | None,
         lm_head: torch.Tensor | None,
+        packed: bool = False,
     ) -> None:
         super().__init__()
         self.config = config
@@ -269,13 +279,21 @@ class StageModel(nn.Module):
             layer.gemm = self.gemm
         self.embed_tokens = _param(embed) if embed is not None else None
         self.norm = _param(final_norm) if final_norm is not None else None
-        # LM head: [hidden, vocab] (transposed) unless tied with the embeddings held here too,
-        # where one [vocab, hidden] tensor serves both.
+        # LM head: [hidden, vocab] (transposed, or packed for oneDNN) unless tied with the
+        # embeddings held here too, where one [vocab, hidden] tensor serves both.
         self.lm_head_t = self.lm_head = None
         if lm_head is not None and embed is not None and lm_head.data_ptr() == embed.data_ptr():
             self.lm_head = self.embed_tokens
         elif lm_head is not None:
-            self.lm_head_t = _param_t(lm_head)
+            self.lm_head_t = _linear_weight(lm_head, packed)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights held (a tied LM head counted once; packed ones at their size)."""
+        total = sum(p.numel() * p.element_size() for p in self.parameters())  # shared ones once
+        held = [getattr(layer, name) for layer in self.layers for name in LINEAR_WEIGHTS]
+        held.append(self.lm_head_t)
+        return total + sum(t.numel() * t.element_size() for t in held if t is not None and t.is_mkldnn)
 
     @property
     def is_first(self) -> bool:
@@ -294,12 +312,15 @@ class StageModel(nn.Module):
         Consumes `tensors`: each layer's entries are removed as the layer is built, so the
         original tensors are freed while the layer's own (fused, transposed) copies are made and
         peak memory stays near one stage plus one layer."""
+        # one layout for all linear weights: oneDNN-packed where it measures faster here
+        sample = tensors.get(f"model.layers.{start_layer}.mlp.gate_proj.weight")
+        packed = sample is not None and onednn_is_faster(sample)
         layers = []
         for index in range(start_layer, end_layer):
             prefix = f"model.layers.{index}."
             names = [n for n in tensors if n.startswith(prefix)]
             weights = {n[len(prefix) :]: tensors.pop(n) for n in names}
-            layers.append(DecoderLayer(config, weights))
+            layers.append(DecoderLayer(config, weights, packed))
             del weights
         last = end_layer == config.num_hidden_layers
         embed = tensors.get("model.embed_tokens.weight")
@@ -312,6 +333,7 @@ class StageModel(nn.Module):
             embed if start_layer == 0 else None,
             tensors.get("model.norm.weight") if last else None,
             lm_head,
+            packed,
         )
 
     def forward(self, inputs: torch.Tensor, plan: BatchPlan, kv_layers: Sequence[KVLayer]) -> torch.Tensor:

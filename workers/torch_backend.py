@@ -106,13 +106,7 @@ class TorchStageBackend(StageBackend):
 
     @property
     def weight_bytes(self) -> int:
-        seen: set[int] = set()
-        total = 0
-        for param in self.model.parameters():  # parameters() skips the tied duplicate
-            if param.data_ptr() not in seen:
-                seen.add(param.data_ptr())
-                total += param.numel() * param.element_size()
-        return total
+        return self.model.weight_bytes
 
     @property
     def loaded_tensor_names(self) -> frozenset[str]:

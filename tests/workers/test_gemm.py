@@ -1,6 +1,19 @@
+import pytest
 import torch
 
-from workers.gemm import COLUMN, MAX_TUNED_ROWS, ROW, TRIALS_PER_FORM, GemmChooser, column_form, row_form
+from workers.gemm import (
+    COLUMN,
+    MAX_TUNED_ROWS,
+    ROW,
+    TRIALS_PER_FORM,
+    GemmChooser,
+    column_form,
+    onednn_available,
+    onednn_is_faster,
+    onednn_linear,
+    pack_weight,
+    row_form,
+)
 
 
 def _weights(rows: int, bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -50,3 +63,16 @@ def test_disabled_chooser_is_the_row_form() -> None:
     for _ in range(2 * TRIALS_PER_FORM):
         assert torch.equal(chooser(x, w_t), row_form(x, w_t, None))
     assert chooser.choices == {}
+
+
+def test_onednn_packed_weights_compute_the_same_and_are_timed_against_mkl() -> None:
+    if not onednn_available():
+        pytest.skip("this torch has no oneDNN")
+    x, w_t, b = _weights(16, True)
+    weight = w_t.t().contiguous()  # [out, in], as in the checkpoint
+    packed = pack_weight(weight)
+    assert packed.is_mkldnn and packed.numel() == weight.numel()
+    for out in (onednn_linear(x, packed, b), GemmChooser()(x, packed, b)):
+        torch.testing.assert_close(out, row_form(x, w_t, b), rtol=1e-5, atol=1e-4)
+    assert isinstance(onednn_is_faster(weight), bool)
+    assert onednn_is_faster(weight.half()) in (True, False)  # a dtype oneDNN may reject: no error

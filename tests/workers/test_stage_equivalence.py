@@ -9,7 +9,9 @@ import torch
 import transformers
 from tokenizers import Tokenizer
 
+from workers import stage_model
 from workers.backend import SequenceChunk, StageConfig
+from workers.gemm import onednn_available
 from workers.torch_backend import TorchStageBackend
 
 FAMILIES = ("llama", "qwen2", "qwen3")
@@ -55,11 +57,17 @@ def references(tiny_checkpoints: dict[str, Path]) -> dict[str, tuple[list[int], 
     return out
 
 
+@pytest.mark.parametrize("layout", ["packed", "transposed"])
 @pytest.mark.parametrize("num_stages", [1, 2, 3])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_chained_stages_match_transformers(tiny_checkpoints, references, family, num_stages):
+def test_chained_stages_match_transformers(tiny_checkpoints, references, family, num_stages, layout, monkeypatch):
+    """Both weight layouts a stage may pick (oneDNN-packed or transposed for MKL) match."""
+    if layout == "packed" and not onednn_available():
+        pytest.skip("this torch has no oneDNN")
+    monkeypatch.setattr(stage_model, "onednn_is_faster", lambda weight: layout == "packed")
     prompt, expected, ref_logits = references[family]
     chain = _chain(tiny_checkpoints[family], num_stages)
+    assert all(b.model.layers[0].w_gate_up.is_mkldnn == (layout == "packed") for b in chain)
     assert chain[0].is_first and chain[-1].is_last
     assert [b.is_last for b in chain[:-1]] == [False] * (num_stages - 1)
     logits = _step(chain, [SequenceChunk("r", 0, len(prompt))], prompt)
