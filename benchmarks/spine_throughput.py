@@ -8,20 +8,25 @@ Builds a ~100M-parameter float32 Llama checkpoint (random weights), then measure
 - potluck (scheduler in this process, real worker processes, ZeroMQ) with 1, 2 and 3 local
   workers, for 1 stream and for 16 concurrent streams;
 and prints decode tokens/s and the ratios the spine issue sets as targets, plus each worker's
-peak memory against its layers' bytes + KV budget + 400 MB.
+peak memory against its layers' bytes + KV budget + 400 MB. Every figure is the median of
+`--trials` runs (default 3) of the same work, so that one noisy run on a shared machine does
+not decide a ratio.
 """
 
 from __future__ import annotations
 
 import os
 
+from api.local_workers import worker_environment  # noqa: E402 (imports no torch)
+
 # Both sides get the environment potluck's local workers run with (set before torch loads
-# OpenMP): idle OpenMP threads sleep instead of spinning, which on a shared 2-core machine
+# OpenMP): a short OpenMP spin, so idle threads soon sleep, which on a shared 2-core machine
 # decides more than anything else whether a 2-thread run collapses.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.update(worker_environment(os.environ))
 
 import argparse
 import asyncio
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -47,8 +52,8 @@ def prompts(count: int, length: int, vocab_size: int) -> list[list[int]]:
     return [torch.randint(3, vocab_size, (length,), generator=generator).tolist() for _ in range(count)]
 
 
-def transformers_tokens_per_s(model_dir: Path, batch: list[list[int]], new_tokens: int) -> float:
-    """Greedy `generate` tokens/s at its best thread count (1 or every core), measured here."""
+def transformers_tokens_per_s(model_dir: Path, batch: list[list[int]], new_tokens: int, trials: int) -> float:
+    """Greedy `generate` tokens/s at its best thread count (1 or every core): median of `trials` runs."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -60,10 +65,13 @@ def transformers_tokens_per_s(model_dir: Path, batch: list[list[int]], new_token
         torch.set_num_threads(threads)
         with torch.inference_mode():
             model.generate(inputs[:, :8], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
-            started = time.perf_counter()
-            output = model.generate(inputs, attention_mask=torch.ones_like(inputs), **kwargs)
-            elapsed_s = time.perf_counter() - started
-        best = max(best, (output.shape[1] - inputs.shape[1]) * inputs.shape[0] / elapsed_s)
+            rates = []
+            for _ in range(trials):
+                started = time.perf_counter()
+                output = model.generate(inputs, attention_mask=torch.ones_like(inputs), **kwargs)
+                elapsed_s = time.perf_counter() - started
+                rates.append((output.shape[1] - inputs.shape[1]) * inputs.shape[0] / elapsed_s)
+        best = max(best, statistics.median(rates))
     torch.set_num_threads(threads_before)
     return best
 
@@ -76,7 +84,9 @@ def peak_rss_bytes(pid: int) -> int:
     return 0
 
 
-async def potluck_tokens_per_s(model_dir: Path, num_workers: int, streams: list[list[int]], new_tokens: int) -> tuple[dict[int, float], list[str]]:
+async def potluck_tokens_per_s(
+    model_dir: Path, num_workers: int, streams: list[list[int]], new_tokens: int, trials: int
+) -> tuple[dict[int, float], list[str]]:
     from api.local_workers import LocalWorkers
     from scheduler.engine import Engine, EngineConfig
     from scheduler.request import GenerationRequest
@@ -107,9 +117,13 @@ async def potluck_tokens_per_s(model_dir: Path, num_workers: int, streams: list[
 
         await run(streams[0][:8], -1, 4)  # warm-up
         for count in (1, len(streams)):
-            started = time.perf_counter()
-            done = await asyncio.gather(*(run(prompt, i, new_tokens) for i, prompt in enumerate(streams[:count])))
-            results[count] = sum(done) / (time.perf_counter() - started)
+            rates = []
+            for trial in range(trials):
+                started = time.perf_counter()
+                runs = (run(prompt, trial * len(streams) + i, new_tokens) for i, prompt in enumerate(streams[:count]))
+                done = await asyncio.gather(*runs)
+                rates.append(sum(done) / (time.perf_counter() - started))
+            results[count] = statistics.median(rates)
         for process, worker in zip(workers.processes, sorted(engine.cluster.workers.values(), key=lambda w: w.worker_id)):
             start, end = worker.loaded or (0, 0)
             kv_bytes = worker.kv_capacity_tokens * facts.kv_bytes_per_token_per_layer * (end - start)
@@ -131,19 +145,23 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--model-dir", default=None, help="reuse or create the checkpoint here")
+    parser.add_argument("--trials", type=int, default=3, help="runs per figure; the median is reported")
     args = parser.parse_args()
     model_dir = Path(args.model_dir or tempfile.mkdtemp(prefix="potluck-bench-"))
     if not (model_dir / "config.json").exists():
         build_demo_model(model_dir, MODEL_SPEC)
     params = (model_dir / "model.safetensors").stat().st_size / 4 / 1e6  # float32
     streams = prompts(args.streams, args.prompt_tokens, MODEL_SPEC.vocab_size)
-    print(f"checkpoint: ~{params:.0f}M parameters, float32; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens; {os.cpu_count()} cores")
-    hf_1 = transformers_tokens_per_s(model_dir, streams[:1], args.new_tokens)
-    hf_16 = transformers_tokens_per_s(model_dir, streams, args.new_tokens)
+    print(
+        f"checkpoint: ~{params:.0f}M parameters, float32; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens;"
+        f" {os.cpu_count()} cores; median of {args.trials} runs per figure"
+    )
+    hf_1 = transformers_tokens_per_s(model_dir, streams[:1], args.new_tokens, args.trials)
+    hf_16 = transformers_tokens_per_s(model_dir, streams, args.new_tokens, args.trials)
     print(f"transformers generate: batch 1 {hf_1:.1f} tok/s, static batch {args.streams} {hf_16:.1f} tok/s")
     ours: dict[int, dict[int, float]] = {}
     for num_workers in (1, 2, 3):
-        ours[num_workers], memory = asyncio.run(potluck_tokens_per_s(model_dir, num_workers, streams, args.new_tokens))
+        ours[num_workers], memory = asyncio.run(potluck_tokens_per_s(model_dir, num_workers, streams, args.new_tokens, args.trials))
         print(f"potluck {num_workers} worker(s): 1 stream {ours[num_workers][1]:.1f} tok/s, {args.streams} streams {ours[num_workers][args.streams]:.1f} tok/s")
         print("\n".join(memory))
     n = args.streams
