@@ -309,7 +309,8 @@ class Engine:
 
     # ------------------------------------------------------------------------------- requests
     def choose_route(self, state: RequestState) -> tuple[str, ...] | None:
-        """The path with the least predicted finish time among stages with room (scheduler/routing.py)."""
+        """The path with the least predicted TTFT + DECODE_WEIGHT x decode time, among stages with
+        room (scheduler/routing.py)."""
         request = state.request
         route_request = RouteRequest(
             num_prompt_tokens=len(request.prompt_token_ids) + len(state.generated),
