@@ -6,8 +6,9 @@ Parts:
   padded block gather + mask, each prefill chunk's rows (+ prefix mask), the last-token rows.
 - `DecoderLayer`: RMSNorm -> fused QKV (+ Qwen2 bias, + Qwen3 q/k norm) -> RoPE -> GQA attention
   over the block KV cache -> o_proj -> residual; RMSNorm -> fused gate/up SwiGLU -> down -> residual.
-  Linear weights are stored transposed, [in, out], and applied as `x @ w` through a
-  `GemmChooser` (workers/gemm.py) shared by the stage's layers (see `_param_t`).
+  Linear weights are packed for oneDNN where it measures faster on the device when the stage is
+  built, else stored transposed, [in, out]; a `GemmChooser` (workers/gemm.py) shared by the
+  stage's layers runs either (see `_linear_weight`).
 - `StageModel`: `layers[start:end]` (+ `embed_tokens` on the first stage; final norm + LM head
   on the last), built from checkpoint tensors (`StageModel.from_tensors`).
 
@@ -310,7 +311,7 @@ class StageModel(nn.Module):
         """Build from checkpoint-named tensors (as returned by checkpoint.load_stage_tensors).
 
         Consumes `tensors`: each layer's entries are removed as the layer is built, so the
-        original tensors are freed while the layer's own (fused, transposed) copies are made and
+        original tensors are freed while the layer's own (fused, packed or transposed) copies are made and
         peak memory stays near one stage plus one layer."""
         # one layout for all linear weights: oneDNN-packed where it measures faster here
         sample = tensors.get(f"model.layers.{start_layer}.mlp.gate_proj.weight")
