@@ -2,15 +2,15 @@
 
 Parts:
 - `WorkerConfig`: where the scheduler is, where to listen, which device and how much memory.
-- `StageRequest`: what this stage knows of one request (route, position, sampling state).
 - `Worker`: owns one PULL socket (everything it receives: control from the scheduler, activations
   and next tokens from peers) and one PUSH socket per peer; runs `StageBackend.forward` on
   whatever work is pending, in one batch per step.
 - `run_worker`: builds a `Worker` and runs its loop (`python -m workers` / `potluck join`).
 
-The loop (`run`) is: receive everything pending -> take a batch -> forward -> send. A request
-joins or leaves the batch between steps (continuous batching). The first stage sizes decode
-microbatches so that every stage of the pipeline has one to work on (no pipeline bubble).
+The loop (`run`) is: receive everything pending -> take a batch (workers/batching.py) -> forward
+-> send. A request joins or leaves the batch between steps (continuous batching). The first stage
+sizes decode microbatches so that every stage of the pipeline has one to work on (no pipeline
+bubble), or on one machine holds the ring's decodes until they can run as one batch.
 A malformed or stale message is logged and dropped; the worker stays up.
 """
 
@@ -24,28 +24,20 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import zmq
 
 from workers import protocol as p
 from workers.backend import SequenceChunk, StageBackend, StageConfig, load_backend
+from workers.batching import StageRequest, WorkItem, take_batch
 from workers.sampling import sample
 from workers.tensor_frames import payload_to_tensor, tensor_to_payload
 
 log = logging.getLogger("potluck.worker")
 
 HEARTBEAT_INTERVAL_S = 0.5
-MAX_PREFILL_TOKENS_PER_STEP = 4096
-# A co-located ring runs one batch: the first stage holds its decodes until every request in the
-# ring is back, so that groups that started apart (a prefill behind a few decodes) merge into one
-# instead of running side by side on the same cores. It waits for a request no longer than
-# RING_RETURN_FACTOR x (its last step here x stages on its route) + RING_MERGE_WAIT_S after it
-# left, and never more than RING_MERGE_MAX_WAIT_S in all.
-RING_MERGE_WAIT_S = 0.1
-RING_RETURN_FACTOR = 2.0
-RING_MERGE_MAX_WAIT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -64,29 +56,6 @@ class WorkerConfig:
     profile: bool = False  # measure the device at join (workers/profiler.py)
     profile_model_dir: str | None = None  # also time one layer of this model when profiling
     profile_seconds: float = 2.0
-
-
-@dataclass
-class StageRequest:
-    request_id: str
-    start: p.RequestStart
-    next_address: str | None = None  # the stage after this one on the route (None: last stage)
-    position: int = 0  # tokens in this stage's KV cache
-    num_generated: int = 0  # tokens sampled so far in this run (last stage)
-    ring_deadline_s: float = 0.0  # first stage: when its next token is overdue (monotonic)
-
-
-@dataclass
-class WorkItem:
-    request_id: str
-    start_position: int
-    inputs: torch.Tensor  # token ids [n] (first stage) or hidden [n, hidden_size]
-    forward_start: p.RequestStart | None = None  # meta to pass along (first hop only)
-    arrived_s: float = field(default_factory=time.monotonic)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.inputs.shape[0])
 
 
 def default_memory_bytes(device: str) -> int:
@@ -125,7 +94,7 @@ class Worker:
         self.step_time_ewma_s = 0.0
         self.tokens_processed = 0
         self.running = True
-        self.hold_until_s = 0.0  # decodes wait for the rest of the ring until then (see take_batch)
+        self.hold_until_s = 0.0  # decodes wait for the rest of the ring until then (workers/batching.py)
         self.profile: dict | None = None
 
     # ----------------------------------------------------------------------------- sockets
@@ -361,42 +330,12 @@ class Worker:
         return self.backend
 
     # ----------------------------------------------------------------------------- step
-    def take_batch(self) -> list[WorkItem]:
-        """Prefills up to a token budget, plus a decode microbatch sized for the pipeline."""
-        prefills: list[WorkItem] = []
-        decodes: list[WorkItem] = []
-        for item in self.pending:  # a prefill brings a prompt (or a request's first token) to this stage
-            (prefills if item.num_tokens > 1 or item.start_position == 0 else decodes).append(item)
-        batch: list[WorkItem] = []
-        budget = MAX_PREFILL_TOKENS_PER_STEP
-        for item in prefills:
-            if batch and item.num_tokens > budget:
-                break
-            batch.append(item)
-            budget -= item.num_tokens
-        backend = self.backend
-        self.hold_until_s = 0.0
-        if backend is not None and backend.is_first and decodes:
-            if self.num_stages_hint > 1:  # one microbatch per stage keeps every stage busy
-                decodes = decodes[: max(1, math.ceil(len(self.requests) / self.num_stages_hint))]
-            else:  # one batch: wait (bounded) until every request in the ring is back
-                back = {item.request_id for item in decodes}
-                due_s = [
-                    state.ring_deadline_s
-                    for state in self.requests.values()
-                    if state.position > 0 and state.request_id not in back
-                ]
-                oldest_s = min(item.arrived_s for item in decodes)
-                hold_until_s = min(max(due_s), oldest_s + RING_MERGE_MAX_WAIT_S) if due_s else 0.0
-                if time.monotonic() < hold_until_s:
-                    self.hold_until_s = hold_until_s
-                    return batch
-        batch.extend(decodes)
-        return batch
-
     def step(self) -> None:
         backend = self._require_backend()
-        batch = self.take_batch()
+        batch, self.hold_until_s = take_batch(
+            self.pending, self.requests, is_first=backend.is_first, num_stages_hint=self.num_stages_hint,
+            now_s=time.monotonic(),
+        )  # fmt: skip
         if not batch:
             return
         chunks = [SequenceChunk(item.request_id, item.start_position, item.num_tokens) for item in batch]
@@ -416,12 +355,11 @@ class Worker:
         elapsed_s = time.perf_counter() - started
         self.step_time_ewma_s = elapsed_s if not self.step_time_ewma_s else 0.8 * self.step_time_ewma_s + 0.2 * elapsed_s
         self.tokens_processed += sum(chunk.num_tokens for chunk in chunks)
-        ring_s = RING_RETURN_FACTOR * elapsed_s
         now_s = time.monotonic()
         for item in batch:
             state = self.requests[item.request_id]
             state.position += item.num_tokens
-            state.ring_deadline_s = now_s + ring_s * len(state.start.route) + RING_MERGE_WAIT_S
+            state.left_stage(now_s, elapsed_s)
         if backend.is_last:
             self.emit_tokens(batch, outputs)
         else:
