@@ -357,31 +357,33 @@ def _fmt(x: float) -> str:
 
 
 def markdown(sizes: list[dict], replans: list[dict], load: float) -> str:
-    lines = [f"### Routing at {load:.0%} of measured saturation (bursty arrivals)", "",
-             "| devices | policy | TTFT p50 s | TTFT p99 s | e2e p50 s | e2e p99 s | output tok/s | completed |",
-             "|---|---|---|---|---|---|---|---|"]
-    for size in sizes:
-        for name, r in size["results"].items():
-            lines.append(f"| {size['devices']} | {name} | {_fmt(r['ttft_p50_s'])} | {_fmt(r['ttft_p99_s'])} | "
-                         f"{_fmt(r['e2e_p50_s'])} | {_fmt(r['e2e_p99_s'])} | {_fmt(r['output_tokens_per_s'])} | "
-                         f"{r['completed']}/{r['requests']} |")
-    lines += ["", "| devices | vs | TTFT p50 ratio | TTFT p99 ratio (target <= 0.5 vs RR) | throughput ratio |",
-              "|---|---|---|---|---|"]
-    for size in sizes:
-        ours = size["results"]["potluck"]
-        for name in ("round-robin", "least-loaded"):
-            b = size["results"][name]
-            lines.append(f"| {size['devices']} | {name} | {_fmt(ours['ttft_p50_s'] / b['ttft_p50_s'])} | "
-                         f"{_fmt(ours['ttft_p99_s'] / b['ttft_p99_s'])} | "
-                         f"{_fmt(ours['output_tokens_per_s'] / b['output_tokens_per_s'])} |")
-    lines += ["", "| devices | stages | baseline pipelines | placement tok/s | measured saturation tok/s | arrivals/s |",
-              "|---|---|---|---|---|---|"]
-    for size in sizes:
-        lines.append(f"| {size['devices']} | {size['stages']} | {size['baseline_pipelines']} | "
-                     f"{_fmt(size['placement_tokens_per_s'])} | {_fmt(size['saturation_tokens_per_s'])} | "
-                     f"{_fmt(size['arrival_rate_per_s'])} |")
+    lines: list[str] = []
+    if sizes:
+        lines += [f"### Routing at {load:.0%} of measured saturation (bursty arrivals)", "",
+                  "| devices | policy | TTFT p50 s | TTFT p99 s | e2e p50 s | e2e p99 s | output tok/s | completed |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for size in sizes:
+            for name, r in size["results"].items():
+                lines.append(f"| {size['devices']} | {name} | {_fmt(r['ttft_p50_s'])} | {_fmt(r['ttft_p99_s'])} | "
+                             f"{_fmt(r['e2e_p50_s'])} | {_fmt(r['e2e_p99_s'])} | {_fmt(r['output_tokens_per_s'])} | "
+                             f"{r['completed']}/{r['requests']} |")
+        lines += ["", "| devices | vs | TTFT p50 ratio | TTFT p99 ratio (target <= 0.5 vs RR) | throughput ratio |",
+                  "|---|---|---|---|---|"]
+        for size in sizes:
+            ours = size["results"]["potluck"]
+            for name in ("round-robin", "least-loaded"):
+                b = size["results"][name]
+                lines.append(f"| {size['devices']} | {name} | {_fmt(ours['ttft_p50_s'] / b['ttft_p50_s'])} | "
+                             f"{_fmt(ours['ttft_p99_s'] / b['ttft_p99_s'])} | "
+                             f"{_fmt(ours['output_tokens_per_s'] / b['output_tokens_per_s'])} |")
+        lines += ["", "| devices | stages | baseline pipelines | placement tok/s | measured saturation tok/s | arrivals/s |",
+                  "|---|---|---|---|---|---|"]
+        for size in sizes:
+            lines.append(f"| {size['devices']} | {size['stages']} | {size['baseline_pipelines']} | "
+                         f"{_fmt(size['placement_tokens_per_s'])} | {_fmt(size['saturation_tokens_per_s'])} | "
+                         f"{_fmt(size['arrival_rate_per_s'])} |")
     if replans:
-        lines += ["", "### Re-plan time (`solve_placement(current=previous)`)", "",
+        lines += [*([""] if lines else []), "### Re-plan time (`solve_placement(current=previous)`)", "",
                   "| devices | time limit s | join s | loss s | tok/s before | after join (moved layers) | "
                   "after loss (moved layers) |", "|---|---|---|---|---|---|---|"]
         for r in replans:

@@ -19,6 +19,7 @@ the network-free bound (single24) and Gurobi's proven optimum (cluster10) in wel
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from ortools.sat.python import cp_model
 
@@ -108,14 +109,16 @@ def solve_columns(net: Network, classes: list[list[int]], F: float, time_limit_s
     return [picked[0]] + middle + [picked[1]]
 
 
-def columns_to_ranges(net: Network, classes: list[list[int]], cols: list[Pattern]
+def columns_to_ranges(net: Network, classes: list[list[int]],
+                      cols: Sequence[tuple]
                       ) -> dict[int, tuple[int, int]] | None:
-    """Lay the columns out left to right (largest capacity first) and hand out devices.
-    Returns None when some device cannot hold its column (memory differs per position)."""
+    """Lay the columns (length, ((class, count), ...), ...) out left to right in the order given
+    and hand out devices of each class. Returns None when some device cannot hold its column
+    (memory differs per position)."""
     free = [list(c) for c in classes]
     out: dict[int, tuple[int, int]] = {}
     b = 0
-    for l, parts, _ in cols:
+    for l, parts, *_ in cols:
         for ci, cnt in parts:
             for _ in range(cnt):
                 ok = [i for i in free[ci] if net.fits(i, b, l)]

@@ -33,6 +33,7 @@ from collections import defaultdict
 from ortools.sat.python import cp_model
 
 from placement.bounds import upper_bound
+from placement.columns import columns_to_ranges
 from placement.flow import flow_value
 from placement.linked_greedy import Column, greedy_linked
 from placement.network import Network
@@ -95,22 +96,6 @@ def _linked(net: Network, a: list[int], b: list[int], thr: float) -> bool:
     return all(net.arc_cap.get((i, j), 0.0) >= thr for i in a for j in b if i != j)
 
 
-def _to_ranges(net: Network, classes: list[list[int]], cols: list[Column]) -> Ranges | None:
-    free = [list(c) for c in classes]
-    out: Ranges = {}
-    b = 0
-    for l, parts in cols:
-        for c, k in parts:
-            for _ in range(k):
-                ok = [i for i in free[c] if net.fits(i, b, l)]
-                if not ok:
-                    return None
-                free[c].remove(ok[0])
-                out[ok[0]] = (b, b + l)
-        b += l
-    return out
-
-
 def solve_linked_columns(net: Network, time_limit_s: float, positions: int = 20, workers: int = 2,
                          threshold: float | None = None) -> tuple[Ranges | None, float]:
     """(ranges, exact max flow tok/s) of the best linked column sequence found in time: the
@@ -125,11 +110,11 @@ def solve_linked_columns(net: Network, time_limit_s: float, positions: int = 20,
     src = [net.src_cap[c[0]] >= thr for c in classes]
     snk = [net.sink_cap[c[0]] >= thr for c in classes]
     start_cols = greedy_linked(net, classes, linked, src, snk, ub, t0 + min(0.2 * time_limit_s, 5.0))
-    best = _to_ranges(net, classes, start_cols) if start_cols else None
+    best = columns_to_ranges(net, classes, start_cols) if start_cols else None
     best_v = flow_value(net, best) if best else 0.0
     P = max(1, min(max(positions, len(start_cols or [])), net.L))
     cols = _solve_model(net, classes, linked, src, snk, ub, P, start_cols, t0 + time_limit_s, workers)
-    r = _to_ranges(net, classes, cols) if cols else None
+    r = columns_to_ranges(net, classes, cols) if cols else None
     v = flow_value(net, r) if r else 0.0
     return (r, v) if v > best_v else (best, best_v)
 
