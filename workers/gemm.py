@@ -49,6 +49,9 @@ def column_form(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None) -
     return out.t().contiguous()
 
 
+FORMS = {ROW: row_form, COLUMN: column_form}
+
+
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -110,11 +113,11 @@ class GemmChooser:
         key = (w_t.shape[0], w_t.shape[1], rows, bias is not None, torch.get_num_threads())
         choice = self.choices.get(key)
         if choice is not None:
-            return column_form(x, w_t, bias) if choice == COLUMN else row_form(x, w_t, bias)
+            return FORMS[choice](x, w_t, bias)
         trials = self._trials.setdefault(key, {ROW: [], COLUMN: []})
         form = ROW if len(trials[ROW]) <= len(trials[COLUMN]) else COLUMN
         started = time.perf_counter()
-        out = row_form(x, w_t, bias) if form == ROW else column_form(x, w_t, bias)
+        out = FORMS[form](x, w_t, bias)
         trials[form].append(time.perf_counter() - started)
         if min(len(t) for t in trials.values()) >= TRIALS_PER_FORM:
             self.choices[key] = min(trials, key=lambda f: min(trials[f]))
