@@ -1,7 +1,8 @@
 """The `potluck` command.
 
 Parts:
-- `serve`: scheduler + OpenAI API in this process, plus `--local-workers N` worker processes.
+- `serve`: scheduler + OpenAI API in this process, plus `--local-workers N` worker processes and,
+  with `--ray ADDRESS`, workers on every node of a Ray cluster (api/ray_launcher.py).
 - `join`: a worker on this machine that registers with a scheduler elsewhere.
 - `demo`: builds a small random-weight checkpoint, then serves it with 3 local workers.
 - `plan`: solves layer placement for a model and a devices file, prints the placement.
@@ -26,7 +27,9 @@ log = logging.getLogger("potluck")
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    parser.add_argument("--local-workers", type=int, default=1, help="worker processes to start on this machine")
+    parser.add_argument("--local-workers", type=int, default=None, help="worker processes to start on this machine (default 1, or 0 with --ray; 0: wait for `potluck join`)")
+    parser.add_argument("--ray", default=None, metavar="ADDRESS", help="also start workers on every node of a Ray cluster: auto (the cluster this machine joined with `ray start`), HOST:PORT, ray://HOST:PORT, or local (a one-machine Ray started here)")
+    parser.add_argument("--ray-workers-per-node", type=int, default=None, help="workers per Ray node (default: one per GPU, else one)")
     parser.add_argument("--served-model-name", default=None, help="model id clients use (default: the directory's name)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default=None, help="device of the local workers (default: best available)")
@@ -92,31 +95,43 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
 
     dtype = args.dtype
     facts = read_model_facts(model_dir, dtype)
-    engine = Engine(
-        EngineConfig(
-            model_dir=str(model_dir),
-            model=facts,
-            served_model_name=args.served_model_name or model_dir.name,
-            control_host=args.scheduler_host,
-            control_port=args.scheduler_port,
-            dtype=dtype,
-            min_workers=max(1, args.local_workers),
-            local_workers=args.local_workers,
-            max_model_len=args.max_model_len,
-            placement=args.placement,
-            placement_objective=args.placement_objective,
-            heartbeat_timeout_s=args.heartbeat_timeout_s,
-        ),
-        Tokenizer.from_model_dir(model_dir),
-    )
-    await engine.start()
-    workers = LocalWorkers(
-        engine.control_address,
-        args.local_workers,
-        args.device or best_device(),
-        args.worker_threads,
-        profile_model_dir=None if args.no_profile else str(model_dir),
-    )
+    tokenizer = Tokenizer.from_model_dir(model_dir)
+    local_count = args.local_workers if args.local_workers is not None else (0 if args.ray else 1)
+    if local_count < 0:
+        raise ValueError(f"--local-workers must be >= 0, got {local_count}")
+    profile_dir = None if args.no_profile else str(model_dir)
+    workers = LocalWorkers("", local_count, args.device or best_device(), args.worker_threads, profile_model_dir=profile_dir)
+    ray_workers = _connect_ray(args, profile_dir) if args.ray else None
+    if ray_workers is not None:
+        print(f"potluck: Ray cluster at {ray_workers.gcs_address}; more machines join it with `ray start --address={ray_workers.gcs_address}`", flush=True)
+    try:  # nothing may leave a Ray instance behind
+        control_host = args.scheduler_host
+        if ray_workers is not None and control_host == "127.0.0.1":  # workers on other nodes must reach it
+            from api.ray_launcher import scheduler_host
+
+            control_host = scheduler_host(args.ray)
+        expected = local_count + (ray_workers.planned_workers() if ray_workers else 0)
+        engine = Engine(
+            EngineConfig(
+                model_dir=str(model_dir),
+                model=facts,
+                served_model_name=args.served_model_name or model_dir.name,
+                control_host=control_host,
+                control_port=args.scheduler_port,
+                dtype=dtype,
+                min_workers=max(1, expected),
+                local_workers=expected,
+                max_model_len=args.max_model_len,
+                placement=args.placement,
+                placement_objective=args.placement_objective,
+                heartbeat_timeout_s=args.heartbeat_timeout_s,
+            ),
+            tokenizer,
+        )
+    except BaseException:
+        if ray_workers is not None:
+            ray_workers.stop()
+        raise
     server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=args.api_key, routers=extra_routers(engine), public_paths=PUBLIC_PATHS), host=args.host, port=args.port, log_level="warning"))
 
     async def announce() -> None:
@@ -133,14 +148,41 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
         body = json.dumps({"model": engine.model_id, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32})
         print(f"potluck: ready with {len(engine.cluster.workers)} worker(s). Try:\n  curl {url}/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'", flush=True)
 
-    workers.start()
-    announcer = asyncio.create_task(announce())
     try:
-        await server.serve()
+        await engine.start()
+        workers.scheduler_address = engine.control_address
+        workers.start()
+        if ray_workers is not None:
+            ray_workers.scheduler_address = engine.control_address
+            ray_workers.start()
+        announcer = asyncio.create_task(announce())
+        try:
+            await server.serve()
+        finally:
+            announcer.cancel()
     finally:
-        announcer.cancel()
         workers.stop()
+        if ray_workers is not None:
+            ray_workers.stop()
         await engine.stop(shutdown_workers=True)
+
+
+def _connect_ray(args: argparse.Namespace, profile_dir: str | None):  # -> api.ray_launcher.RayWorkers
+    from api.ray_launcher import RayWorkers
+
+    ray_workers = RayWorkers(
+        args.ray,
+        workers_per_node=args.ray_workers_per_node,
+        device=args.device,
+        threads_per_worker=args.worker_threads,
+        profile_model_dir=profile_dir,
+    )
+    try:
+        ray_workers.connect()
+    except BaseException:
+        ray_workers.stop()
+        raise
+    return ray_workers
 
 
 def run_join(args: argparse.Namespace) -> None:

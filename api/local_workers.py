@@ -4,6 +4,8 @@ Parts:
 - `LocalWorkers`: starts N `python -m workers` processes pointed at the scheduler, shares
   this machine's cores and memory among them, and stops every one of them (terminate, then kill).
 - `worker_environment(base)`: their environment (a short OpenMP spin, `OMP_SPIN_COUNT`).
+- `worker_command(...)`: the `python -m workers` command line (also what api/ray_launcher.py runs);
+  `cpu_memory_share_bytes(count)`: the memory each of `count` CPU workers on one machine gets.
 """
 
 from __future__ import annotations
@@ -34,6 +36,43 @@ def worker_environment(base: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def worker_command(
+    scheduler_address: str,
+    worker_id: str,
+    *,
+    parent_pid: int | None,
+    device: str | None = None,
+    threads: int | None = None,
+    memory_bytes: int | None = None,
+    host: str | None = None,
+    profile_model_dir: str | None = None,
+    profile_seconds: float = 1.0,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """`python -m workers ...`; an option left None is the worker's own default (from its machine)."""
+    command = [sys.executable, "-m", "workers", "--scheduler", scheduler_address, "--worker-id", worker_id]
+    if parent_pid:  # the worker stops when this process is gone
+        command += ["--parent-pid", str(parent_pid)]
+    if device:
+        command += ["--device", device]
+    if threads:
+        command += ["--threads", str(threads)]
+    if memory_bytes:
+        command += ["--memory-bytes", str(memory_bytes)]
+    if host:
+        command += ["--host", host, "--advertise-host", host]
+    if profile_model_dir:
+        command += ["--profile", "--profile-model", profile_model_dir, "--profile-seconds", str(profile_seconds)]
+    return [*command, *extra_args]
+
+
+def cpu_memory_share_bytes(count: int) -> int:
+    """What one of `count` CPU workers on this machine may use: 80% of the available memory, split."""
+    import psutil
+
+    return int(psutil.virtual_memory().available * 0.8) // max(1, count)
+
+
 @dataclass
 class LocalWorkers:
     scheduler_address: str
@@ -54,23 +93,19 @@ class LocalWorkers:
         env = worker_environment(os.environ)
         memory = self.memory_bytes_per_worker
         if memory is None and self.device == "cpu":
-            import psutil
-
-            memory = int(psutil.virtual_memory().available * 0.8) // max(1, self.count)
+            memory = cpu_memory_share_bytes(self.count)
         for index in range(self.count):
-            command = [
-                sys.executable, "-m", "workers",
-                "--scheduler", self.scheduler_address,
-                "--device", self.device,
-                "--threads", str(threads),
-                "--worker-id", f"{self.id_prefix}-{index}",
-                "--parent-pid", str(os.getpid()),
-                *self.extra_args,
-            ]  # fmt: skip
-            if memory:
-                command += ["--memory-bytes", str(memory)]
-            if self.profile_model_dir:
-                command += ["--profile", "--profile-model", self.profile_model_dir, "--profile-seconds", str(self.profile_seconds)]
+            command = worker_command(
+                self.scheduler_address,
+                f"{self.id_prefix}-{index}",
+                parent_pid=os.getpid(),
+                device=self.device,
+                threads=threads,
+                memory_bytes=memory,
+                profile_model_dir=self.profile_model_dir,
+                profile_seconds=self.profile_seconds,
+                extra_args=self.extra_args,
+            )
             self.processes.append(subprocess.Popen(command, start_new_session=True, env=env))
 
     def stop(self, timeout_s: float = 5.0) -> None:
