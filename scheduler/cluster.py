@@ -40,6 +40,7 @@ class WorkerState:
     requests_routed: int = 0  # since registration
     draining: bool = False
     error: str | None = None
+    prefill_tokens_per_step: int = 0  # the worker's chunked-prefill budget (0: not reported)
 
     @property
     def is_ready(self) -> bool:
@@ -80,6 +81,7 @@ class Cluster:
             device=message.device,
             profile=dict(message.profile),
             pid=message.pid,
+            prefill_tokens_per_step=message.prefill_tokens_per_step,
             registered_at_s=now_s,
             last_seen_s=now_s,
         )

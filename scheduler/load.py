@@ -5,7 +5,8 @@ Parts:
   time per token, from a worker's measured profile (workers/profiler.py's JSON).
 - `load_snapshot(cluster, activation_bytes_per_token)`: a `routing.LoadSnapshot` of the usable
   stages: the scheduler's own KV reservations and queued prompt tokens (exact, updated per
-  request) plus the step time the worker reports in its heartbeats (EWMA, measured).
+  request) plus the step time the worker reports in its heartbeats (EWMA, measured), and the
+  chunked-prefill budget it reported at registration.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from __future__ import annotations
 from scheduler.cluster import Cluster, WorkerState
 from scheduler.routing import LoadSnapshot, StageLoad
 
-FALLBACK_LAYER_STEP_S = 1e-3  # a worker that registered without a profile and has not run yet
+FALLBACK_LAYER_STEP_S = 1e-3
+DEFAULT_PREFILL_TOKENS_PER_STEP = StageLoad.prefill_tokens_per_step  # a worker that did not report its budget  # a worker that registered without a profile and has not run yet
 
 
 def layer_costs_s(profile: dict) -> tuple[float, float, float]:
@@ -48,6 +50,7 @@ def stage_load(worker: WorkerState) -> StageLoad:
         step_time_s=max(measured_s, step_s * layers) if worker.in_flight else step_s * layers,
         prefill_time_per_token_s=prefill_s * layers,
         step_time_per_request_s=per_request_s * layers,
+        prefill_tokens_per_step=worker.prefill_tokens_per_step or DEFAULT_PREFILL_TOKENS_PER_STEP,
     )
 
 

@@ -125,6 +125,7 @@ class Register:
     profile: dict[str, Any] = field(default_factory=dict)  # measured figures (workers/profiler)
     pid: int = 0
     protocol_version: int = PROTOCOL_VERSION
+    prefill_tokens_per_step: int = 0  # prompt tokens one step takes at most (0: not said)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import zmq
 
 from workers import protocol as p
 from workers.backend import SequenceChunk, StageBackend, StageConfig, load_backend
-from workers.batching import StageRequest, WorkItem, take_batch
+from workers.batching import MAX_PREFILL_TOKENS_PER_STEP, StageRequest, WorkItem, take_batch
 from workers.sampling import sample
 from workers.tensor_frames import payload_to_tensor, tensor_to_payload
 
@@ -130,6 +130,7 @@ class Worker:
                 device=self.config.device,
                 profile=profile,
                 pid=os.getpid(),
+                prefill_tokens_per_step=MAX_PREFILL_TOKENS_PER_STEP,
             )
         )
 
@@ -432,13 +433,14 @@ class Worker:
             )
             if reason is not None:
                 finished.append(state.request_id)
-        for address, items in outputs.items():
-            self.send(address, p.TokenOutputs(self.worker_id, tuple(items)))
+        # the next step's inputs first: the first stage waits on them, the scheduler only streams
         for address, items in next_tokens.items():
             if address == self.data_address:  # a single-stage pipeline: the ring is this worker
                 self.on_next_tokens(p.NextTokens(tuple(items)))
             else:
                 self.send(address, p.NextTokens(tuple(items)))
+        for address, items in outputs.items():
+            self.send(address, p.TokenOutputs(self.worker_id, tuple(items)))
         self.release(finished)
 
 
