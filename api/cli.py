@@ -20,6 +20,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # Ray is optional: imported only with --ray
+    from api.ray_launcher import RayWorkers
 
 log = logging.getLogger("potluck")
 
@@ -167,7 +171,7 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
         await engine.stop(shutdown_workers=True)
 
 
-def _connect_ray(args: argparse.Namespace, profile_dir: str | None):  # -> api.ray_launcher.RayWorkers
+def _connect_ray(args: argparse.Namespace, profile_dir: str | None) -> RayWorkers:
     from api.ray_launcher import RayWorkers
 
     ray_workers = RayWorkers(
