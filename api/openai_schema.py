@@ -15,7 +15,7 @@ Parts:
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
@@ -61,7 +61,7 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = 1
+    n: int | None = Field(default=1, ge=1, le=1)  # the schema says what is served: one choice
     user: str | None = None
     ignore_eos: bool = False  # vLLM extension
     skip_special_tokens: bool = True  # vLLM extension
@@ -75,10 +75,10 @@ class _Request(BaseModel):
                     raise ValueError(f"'{name}' is not supported by this server (got {data[name]!r}); leave it unset")
         return data
 
-    @field_validator("n")
+    @field_validator("n", mode="before")  # before the bounds: a message that says what to do
     @classmethod
-    def _only_one_choice(cls, n: int | None) -> int | None:
-        if n is not None and n != 1:
+    def _only_one_choice(cls, n: Any) -> Any:
+        if isinstance(n, int) and not isinstance(n, bool) and n != 1:
             raise ValueError(f"only n=1 is supported (got n={n}); send several requests instead")
         return n
 
@@ -108,19 +108,28 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    # one prompt per request: text, token ids, or a list holding one of those (the schema says so)
+    prompt: (
+        str
+        | Annotated[list[int], Field(min_length=1)]
+        | Annotated[list[str], Field(min_length=1, max_length=1)]
+        | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1, max_length=1)]
+    )
     logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @field_validator("prompt", mode="before")  # before the union: messages that say what to do
+    @classmethod
+    def _one_prompt(cls, prompt: Any) -> Any:
+        if isinstance(prompt, list) and (not prompt or prompt == [[]]):
+            raise ValueError("prompt must not be empty")
+        if isinstance(prompt, list) and isinstance(prompt[0], (str, list)) and len(prompt) != 1:
+            raise ValueError(f"only one prompt per request is supported (got {len(prompt)})")
+        return prompt
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, prompt: Any) -> Any:
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise ValueError(f"only one prompt per request is supported (got {len(prompt)})")
-            return prompt[0]
-        if isinstance(prompt, list) and not prompt:
-            raise ValueError("prompt must not be empty")
-        return prompt
+    def _unwrap(cls, prompt: Any) -> Any:
+        return prompt[0] if isinstance(prompt, list) and isinstance(prompt[0], (str, list)) else prompt
 
 
 class TextPart(BaseModel):
