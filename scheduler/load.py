@@ -14,8 +14,8 @@ from __future__ import annotations
 from scheduler.cluster import Cluster, WorkerState
 from scheduler.routing import LoadSnapshot, StageLoad
 
-FALLBACK_LAYER_STEP_S = 1e-3
-DEFAULT_PREFILL_TOKENS_PER_STEP = StageLoad.prefill_tokens_per_step  # a worker that did not report its budget  # a worker that registered without a profile and has not run yet
+FALLBACK_LAYER_STEP_S = 1e-3  # a worker that registered without a profile and has not run yet
+DEFAULT_PREFILL_TOKENS_PER_STEP = StageLoad.prefill_tokens_per_step  # a worker that did not report its budget
 
 
 def layer_costs_s(profile: dict) -> tuple[float, float, float]:
