@@ -9,11 +9,14 @@ Parts:
   `ray://HOST:PORT` or `HOST:PORT`; `local`: a one-machine Ray started here, its workers on
   127.0.0.1, for trying it out), and on every alive node starts worker actors: one per GPU (the
   actor holds it, so Ray sets `CUDA_VISIBLE_DEVICES`; `workers_per_node` share the node's GPUs),
-  or `workers_per_node` (default one) on a node without GPUs. `sync()` starts workers on nodes that joined since (a watcher thread calls it every
-  `poll_s`; the scheduler re-plans when they register). `stop()` stops every worker and the Ray
-  instance it started, never a cluster it only connected to.
+  or `workers_per_node` (default one) on a node without GPUs. `sync()` starts workers on nodes
+  that joined since (the scheduler re-plans when they register) and `revive()` restarts worker
+  processes that ended while their node lives (they register again under their id); a watcher
+  thread calls both every `poll_s`. `stop()` stops every worker and the Ray instance it started,
+  never a cluster it only connected to.
 - `WorkerActor`: a Ray actor that owns one `python -m workers` process on its node, listening on
-  the node's address; the process exits when the actor is gone (`--parent-pid`).
+  the node's address; the process exits when the actor is gone (`--parent-pid`), and the actor
+  starts it again when it ends on its own (`restart_if_exited`).
 - `scheduler_host(mode)`: the address workers on other nodes reach this scheduler at.
 - `check_reachable(address)`: a clear error at once for a Ray address nobody answers at
   (`ray.init` would retry it forever).
@@ -61,8 +64,19 @@ class WorkerActor:
         command = [*command, "--parent-pid", str(os.getpid())]
         if "--memory-bytes" not in command and _runs_on_cpu(device):  # CPU workers on a node share its memory
             command += ["--memory-bytes", str(cpu_memory_share_bytes(cpu_workers_on_node))]
+        self.command = command
+        self.process = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen:
         # Ray sets CUDA_VISIBLE_DEVICES for an actor holding a GPU: the worker inherits it
-        self.process = subprocess.Popen(command, env=worker_environment(os.environ), start_new_session=True)
+        return subprocess.Popen(self.command, env=worker_environment(os.environ), start_new_session=True)
+
+    def restart_if_exited(self) -> int | None:
+        """Start the worker again if its process ended (crashed, killed); returns its exit code."""
+        code = self.process.poll()
+        if code is not None:
+            self.process = self._spawn()
+        return code
 
     def pid(self) -> int:
         return self.process.pid
@@ -214,12 +228,38 @@ class RayWorkers:
                 log.info("started %d worker(s) on Ray node %s (%s)", len(slots), node_id[:8], host)
         return new
 
+    def revive(self, timeout_s: float = ACTOR_STOP_TIMEOUT_S) -> list[str]:
+        """Restart worker processes that ended while their actor lives (the worker registers again
+        under its id and is taken back in); forget actors that are gone with their node. Returns
+        the restarted worker ids."""
+        ray = _ray()
+        with self._lock:
+            actors = dict(self.actors)
+        restarted = []
+        for worker_id, actor in actors.items():
+            if self._stop.is_set():
+                break
+            try:
+                code = ray.get(actor.restart_if_exited.remote(), timeout=timeout_s)
+            except ray.exceptions.RayActorError:  # its node is gone; a node that returns is a new one
+                with self._lock:
+                    self.actors.pop(worker_id, None)
+                log.warning("Ray worker %s is gone with its node", worker_id)
+                continue
+            except ray.exceptions.GetTimeoutError:
+                continue
+            if code is not None:
+                restarted.append(worker_id)
+                log.warning("worker %s exited with %s; started it again", worker_id, code)
+        return restarted
+
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
             try:
                 self.sync()
+                self.revive()
             except Exception:  # Ray unreachable for a moment: try again next round
-                log.exception("could not list Ray nodes")
+                log.exception("could not watch the Ray cluster")
 
     # ------------------------------------------------------------------------- stop
     def stop(self) -> None:

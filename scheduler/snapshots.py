@@ -35,6 +35,7 @@ def worker_snapshot(worker: WorkerState) -> dict:
         "id": worker.worker_id,
         "address": worker.data_address,
         "device": worker.device,
+        "pid": worker.pid,  # on its own machine
         "memory_bytes": worker.memory_bytes,
         "profile": worker.profile,
         "assigned_layers": list(worker.assigned) if worker.assigned else None,

@@ -6,7 +6,9 @@ namespace that has only a loopback interface (Ray binds every interface it finds
 
 Serves with two worker actors on the Ray node potluck starts, asks for a greedy completion, then
 adds a second Ray node (`ray start --address=...`, as a second machine would), waits for potluck to
-start two workers there and take them into a new plan, asks again, and stops everything.
+start two workers there and take them into a new plan, asks again, kills one worker process
+(SIGKILL) and waits for its actor to start it again and the scheduler to take it back, asks a
+third time, and stops everything.
 Prints one JSON line: both completions (text, token log-probabilities), the reference token ids
 detokenized by the server, the workers and plan epochs the cluster endpoint listed, and the
 processes left alive after Ctrl-C and `ray stop` (there should be none).
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -87,6 +90,22 @@ def main() -> None:
             time.sleep(0.3)
         result["workers_after"], result["epoch_after"] = now, cluster["epoch"]
         result["after"] = complete(served.url, model, prompt_ids, len(reference_ids))
+
+        # kill -9 one worker process: its actor starts it again, it registers under its id
+        victim = next(w for w in cluster["workers"] if w["id"].endswith("-0"))
+        os.kill(victim["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        while True:
+            cluster = httpx.get(f"{served.url}/cluster", timeout=30).json()
+            back = {w["id"]: w for w in cluster["workers"]}
+            if (victim["id"] in back and back[victim["id"]]["pid"] != victim["pid"]
+                    and len(back) == 4 and all(w["state"] == "ready" for w in back.values())):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{victim['id']} did not come back: {workers(cluster)}")
+            time.sleep(0.3)
+        result["revived"] = {"id": victim["id"], "old_pid": victim["pid"], "new_pid": back[victim["id"]]["pid"]}
+        result["after_revival"] = complete(served.url, model, prompt_ids, len(reference_ids))
     finally:
         served.stop()
         subprocess.run([RAY_CLI, "stop", "--force"], capture_output=True, timeout=60)

@@ -1,6 +1,7 @@
 """`potluck serve --ray local`: workers started as Ray actors answer exactly like transformers; a
-Ray node that joins later gets workers, which the scheduler takes into a new plan; Ctrl-C leaves
-no process behind (Ray's included).
+Ray node that joins later gets workers, which the scheduler takes into a new plan; a worker killed
+with SIGKILL is started again by its actor and taken back; Ctrl-C leaves no process behind (Ray's
+included).
 
 Ray binds every network interface it finds, so the session runs in a network namespace of its own
 that has only a loopback interface (`unshare -n`, as root: .ci/run runs as root)."""
@@ -44,7 +45,8 @@ def test_ray_actors_serve_the_model_like_transformers_and_stop_with_serve(tmp_pa
     new_node = {w["id"].rsplit("-", 1)[0] for w in after} - {w["id"].rsplit("-", 1)[0] for w in before}
     assert len(new_node) == 1 and len(after) == 4, after  # two workers on the node that joined
     assert result["epoch_after"] > result["epoch_before"]  # re-planned with them
-    for answer in (result["before"], result["after"]):
+    assert result["revived"]["new_pid"] != result["revived"]["old_pid"]  # killed, started again, taken back
+    for answer in (result["before"], result["after"], result["after_revival"]):
         assert answer["text"] == result["reference_text"]
         assert len(answer["token_logprobs"]) == len(logprobs)
         assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(answer["token_logprobs"], logprobs))
