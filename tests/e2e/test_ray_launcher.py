@@ -4,7 +4,8 @@ with SIGKILL is started again by its actor and taken back; Ctrl-C leaves no proc
 included).
 
 Ray binds every network interface it finds, so the session runs in a network namespace of its own
-that has only a loopback interface (`unshare -n`, as root: .ci/run runs as root)."""
+that has only a loopback interface (`unshare --map-root-user --net`: needs no root where user
+namespaces are allowed)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def test_ray_actors_serve_the_model_like_transformers_and_stop_with_serve(tmp_pa
         "ip link set lo up && exec " + " ".join([sys.executable, "-m", "tests.e2e.ray_session", str(model_dir),
                                                  f"'{json.dumps(prompt_ids)}'", f"'{json.dumps(tokens)}'"])
     )  # fmt: skip
-    done = subprocess.run(["unshare", "-n", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=280)
+    done = subprocess.run(["unshare", "--map-root-user", "--net", "sh", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=280)
     log = (tmp_path / "ray-serve.log").read_text() if (tmp_path / "ray-serve.log").exists() else ""
     assert done.returncode == 0, done.stderr[-3000:] + log[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
