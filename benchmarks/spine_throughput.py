@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-from api.local_workers import worker_environment  # noqa: E402 (imports no torch)
+from api.local_workers import worker_environment  # imports no torch
 
 # Both sides get the environment potluck's local workers run with (set before torch loads
 # OpenMP): a short OpenMP spin, so idle threads soon sleep, which on a shared 2-core machine

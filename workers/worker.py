@@ -360,7 +360,8 @@ class Worker:
         for item in batch:
             state = self.requests[item.request_id]
             state.position += item.num_tokens
-            state.left_stage(now_s, elapsed_s)
+            if backend.is_first:  # only the first stage waits for the ring (workers/batching.py)
+                state.left_stage(now_s, elapsed_s)
         if backend.is_last:
             self.emit_tokens(batch, outputs)
         else:
