@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from scheduler.routing import MAX_QUEUE_WAIT_S
+
 if TYPE_CHECKING:  # Ray is optional: imported only with --ray
     from api.ray_launcher import RayWorkers
 
@@ -45,6 +47,7 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--placement", choices=["auto", "solver", "pipeline"], default="auto", help="auto: one pipeline when all workers share a host, else the placement solver")
     parser.add_argument("--placement-objective", choices=["throughput", "latency"], default="throughput")
     parser.add_argument("--heartbeat-timeout-s", type=float, default=5.0, help="a worker silent this long is declared lost")
+    parser.add_argument("--max-queue-wait-s", type=float, default=MAX_QUEUE_WAIT_S, help=f"a request whose best path would queue its prompt longer than this waits for a path to free up (default {MAX_QUEUE_WAIT_S:g}; inf: off)")
     parser.add_argument("--no-profile", action="store_true", help="local workers skip measuring their device at join")
 
 
@@ -103,6 +106,8 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
     local_count = args.local_workers if args.local_workers is not None else (0 if args.ray else 1)
     if local_count < 0:
         raise ValueError(f"--local-workers must be >= 0, got {local_count}")
+    if not args.max_queue_wait_s >= 0:
+        raise ValueError(f"--max-queue-wait-s must be >= 0 (inf: off), got {args.max_queue_wait_s}")
     profile_dir = None if args.no_profile else str(model_dir)
     workers = LocalWorkers("", local_count, args.device or best_device(), args.worker_threads, profile_model_dir=profile_dir)
     ray_workers = _connect_ray(args, profile_dir) if args.ray else None
@@ -129,6 +134,7 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
                 placement=args.placement,
                 placement_objective=args.placement_objective,
                 heartbeat_timeout_s=args.heartbeat_timeout_s,
+                max_queue_wait_s=args.max_queue_wait_s,
             ),
             tokenizer,
         )

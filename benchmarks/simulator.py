@@ -4,15 +4,18 @@
                                    [--seed 0] [--json]
 
 Parts:
-- ``Policy`` / ``POLICIES``: ours (``scheduler.routing.choose_route``), round-robin and
-  least-loaded (the baselines in the same module), each a function of the load snapshot.
+- ``Policy`` / ``POLICIES``: ours (``scheduler.routing.choose_route``), ours without late binding,
+  round-robin and least-loaded (the baselines in the same module), each a function of the load
+  snapshot.
 - ``simulate(cluster, placement, trace, policy)``: heapq event loop. Each placed device is a
   stage with continuous batching: a step runs every decode token that is ready (up to
   ``MAX_BATCH``) plus up to ``PREFILL_TOKENS_PER_STEP`` prompt tokens (chunked prefill, FIFO),
   and lasts ``layer_step_s`` x its layers (``sim_cluster.py``). Activations hop to the next stage
   after the link's latency + bytes / bandwidth; each new token goes back through the coordinator.
   A request reserves prompt + max_new KV tokens on every stage of its route until it finishes;
-  if no route fits it waits in ``scheduler.admission.AdmissionQueue`` (FIFO).
+  if no route fits (or ours holds it: ``MAX_QUEUE_WAIT_S``) it waits in
+  ``scheduler.admission.AdmissionQueue`` (FIFO), tried again whenever a request finishes or gets
+  its first token.
 - ``SimResult``: p50/p99 TTFT and end-to-end latency, output tokens/s.
 - ``saturation_tokens_per_s``: output tokens/s of an overloaded run (the calibration of "load").
 - ``replan_times``: wall time of the real ``solve_placement(current=...)`` after a join / a loss.
@@ -45,6 +48,8 @@ EWMA_ALPHA = 0.2
 Policy = Callable[[LoadSnapshot, RouteRequest, int], "RouteChoice | None"]
 POLICIES: dict[str, Policy] = {
     "potluck": lambda snap, req, counter: choose_route(snap, req),
+    # the same router without late binding (every request goes at once to its best path with room)
+    "potluck-no-hold": lambda snap, req, counter: choose_route(snap, req, max_queue_wait_s=math.inf),
     "round-robin": round_robin_route,
     "least-loaded": lambda snap, req, counter: least_loaded_route(snap, req),
 }
@@ -238,6 +243,8 @@ def simulate(cluster: SimCluster, placement: Placement, trace: tuple[SimRequest,
                 emitted.append(now)
                 if q.generated == 1:
                     q.first_s = now
+                    if len(queue):  # its prompt left every queue: a held request may go (as in the engine)
+                        queue.release(try_admit(now))
                 if q.generated >= q.r.new_tokens:
                     q.finish_s = now
                     kv = q.r.prompt_tokens + q.r.new_tokens

@@ -1,4 +1,5 @@
-"""Admission queue: requests that find every path KV-full wait here, first in first out.
+"""Admission queue: requests that find every path KV-full (or, with late binding, every path
+queued past ``scheduler.routing.MAX_QUEUE_WAIT_S``) wait here, first in first out.
 
 Parts:
 - ``Outcome``: ``"admitted"`` (route it now), ``"queued"`` (told it waits, at ``position``),

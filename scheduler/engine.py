@@ -34,7 +34,7 @@ from scheduler.load import load_snapshot
 from scheduler.metrics import EngineMetrics
 from scheduler.planner import PlannerConfig, kv_budget_bytes, plan_layers
 from scheduler.request import GenerationOutput, GenerationRequest, TokenLogprob
-from scheduler.routing import RouteRequest, choose_route
+from scheduler.routing import MAX_QUEUE_WAIT_S, RouteRequest, choose_route
 from scheduler.tokenizer import Tokenizer
 from workers import protocol as p
 
@@ -55,9 +55,10 @@ class EngineConfig:
     max_concurrent_sequences: int = 16  # KV reserve is sized for this many full-length sequences
     heartbeat_timeout_s: float = 5.0
     token_timeout_s: float = 120.0  # no token for this long: the request fails
-    route_wait_s: float = 30.0  # how long a request waits for layers being loaded
+    route_wait_s: float = 30.0  # how long a request waits for layers being loaded or a path with room
     max_restarts: int = 8
     max_waiting: int = 64  # admission queue bound: beyond it, HTTP 429
+    max_queue_wait_s: float = MAX_QUEUE_WAIT_S  # late binding (scheduler/routing.py); inf: off
     retry_after_s: float = 2.0
     placement: str = "auto"  # auto | solver | pipeline (scheduler/planner.py)
     placement_objective: str = "throughput"  # or "latency"
@@ -310,13 +311,15 @@ class Engine:
     # ------------------------------------------------------------------------------- requests
     def choose_route(self, state: RequestState) -> tuple[str, ...] | None:
         """The path with the least predicted TTFT + DECODE_WEIGHT x decode time, among stages with
-        room (scheduler/routing.py)."""
+        room; None while every path is full or would queue the prompt past MAX_QUEUE_WAIT_S
+        (scheduler/routing.py)."""
         request = state.request
         route_request = RouteRequest(
             num_prompt_tokens=len(request.prompt_token_ids) + len(state.generated),
             max_new_tokens=request.sampling.max_new_tokens - len(state.generated),
         )
-        choice = choose_route(load_snapshot(self.cluster, self.config.model.activation_bytes_per_token), route_request)
+        snapshot = load_snapshot(self.cluster, self.config.model.activation_bytes_per_token)
+        choice = choose_route(snapshot, route_request, max_queue_wait_s=self.config.max_queue_wait_s)
         return None if choice is None else choice.worker_ids
 
     def _start_attempt(self, state: RequestState, route: tuple[str, ...]) -> None:
@@ -362,7 +365,8 @@ class Engine:
 
     async def _acquire_route(self, state: RequestState) -> None:
         """Route now, or wait: for layers being loaded (up to `route_wait_s`), or in the admission
-        queue while every path is KV-full (FIFO; past `max_waiting` the request gets a 429)."""
+        queue while every path is KV-full or queued past `MAX_QUEUE_WAIT_S` (FIFO; past
+        `max_waiting`, or after `route_wait_s`, the request gets a 429)."""
         deadline = time.monotonic() + self.config.route_wait_s
         key = state.request.request_id
         try:
@@ -374,11 +378,11 @@ class Engine:
                     self.admission.remove(key)
                     self._start_attempt(state, route)
                     return
-                if usable and key not in self.admission:  # every path is full: queue or turn away
+                if usable and key not in self.admission:  # every path is full or queued: wait or turn away
                     decision = self.admission.offer(key, time.monotonic(), has_route=False)
                     if decision.outcome == "rejected":
                         raise OverloadedError(
-                            f"all {len(self.admission)} admission slots are taken and every path is full; retry later",
+                            f"all {len(self.admission)} admission slots are taken and every path is full or queued; retry later",
                             retry_after_s=decision.retry_after_s or 1.0,
                         )
                 elif not usable and not self._expecting_routes():
@@ -389,7 +393,10 @@ class Engine:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     if usable:
-                        raise OverloadedError("every path stayed full; retry later", retry_after_s=self.config.retry_after_s)
+                        raise OverloadedError(
+                            f"every path stayed full or queued for {self.config.route_wait_s:.0f} s; retry later",
+                            retry_after_s=self.config.retry_after_s,
+                        )
                     raise NoCapacityError(f"no path through the model's layers became available in {self.config.route_wait_s:.0f} s")
                 try:
                     await asyncio.wait_for(self.routes_changed.wait(), timeout=min(remaining, 0.5))
@@ -439,6 +446,8 @@ class Engine:
                         if (worker := self.cluster.workers.get(worker_id)) is not None:
                             worker.queued_prefill_tokens -= state.queued_prefill_tokens
                     state.queued_prefill_tokens = 0
+                    if len(self.admission):
+                        self._routes_changed()  # shorter queues: a held request may go
                 state.generated.append(output.token_id)
                 self.tokens_generated += 1
                 self.metrics.on_token(timer)

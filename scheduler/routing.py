@@ -9,8 +9,10 @@ Parts:
 - ``stage_time_s(stage, request)``, ``edge_time_s(...)``, ``path_times_s(...)``: the cost model.
 - ``choose_route(snapshot, request)``: least predicted TTFT + ``DECODE_WEIGHT`` x decode time, by a
   shortest path over the stages (DP in layer order, no path enumeration), never through a KV-full
-  or dead stage; ``None`` when no path fits (the caller queues the request:
-  ``scheduler/admission.py``). ``route_score_s`` is that score for one path's predictions.
+  or dead stage; ``None`` when no path fits, or when the best one would queue the prompt for more
+  than ``MAX_QUEUE_WAIT_S`` (the caller holds the request in ``scheduler/admission.py`` and asks
+  again as load changes). ``route_score_s`` is that score for one path's predictions;
+  ``queue_wait_s`` the part of a path's TTFT spent behind prompts already queued.
 - ``round_robin_route``, ``least_loaded_route``: the baselines, same inputs, fixed pipelines.
 - ``all_paths``: brute-force enumeration, for tests and small clusters only.
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Mapping
 
 from placement.problem import SINK, SOURCE
@@ -78,6 +80,7 @@ class RouteChoice:
     worker_ids: tuple[str, ...]
     predicted_ttft_s: float
     predicted_finish_s: float
+    predicted_queue_wait_s: float = 0.0  # of the TTFT, behind prompts queued before this one
 
 
 def eligible(stage: StageLoad, request: RouteRequest) -> bool:
@@ -114,6 +117,17 @@ def edge_time_s(snapshot: LoadSnapshot, src: str, dst: str, request: RouteReques
 # figures barely moved between 0.05 and 0.2 (docs/routing.md).
 DECODE_WEIGHT = 0.1
 
+# Late binding: a request whose best path would keep its prompt queued for longer than this (at
+# the path's longest stage queue: ``queue_wait_s``) waits in the admission queue instead (first in,
+# first out) and takes the first path that frees up. Without it, a path that is the only one with
+# free KV gets flooded: in benchmarks/simulator.py (8 devices, seed 6) bursts filled the KV of the
+# fast last stages and every request went to a CPU stage with room (predicted TTFT up to 650 s):
+# p99 TTFT 270 s and 638 output tok/s; held, 10.5 s and 1356 tok/s (tests/scheduler/test_routing.py).
+# Over 8 such clusters the p99 TTFT ratio vs round-robin moved little elsewhere (docs/routing.md);
+# 4 s hurt the one where holding costs most (0.65 vs 0.60) less than 2 s did (0.86).
+# ``math.inf`` turns it off.
+MAX_QUEUE_WAIT_S = 4.0
+
 
 def route_score_s(predicted_ttft_s: float, predicted_finish_s: float, decode_weight: float = DECODE_WEIGHT) -> float:
     """What ``choose_route`` minimises: TTFT + ``decode_weight`` x (finish - TTFT)."""
@@ -137,11 +151,22 @@ def path_times_s(snapshot: LoadSnapshot, path: tuple[str, ...], request: RouteRe
     return first_s, _finish_s(first_s, later_s, request)
 
 
+def queue_wait_s(snapshot: LoadSnapshot, path: tuple[str, ...], request: RouteRequest) -> float:
+    """Seconds the prompt waits behind the prompts already queued on ``path``: the longest of its
+    stages' waits (the stages work through the queue at the same time, one prompt behind another;
+    ``path_times_s`` adds them up, which is right for one prompt alone and too much here)."""
+    by_id = {s.worker_id: s for s in snapshot.stages}
+    return max((stage_time_s(by_id[w], request)[0] - stage_time_s(replace(by_id[w], queued_prefill_tokens=0), request)[0]
+                for w in path), default=0.0)
+
+
 def choose_route(snapshot: LoadSnapshot, request: RouteRequest,
-                 decode_weight: float = DECODE_WEIGHT) -> RouteChoice | None:
+                 decode_weight: float = DECODE_WEIGHT, max_queue_wait_s: float = MAX_QUEUE_WAIT_S) -> RouteChoice | None:
     """The path with the least ``route_score_s`` (predicted TTFT + ``decode_weight`` x predicted
-    decode time), or ``None`` when every path is KV-full. ``decode_weight=1`` is the least
-    predicted finish time, ``0`` the least predicted TTFT.
+    decode time), or ``None`` when every path is KV-full or the best path's ``queue_wait_s``
+    exceeds ``max_queue_wait_s`` (late binding: the caller holds the request and asks again when
+    load changes). ``decode_weight=1`` is the least predicted finish time, ``0`` the least
+    predicted TTFT.
 
     Design note. The score of a path is
         sum over stages  [ (Q_s + P) * prefill_s + ceil((Q_s + P) / chunk_s) * step_s ]   (TTFT part)
@@ -159,6 +184,8 @@ def choose_route(snapshot: LoadSnapshot, request: RouteRequest,
     """
     if not decode_weight >= 0:
         raise ValueError(f"decode_weight must be >= 0, got {decode_weight}")
+    if not max_queue_wait_s >= 0:
+        raise ValueError(f"max_queue_wait_s must be >= 0, got {max_queue_wait_s}")
     L = snapshot.num_layers
     per = {
         s.worker_id: s for s in snapshot.stages
@@ -209,13 +236,13 @@ def choose_route(snapshot: LoadSnapshot, request: RouteRequest,
     while parent[path[-1]] != SOURCE:
         path.append(parent[path[-1]])
     route = tuple(reversed(path))
-    ttft_s, finish_s = path_times_s(snapshot, route, request)
-    return RouteChoice(route, ttft_s, finish_s)
+    choice = _choice(snapshot, route, request)
+    return None if choice.predicted_queue_wait_s > max_queue_wait_s else choice
 
 
 def _choice(snapshot: LoadSnapshot, route: tuple[str, ...], request: RouteRequest) -> RouteChoice:
     ttft_s, finish_s = path_times_s(snapshot, route, request)
-    return RouteChoice(route, ttft_s, finish_s)
+    return RouteChoice(route, ttft_s, finish_s, queue_wait_s(snapshot, route, request))
 
 
 def disjoint_pipelines(snapshot: LoadSnapshot) -> tuple[tuple[str, ...], ...]:

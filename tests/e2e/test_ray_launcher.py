@@ -61,9 +61,10 @@ def test_ray_actors_serve_the_model_like_transformers_and_stop_with_serve(tmp_pa
         (["--ray", "127.0.0.1:1"], "no Ray cluster answers at 127.0.0.1:1"),
         (["--ray", "nonsense"], "--ray takes local, auto, HOST:PORT or ray://HOST:PORT"),
         (["--local-workers", "-1"], "--local-workers must be >= 0, got -1"),
+        (["--max-queue-wait-s", "-1"], "--max-queue-wait-s must be >= 0 (inf: off), got -1.0"),
     ],
 )
-def test_bad_ray_arguments_fail_at_once_with_a_clear_error(tmp_path: Path, args: list[str], message: str) -> None:
+def test_bad_serve_arguments_fail_at_once_with_a_clear_error(tmp_path: Path, args: list[str], message: str) -> None:
     model_dir = make_checkpoint(tmp_path / "llama", "llama", num_hidden_layers=2)
     command = [sys.executable, "-m", "api.cli", "serve", "--model", str(model_dir), "--port", "1", *args]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)  # ray.init alone would retry forever

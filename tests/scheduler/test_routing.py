@@ -50,11 +50,12 @@ def test_choose_route_is_the_least_score_of_all_paths(w: float | None) -> None:
     rng = random.Random(7)
     found = 0
     kw = {} if w is None else {"decode_weight": w}
+    hold = {"max_queue_wait_s": math.inf}  # the least score; the hold is tested below
     for _ in range(400):
         snap = random_snapshot(rng)
         req = RouteRequest(rng.randint(1, 2000), rng.randint(1, 300))
         paths = list(all_paths(snap, req))
-        choice = choose_route(snap, req, **kw)
+        choice = choose_route(snap, req, **kw, **hold)
         if not paths:
             assert choice is None
             continue
@@ -93,6 +94,24 @@ def test_never_routes_through_a_kv_full_or_dead_stage_and_none_when_all_full() -
     assert choose_route(four(A={"kv": 1200}, C={"kv": 1200}), req) is not None  # exactly enough
     for fn in (lambda s: round_robin_route(s, req, 0), lambda s: least_loaded_route(s, req)):
         assert fn(four(A={"kv": 10}, B={"kv": 10})) is None
+
+
+def test_holds_a_request_whose_best_path_would_queue_it_too_long() -> None:
+    """Late binding: C is the only last stage with KV left and 20 s of prompts queued (20k tokens
+    x 1 ms): the request waits (None) instead of joining that queue; it goes once the queue is
+    within the bound, or at once to a path with room and no queue, however slow."""
+    req = RouteRequest(200, 100)
+    slow = {"prefill": 1e-3, "step": 0.2}
+    full_d = {"kv": 10}
+    assert choose_route(four(C={"queued": 20_000, **slow}, D=full_d), req) is None
+    assert choose_route(four(C={"queued": 20_000, **slow}, D=full_d), req, max_queue_wait_s=math.inf) is not None
+    choice = choose_route(four(C={"queued": 2_000, **slow}, D=full_d), req)
+    assert choice is not None and choice.worker_ids[1] == "C"
+    assert 1.0 < choice.predicted_queue_wait_s < 4.0
+    choice = choose_route(four(C=slow, D=full_d), req)
+    assert choice is not None and choice.worker_ids[1] == "C" and choice.predicted_queue_wait_s == 0.0
+    with pytest.raises(ValueError):
+        choose_route(four(), req, max_queue_wait_s=-1.0)
 
 
 def test_crosses_replicas_where_boundaries_line_up() -> None:
@@ -176,6 +195,26 @@ def test_simulator_ours_beats_round_robin_on_p99_ttft() -> None:
     assert res["potluck"].ttft_p99_s <= res["round-robin"].ttft_p99_s
     again = simulate(cluster, placement, trace, "potluck", pipes)
     assert again.ttft_p99_s == res["potluck"].ttft_p99_s  # deterministic
+
+
+def test_simulator_late_binding_keeps_a_kv_rich_cpu_stage_from_taking_every_request() -> None:
+    """A cluster (seed 6) whose last column is two RTX 4090s with little KV room and a CPU with a
+    lot: without the hold, bursts that fill the GPUs' KV send every request to the CPU (predicted
+    TTFT in the hundreds of seconds); with it they wait for a GPU and the tail stays short."""
+    from benchmarks.sim_cluster import TraceConfig, bursty_trace, make_cluster, mean_output_tokens
+    from benchmarks.simulator import baseline_pipelines, placement_from_ranges, simulate
+
+    cluster = make_cluster(8, 6)
+    cols = {"EPYC-CPU-256G": (31, 48), "A100-80G": (13, 31), "L40S-48G": (0, 13), "RTX4090-24G": (31, 48),
+            "T4-16G": (0, 13), "L4-24G": (13, 31)}  # what solve_placement returned for it
+    placement = placement_from_ranges(cluster, {d.device_id: cols[d.kind.name] for d in cluster.devices})
+    pipes = baseline_pipelines(placement, cluster.model.num_layers)
+    cfg = TraceConfig()  # 3000 requests: the flood builds up over several bursts
+    trace = bursty_trace(0.8 * 2048 / mean_output_tokens(cfg), cfg, seed=6)
+    held, flooded = (simulate(cluster, placement, trace, name, pipes) for name in ("potluck", "potluck-no-hold"))
+    assert held.completed == flooded.completed == 3000
+    assert held.ttft_p99_s * 5 < flooded.ttft_p99_s, (held, flooded)
+    assert held.output_tokens_per_s > 1.3 * flooded.output_tokens_per_s
 
 
 def test_simulator_places_with_the_real_solver() -> None:
