@@ -1,7 +1,7 @@
 """Discrete-event simulator of a potluck cluster, driving the real placement and routing code.
 
     python -m benchmarks.simulator [--devices 8 64] [--replan-devices 8 64 512] [--load 0.8]
-                                   [--seed 0] [--json]
+                                   [--seed 0 [1 ...]] [--traces 1] [--json]
 
 Parts:
 - ``Policy`` / ``POLICIES``: ours (``scheduler.routing.choose_route``), ours without late binding,
@@ -19,7 +19,8 @@ Parts:
 - ``SimResult``: p50/p99 TTFT and end-to-end latency, output tokens/s.
 - ``saturation_tokens_per_s``: output tokens/s of an overloaded run (the calibration of "load").
 - ``replan_times``: wall time of the real ``solve_placement(current=...)`` after a join / a loss.
-- ``main``: the benchmark; prints markdown tables (ratios included) or JSON.
+- ``run_size``: one cluster per seed, several traces on it; ``main``: the benchmark; prints the
+  markdown of ``sim_report.py`` (ratios included) or JSON.
 Not modelled: link contention, stragglers, preemption (KV is reserved up front instead).
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Callable
 from benchmarks.sim_cluster import (MAX_BATCH, PROFILE_CTX_TOKENS, SimCluster, SimRequest, TraceConfig,
                                     bursty_trace, kv_capacity_tokens, layer_step_s, make_cluster,
                                     mean_output_tokens, placement_problem, with_device, without_device)
+from benchmarks.sim_report import markdown
 from placement.flow import evaluate_placement
 from placement.problem import SINK, SOURCE, Placement
 from placement.solver import solve_placement
@@ -344,61 +346,23 @@ def replan_times(num_devices: int, seed: int, time_limit_s: float,
             "tokens_per_s_after_loss": lost.throughput_tokens_per_s, "moved_layers_loss": lost.moved_layers}
 
 
-def run_size(num_devices: int, load: float, seed: int, cfg: TraceConfig) -> dict:
+def run_size(num_devices: int, load: float, seed: int, cfg: TraceConfig, traces: int = 1) -> dict:
+    """One cluster (``seed``) and its placement, saturation measured once, then ``traces`` bursty
+    traces (trace seeds ``seed + 100 k``) at ``load`` x saturation, every policy on each."""
     cluster = make_cluster(num_devices, seed)
     placement, solve_s = place(cluster, default_time_limit_s(num_devices))
-    L = cluster.model.num_layers
-    pipes = baseline_pipelines(placement, L)
+    pipes = baseline_pipelines(placement, cluster.model.num_layers)
     sat = saturation_tokens_per_s(cluster, placement, cfg, seed)
     rate = load * sat / mean_output_tokens(cfg)
-    trace = bursty_trace(rate, cfg, seed)
-    results = {name: simulate(cluster, placement, trace, name, pipes) for name in POLICIES}
-    return {"devices": num_devices, "solve_s": solve_s, "placement_tokens_per_s": placement.throughput_tokens_per_s,
+    runs = []
+    for k in range(traces):
+        trace = bursty_trace(rate, cfg, seed + 100 * k)
+        runs.append({name: asdict(simulate(cluster, placement, trace, name, pipes)) for name in POLICIES})
+    return {"devices": num_devices, "seed": seed, "solve_s": solve_s,
+            "placement_tokens_per_s": placement.throughput_tokens_per_s,
             "stages": sum(1 for s, e in placement.ranges.values() if e > s), "baseline_pipelines": len(pipes),
-            "saturation_tokens_per_s": sat, "arrival_rate_per_s": rate,
-            "results": {k: asdict(v) for k, v in results.items()}, "_cluster": cluster, "_placement": placement}
-
-
-def _fmt(x: float) -> str:
-    return "nan" if math.isnan(x) else (f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}")
-
-
-def markdown(sizes: list[dict], replans: list[dict], load: float) -> str:
-    lines: list[str] = []
-    if sizes:
-        lines += [f"### Routing at {load:.0%} of measured saturation (bursty arrivals)", "",
-                  "| devices | policy | TTFT p50 s | TTFT p99 s | e2e p50 s | e2e p99 s | output tok/s | completed |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for size in sizes:
-            for name, r in size["results"].items():
-                lines.append(f"| {size['devices']} | {name} | {_fmt(r['ttft_p50_s'])} | {_fmt(r['ttft_p99_s'])} | "
-                             f"{_fmt(r['e2e_p50_s'])} | {_fmt(r['e2e_p99_s'])} | {_fmt(r['output_tokens_per_s'])} | "
-                             f"{r['completed']}/{r['requests']} |")
-        lines += ["", "| devices | vs | TTFT p50 ratio | TTFT p99 ratio (target <= 0.5 vs RR) | throughput ratio |",
-                  "|---|---|---|---|---|"]
-        for size in sizes:
-            ours = size["results"]["potluck"]
-            for name in ("round-robin", "least-loaded"):
-                b = size["results"][name]
-                lines.append(f"| {size['devices']} | {name} | {_fmt(ours['ttft_p50_s'] / b['ttft_p50_s'])} | "
-                             f"{_fmt(ours['ttft_p99_s'] / b['ttft_p99_s'])} | "
-                             f"{_fmt(ours['output_tokens_per_s'] / b['output_tokens_per_s'])} |")
-        lines += ["", "| devices | stages | baseline pipelines | placement tok/s | measured saturation tok/s | arrivals/s |",
-                  "|---|---|---|---|---|---|"]
-        for size in sizes:
-            lines.append(f"| {size['devices']} | {size['stages']} | {size['baseline_pipelines']} | "
-                         f"{_fmt(size['placement_tokens_per_s'])} | {_fmt(size['saturation_tokens_per_s'])} | "
-                         f"{_fmt(size['arrival_rate_per_s'])} |")
-    if replans:
-        lines += [*([""] if lines else []), "### Re-plan time (`solve_placement(current=previous)`)", "",
-                  "| devices | time limit s | join s | loss s | tok/s before | after join (moved layers) | "
-                  "after loss (moved layers) |", "|---|---|---|---|---|---|---|"]
-        for r in replans:
-            lines.append(f"| {r['devices']} | {_fmt(r['time_limit_s'])} | {_fmt(r['join_s'])} | {_fmt(r['loss_s'])} | "
-                         f"{_fmt(r['tokens_per_s_before'])} | {_fmt(r['tokens_per_s_after_join'])} "
-                         f"({r['moved_layers_join']}) | {_fmt(r['tokens_per_s_after_loss'])} "
-                         f"({r['moved_layers_loss']}) |")
-    return "\n".join(lines)
+            "saturation_tokens_per_s": sat, "arrival_rate_per_s": rate, "runs": runs,
+            "_cluster": cluster, "_placement": placement}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -408,20 +372,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--load", type=float, default=0.8, help="fraction of the measured saturation")
     ap.add_argument("--requests", type=int, default=TraceConfig.num_requests,
                     help="requests in each trace (the saturation run uses more if the KV holds more)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, nargs="+", default=[0], help="clusters to simulate (one placement each)")
+    ap.add_argument("--traces", type=int, default=1, help="bursty traces per cluster (trace seeds seed + 100 k)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.traces < 1 or args.requests < 1 or not 0 < args.load:
+        ap.error("--traces and --requests must be >= 1 and --load > 0")
     cfg = TraceConfig(num_requests=args.requests)
     t0 = time.perf_counter()
-    sizes = [run_size(n, args.load, args.seed, cfg) for n in args.devices]
+    sizes = [run_size(n, args.load, seed, cfg, args.traces) for n in args.devices for seed in args.seed]
     replans = []
     for n in args.replan_devices:
         base = next(((s["_cluster"], s["_placement"]) for s in sizes if s["devices"] == n), None)
-        replans.append(replan_times(n, args.seed, default_time_limit_s(n), base))
+        replans.append(replan_times(n, args.seed[0], default_time_limit_s(n), base))
     for s in sizes:
         del s["_cluster"], s["_placement"]
     if args.json:
-        print(json.dumps({"load": args.load, "seed": args.seed, "sizes": sizes, "replans": replans}, indent=1))
+        print(json.dumps({"load": args.load, "seeds": args.seed, "traces": args.traces, "sizes": sizes, "replans": replans}, indent=1))
     else:
         print(markdown(sizes, replans, args.load))
         print(f"\n(total wall time {time.perf_counter() - t0:.0f} s)")

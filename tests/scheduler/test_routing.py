@@ -227,3 +227,17 @@ def test_simulator_places_with_the_real_solver() -> None:
     for p in placement.pipelines:
         assert p.stages[0].start_layer == 0 and p.stages[-1].end_layer == cluster.model.num_layers
         assert all(a.end_layer == b.start_layer for a, b in zip(p.stages, p.stages[1:]))
+
+
+def test_simulator_report_aggregates_traces_per_cluster(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.sim_report import geo_mean, ratios
+    from benchmarks.simulator import main
+
+    assert geo_mean([0.25, 1.0]) == pytest.approx(0.5) and math.isnan(geo_mean([]))
+    runs = [{"potluck": {"x": 1.0}, "round-robin": {"x": 4.0}}, {"potluck": {"x": 3.0}, "round-robin": {"x": 3.0}}]
+    assert ratios(runs, "round-robin", "x") == [0.25, 1.0]
+    main(["--devices", "4", "--replan-devices", "--seed", "1", "--traces", "2", "--requests", "150"])
+    out = capsys.readouterr().out
+    assert "| 4 | 1 | round-robin | 2 |" in out and "| 4 | 1 | potluck-no-hold |" in out
+    with pytest.raises(SystemExit):
+        main(["--devices", "4", "--replan-devices", "--traces", "0"])
