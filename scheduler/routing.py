@@ -80,7 +80,7 @@ class RouteChoice:
     worker_ids: tuple[str, ...]
     predicted_ttft_s: float
     predicted_finish_s: float
-    predicted_queue_wait_s: float = 0.0  # of the TTFT, behind prompts queued before this one
+    predicted_queue_wait_s: float = 0.0  # `queue_wait_s`: behind prompts queued before this one
 
 
 def eligible(stage: StageLoad, request: RouteRequest) -> bool:
