@@ -5,7 +5,8 @@ Parts:
   this machine's cores and memory among them, and stops every one of them (terminate, then kill).
 - `worker_environment(base)`: their environment (a short OpenMP spin, `OMP_SPIN_COUNT`).
 - `worker_command(...)`: the `python -m workers` command line (also what api/ray_launcher.py runs);
-  `cpu_memory_share_bytes(count)`: the memory each of `count` CPU workers on one machine gets.
+  `cpu_memory_share_bytes(count)`: the memory each of `count` CPU workers on one machine gets;
+  `stop_processes(...)`: terminate, then kill what is left.
 """
 
 from __future__ import annotations
@@ -66,6 +67,19 @@ def worker_command(
     return [*command, *extra_args]
 
 
+def stop_processes(processes: Sequence[subprocess.Popen], timeout_s: float) -> None:
+    """SIGTERM to every running one, then wait for each; one still running after `timeout_s` is killed."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def cpu_memory_share_bytes(count: int) -> int:
     """What one of `count` CPU workers on this machine may use: 80% of the available memory, split."""
     import psutil
@@ -109,15 +123,7 @@ class LocalWorkers:
             self.processes.append(subprocess.Popen(command, start_new_session=True, env=env))
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_processes(self.processes, timeout_s)
         self.processes.clear()
 
     def __enter__(self) -> LocalWorkers:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from api.local_workers import cpu_memory_share_bytes, worker_command, worker_environment
+from api.local_workers import cpu_memory_share_bytes, stop_processes, worker_command, worker_environment
 
 log = logging.getLogger("potluck.ray")
 
@@ -82,13 +81,7 @@ class WorkerActor:
         return self.process.pid
 
     def stop(self, timeout_s: float = 5.0) -> int | None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_processes([self.process], timeout_s)
         return self.process.returncode
 
 
