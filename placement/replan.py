@@ -10,7 +10,8 @@ Parts:
 - ``blend(...)``: per device, its current range or its fresh one; the mix with fewest moves
   that reaches the target (exhaustive for up to 12 differing devices, else greedy).
 - ``descend(...)``: local search with the exact max flow that first reaches the throughput target,
-  then only accepts moves that lower migration (or raise flow at equal migration).
+  then only accepts moves that lower migration (or raise flow at equal migration); its moves
+  include shifting one stage boundary, or two nearby ones at once, for every device touching it.
 - ``replan(...)``: the candidates above plus the fresh solution; picks the best (see its note).
 
 What "moves" means. A layer is moved to a device when the device holds it in the new placement and
@@ -148,6 +149,26 @@ def _boundary_moves(net: Network, r: Ranges, reach: int = 4) -> list[Edit]:
     return out
 
 
+def _boundary_pair_moves(net: Network, r: Ranges, reach: int = 4) -> list[Edit]:
+    """Move two nearby stage boundaries p1 < p2 to q1 < q2 at once (a stage between them may move both
+    ends): the re-plan that shifts a whole column, e.g. [6,13) [13,17) [17,20) -> [6,10) [10,14)
+    [14,20), is made of two boundary moves of which neither alone raises the flow."""
+    out: list[Edit] = []
+    bounds = sorted({e for _, e in r.values() if e < net.L})
+    pairs = [(p1, p2) for x, p1 in enumerate(bounds) for p2 in bounds[x + 1:x + 3]]   # next two only
+    for p1, p2 in pairs:
+        touch = [(i, se) for i, se in r.items() if se[0] in (p1, p2) or se[1] in (p1, p2)]
+        for q1 in range(max(1, p1 - reach), min(net.L - 1, p1 + reach) + 1):
+            for q2 in range(max(q1 + 1, p2 - reach), min(net.L - 1, p2 + reach) + 1):
+                if (q1, q2) == (p1, p2):
+                    continue
+                to = {p1: q1, p2: q2}
+                edit = tuple((i, (to.get(s, s), to.get(e, e))) for i, (s, e) in touch)
+                if all(se[0] < se[1] and net.fits(i, se[0], se[1] - se[0]) for i, se in edit):
+                    out.append(edit)
+    return out
+
+
 def _apply(r: Ranges, edit: Edit) -> Ranges:
     c = dict(r)
     for i, se in edit:
@@ -174,7 +195,7 @@ def descend(net: Network, start: Ranges, current: Current, scorer: _Scorer, dead
                 cands.append(((i, current[i]),))
             if i not in current or best[i] != current[i]:
                 cands.append(((i, None),))
-        cands += _boundary_moves(net, best)
+        cands += _boundary_moves(net, best) + _boundary_pair_moves(net, best)
         rng.shuffle(cands)
         edits: Iterable[Edit] = cands
         if stale >= 2:  # first-improvement stalled: try every option of every device (lazily)
@@ -248,9 +269,12 @@ def blend(net: Network, fresh: Ranges, current: Current, scorer: _Scorer, deadli
     return r
 
 
-def _unit_flows(net: Network, r: Ranges, unit: float) -> dict[int, int]:
-    """Per-device flow, in whole ``unit``s, of a max flow on capacities floored to units."""
+def _unit_flows(net: Network, r: Ranges, unit: float, limit: int) -> dict[int, int]:
+    """Per-device flow, in whole ``unit``s, of a max flow (at most ``limit`` units) on capacities
+    floored to units."""
     smf = max_flow_lib.SimpleMaxFlow()
+    top = 2 + 2 * net.n                      # super source: caps the total at ``limit``
+    smf.add_arc_with_capacity(top, 0, limit)
     for i, (s, e) in r.items():
         smf.add_arc_with_capacity(2 + 2 * i, 3 + 2 * i, int(net.cap[i][e - s - 1] / unit))
         if s == 0:
@@ -260,7 +284,7 @@ def _unit_flows(net: Network, r: Ranges, unit: float) -> dict[int, int]:
         for j, (s2, _) in r.items():
             if s2 == e and j != i:
                 smf.add_arc_with_capacity(3 + 2 * i, 2 + 2 * j, 1 << 40)
-    if smf.num_arcs() == 0 or smf.solve(0, 1) != smf.OPTIMAL:
+    if smf.solve(top, 1) != smf.OPTIMAL:
         return {}
     return {(smf.tail(x) - 2) // 2: smf.flow(x) for x in range(smf.num_arcs())
             if smf.head(x) == smf.tail(x) + 1 and smf.tail(x) >= 2 and smf.tail(x) % 2 == 0}
@@ -271,12 +295,15 @@ def min_moves_model(net: Network, hint: Ranges, current: Current, target: float,
     """Exact up to flow rounding for complete non-binding links: CP-SAT over device -> (start, k)
     booleans and per-device flows in coarse units (``target / MODEL_UNITS``, capacities rounded
     down, so any solution truly reaches ``target``); conservation at every layer boundary;
-    minimise moved layers (or kilobytes). Hinted with ``hint`` and its flows."""
+    minimise moved layers (or bytes, in 1% of the largest layer). Hinted with ``hint`` and its
+    flows (at most the target's units). No presolve: it took ~0.17 s of a 0.5 s budget, and the
+    search from the hint finds more in that time."""
     if target <= 0:
         return {}
     unit = target / MODEL_UNITS
     need = MODEL_UNITS
     lb = net.problem.model.layer_bytes
+    lb_max = max(max(lb), 1)      # cost unit: 1% of the largest layer
     m = cp_model.CpModel()
     x, f = {}, {}
     begins: dict[int, list] = {}
@@ -297,7 +324,7 @@ def min_moves_model(net: Network, hint: Ranges, current: Current, target: float,
             begins.setdefault(s, []).append(fv)
             ends.setdefault(s + k, []).append(fv)
             new = [y for y in range(s, s + k) if not cs <= y < ce]
-            c = len(new) if by_layers else sum(lb[y] for y in new) // 1024
+            c = len(new) if by_layers else sum(lb[y] for y in new) * 100 // lb_max
             if c:
                 cost.append(c * xv)
         if mine:
@@ -306,14 +333,17 @@ def min_moves_model(net: Network, hint: Ranges, current: Current, target: float,
     for p in range(1, net.L):
         m.Add(sum(ends.get(p, [])) == sum(begins.get(p, [])))
     m.Minimize(sum(cost))
-    fl = _unit_flows(net, hint, unit)
+    fl = _unit_flows(net, hint, unit, need)
+    reaches = sum(fl.get(i, 0) for i, (s, _) in hint.items() if s == 0) >= need
     for (i, s, k), xv in x.items():
         on = hint.get(i) == (s, s + k)
         m.AddHint(xv, on)
-        m.AddHint(f[i, s, k], min(fl.get(i, 0), need) if on else 0)
+        if reaches:   # flows of a hint short of the target: CP-SAT found nothing in 0.2 s with, 13 moves in 0.02 s without
+            m.AddHint(f[i, s, k], fl.get(i, 0) if on else 0)
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = max(0.02, deadline - time.monotonic())
     solver.parameters.num_workers = 2
+    solver.parameters.cp_model_presolve = False
     if solver.Solve(m) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return {}
     return {i: (s, s + k) for (i, s, k), xv in x.items() if solver.Value(xv)}
@@ -324,10 +354,9 @@ def replan(net: Network, fresh: Ranges, fresh_v: float, current: Current, deadli
     """Design. Candidates: (c) the fresh solution, (a) it relabeled towards ``current``,
     (b) ``current`` repaired, the ``blend`` of (a) and ``current``, then the blend and (b)
     improved by ``descend``. Eligible are those
-    with exact throughput >= (1 - tolerance) * ref, ref = the best throughput seen (``fresh_v`` or
-    more, when a candidate beats the fresh solve). With complete non-binding links and up to
-    ``MODEL_OPTIONS`` (device, start, k) options, 60% of the time goes to ``min_moves_model``
-    hinted with the best candidate.
+    with exact throughput >= (1 - tolerance) * ``fresh_v``. With complete non-binding links and up to
+    ``MODEL_OPTIONS`` (device, start, k) options, 65% of the time goes to ``min_moves_model``,
+    hinted first with ``current`` repaired, then with the best candidate.
     ``cost_per_layer`` None: fewest moved bytes, ties by throughput. Given (tokens/s per moved
     layer): the most ``throughput - cost_per_layer * moved_layers``. Always within ``deadline``."""
     target = (1 - tolerance) * fresh_v
@@ -339,20 +368,30 @@ def replan(net: Network, fresh: Ranges, fresh_v: float, current: Current, deadli
     options = sum(len(net.options(i)) for i in range(net.n))
     use_model = net.links_trivial and options <= MODEL_OPTIONS
     t0 = time.monotonic()
-    heur_end = t0 + (deadline - t0) * (0.2 if use_model else 1.0)
+    # 35% for the heuristics with the model (descend converges in ~0.1 s on 6 devices x 20 layers;
+    # at 20% it stopped after 0.03 s); the first start (the blend of the relabeled fresh solve) half
+    heur_end = t0 + (deadline - t0) * (0.35 if use_model else 1.0)
     starts = [blend(net, rel, current, scorer, heur_end), cross] + ([rep] if rep else [])
     for x, s in enumerate(starts):
         now = time.monotonic()
-        part = now + (heur_end - now) / (len(starts) - x)
+        part = now + (heur_end - now) * (0.5 if x == 0 else 1 / (len(starts) - x))
         got = descend(net, s, current, scorer, now + 0.85 * (part - now), seed=x)
         cands += [s, got, blend(net, got, current, scorer, part)]
-    ref = fresh_v
 
     def pick() -> Ranges:
-        ok = [c for c in cands if c and scorer(c)[2] >= (1 - tolerance) * ref * (1 - 1e-9)] or [fresh]
+        ok = [c for c in cands if c and scorer(c)[2] >= target * (1 - 1e-9)] or [fresh]
         return max(ok, key=lambda c: (scorer(c)[1], scorer(c)[2]))
 
-    if use_model and deadline - time.monotonic() > 0.05:
-        cands.append(min_moves_model(net, pick(), current, (1 - tolerance) * ref * (1 + 1e-6), deadline,
+    # the model twice: hinted with the current placement (repaired), which it sometimes turns into
+    # a placement with very few moves at once (5 moves in 0.1 s on a test cluster where the
+    # fewest-moves candidate as hint reached 16 in 0.45 s) and sometimes finds nothing that
+    # reaches the target; then with the best found so far
+    hints = ([rep] if rep else []) + [None]
+    for x, hint in enumerate(hints):
+        now = time.monotonic()
+        if not use_model or deadline - now <= 0.05:
+            break
+        end = now + (deadline - now) * (0.4 if hint else 1.0)
+        cands.append(min_moves_model(net, hint or pick(), current, target * (1 + 1e-6), end,
                                      cost_per_layer is not None))
     return pick()
