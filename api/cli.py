@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from scheduler.planner import DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN, MIN_MIX_REQUESTS
 from scheduler.routing import MAX_QUEUE_WAIT_S
 
 if TYPE_CHECKING:  # Ray is optional: imported only with --ray
@@ -48,6 +49,9 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--placement-objective", choices=["throughput", "latency"], default="throughput")
     parser.add_argument("--heartbeat-timeout-s", type=float, default=5.0, help="a worker silent this long is declared lost")
     parser.add_argument("--max-queue-wait-s", type=float, default=MAX_QUEUE_WAIT_S, help=f"a request whose best path would queue its prompt longer than this waits for a path to free up (default {MAX_QUEUE_WAIT_S:g}; inf: off)")
+    parser.add_argument("--prompt-tokens-per-output-token", type=float, default=DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN,
+                        help=f"workload mix placement balances prefill and decode for, until {MIN_MIX_REQUESTS} requests have "
+                             f"finished and their own mix is used (default {DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN:g}; 0: decode only)")
     parser.add_argument("--no-profile", action="store_true", help="local workers skip measuring their device at join")
 
 
@@ -108,6 +112,8 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
         raise ValueError(f"--local-workers must be >= 0, got {local_count}")
     if not args.max_queue_wait_s >= 0:
         raise ValueError(f"--max-queue-wait-s must be >= 0 (inf: off), got {args.max_queue_wait_s}")
+    if not 0 <= args.prompt_tokens_per_output_token < float("inf"):
+        raise ValueError(f"--prompt-tokens-per-output-token must be finite and >= 0, got {args.prompt_tokens_per_output_token}")
     profile_dir = None if args.no_profile else str(model_dir)
     workers = LocalWorkers("", local_count, args.device or best_device(), args.worker_threads, profile_model_dir=profile_dir)
     ray_workers = _connect_ray(args, profile_dir) if args.ray else None
@@ -135,6 +141,7 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
                 placement_objective=args.placement_objective,
                 heartbeat_timeout_s=args.heartbeat_timeout_s,
                 max_queue_wait_s=args.max_queue_wait_s,
+                prompt_tokens_per_output_token=args.prompt_tokens_per_output_token,
             ),
             tokenizer,
         )

@@ -15,7 +15,7 @@ Parts:
 - ``with_device`` / ``without_device``: the cluster after a join or a loss.
 - ``TraceConfig``, ``SimRequest``, ``bursty_trace(rate, cfg, seed)``: on/off-modulated Poisson
   arrivals (bursts at ``burst_factor`` x the mean rate, so the inter-arrival CV is > 1),
-  log-normal prompt and output lengths; ``mean_output_tokens(cfg)``.
+  log-normal prompt and output lengths; ``mean_output_tokens(cfg)``, ``mean_prompt_tokens(cfg)``.
 """
 from __future__ import annotations
 
@@ -65,6 +65,7 @@ KINDS: tuple[DeviceKind, ...] = (
 KIND_WEIGHTS = (2, 2, 3, 3, 3, 1)
 MAX_BATCH = 64
 PROFILE_CTX_TOKENS = 1024
+PROFILE_PREFILL_TOKENS = 512
 
 
 def layer_step_s(kind: DeviceKind, model: SimModel, batch: int, ctx_tokens: int, prefill_tokens: int = 0) -> float:
@@ -144,14 +145,18 @@ def kv_capacity_tokens(cluster: SimCluster, device: SimDevice, start: int, end: 
 
 
 def device_spec(cluster: SimCluster, d: SimDevice) -> DeviceSpec:
+    """What a worker's profile would report: decode step times at a few batches and the time per
+    token of a ``PROFILE_PREFILL_TOKENS``-token prefill, per layer."""
     table = tuple((b, layer_step_s(d.kind, cluster.model, b, b * PROFILE_CTX_TOKENS))
                   for b in (1, 8, 16, 32, MAX_BATCH))
+    prefill_s = layer_step_s(d.kind, cluster.model, 0, 0, PROFILE_PREFILL_TOKENS) / PROFILE_PREFILL_TOKENS
     return DeviceSpec(d.device_id, d.kind.memory_bytes - RUNTIME_OVERHEAD_BYTES, decode_layer_time_s=table,
-                      max_batch=MAX_BATCH, kind=d.kind.name)
+                      max_batch=MAX_BATCH, kind=d.kind.name, prefill_layer_time_per_token_s=prefill_s)
 
 
-def placement_problem(cluster: SimCluster) -> PlacementProblem:
-    """Devices with profiled step times; links between every pair of devices and the coordinator."""
+def placement_problem(cluster: SimCluster, prompt_tokens_per_output_token: float = 0.0) -> PlacementProblem:
+    """Devices with profiled step times; links between every pair of devices and the coordinator;
+    the workload's prompt tokens per output token (0: decode throughput only)."""
     nodes = [SOURCE, SINK] + [d.device_id for d in cluster.devices]
     links = []
     for x, a in enumerate(nodes):
@@ -161,7 +166,8 @@ def placement_problem(cluster: SimCluster) -> PlacementProblem:
             lat, bw = cluster.link(cluster.site_of(a), cluster.site_of(b))
             links.append(LinkSpec(a, b, bw, lat))
     return PlacementProblem(cluster.model.spec(), tuple(device_spec(cluster, d) for d in cluster.devices),
-                            tuple(links), kv_reserve_tokens=cluster.kv_reserve_tokens)
+                            tuple(links), kv_reserve_tokens=cluster.kv_reserve_tokens,
+                            prompt_tokens_per_output_token=prompt_tokens_per_output_token)
 
 
 @dataclass(frozen=True)
@@ -189,6 +195,12 @@ class SimRequest:
 def mean_output_tokens(cfg: TraceConfig, seed: int = 12345, samples: int = 20000) -> float:
     rng = random.Random(seed)
     return sum(_length(rng, cfg.output_median_tokens, cfg.output_sigma, cfg.max_output_tokens)
+               for _ in range(samples)) / samples
+
+
+def mean_prompt_tokens(cfg: TraceConfig, seed: int = 12345, samples: int = 20000) -> float:
+    rng = random.Random(seed)
+    return sum(_length(rng, cfg.prompt_median_tokens, cfg.prompt_sigma, cfg.max_prompt_tokens)
                for _ in range(samples)) / samples
 
 

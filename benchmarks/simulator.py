@@ -36,7 +36,8 @@ from typing import Callable
 
 from benchmarks.sim_cluster import (MAX_BATCH, PROFILE_CTX_TOKENS, SimCluster, SimRequest, TraceConfig,
                                     bursty_trace, kv_capacity_tokens, layer_step_s, make_cluster,
-                                    mean_output_tokens, placement_problem, with_device, without_device)
+                                    mean_output_tokens, mean_prompt_tokens, placement_problem, with_device,
+                                    without_device)
 from benchmarks.sim_report import markdown
 from placement.flow import evaluate_placement
 from placement.problem import SINK, SOURCE, Placement
@@ -300,10 +301,10 @@ def placement_from_ranges(cluster: SimCluster, ranges: dict[str, tuple[int, int]
     return Placement(dict(ranges), value, latency, value, pipes, 0.0, "feasible")
 
 
-def place(cluster: SimCluster, time_limit_s: float, current: dict[str, tuple[int, int]] | None = None
-          ) -> tuple[Placement, float]:
+def place(cluster: SimCluster, time_limit_s: float, current: dict[str, tuple[int, int]] | None = None,
+          prompt_tokens_per_output_token: float = 0.0) -> tuple[Placement, float]:
     """The real solver on the cluster's problem; (placement, wall seconds of ``solve_placement``)."""
-    problem = placement_problem(cluster)
+    problem = placement_problem(cluster, prompt_tokens_per_output_token)
     t0 = time.perf_counter()
     placement = solve_placement(problem, time_limit_s=time_limit_s, current=current)
     wall_s = time.perf_counter() - t0
@@ -331,26 +332,33 @@ def saturation_tokens_per_s(cluster: SimCluster, placement: Placement, cfg: Trac
 
 
 def replan_times(num_devices: int, seed: int, time_limit_s: float,
-                 base: tuple[SimCluster, Placement] | None = None) -> dict[str, float]:
+                 base: tuple[SimCluster, Placement] | None = None,
+                 prompt_tokens_per_output_token: float = 0.0) -> dict[str, float]:
     """Wall time of ``solve_placement(current=previous ranges)`` after one device joins and after
     the device holding the most layers is lost."""
+    mix = prompt_tokens_per_output_token
     cluster, before = base if base else (make_cluster(num_devices, seed), place(make_cluster(num_devices, seed),
-                                                                                  time_limit_s)[0])
-    joined, join_s = place(with_device(cluster, seed), time_limit_s, current=dict(before.ranges))
+                                                                                  time_limit_s, None, mix)[0])
+    joined, join_s = place(with_device(cluster, seed), time_limit_s, dict(before.ranges), mix)
     victim = max(before.ranges, key=lambda d: (before.ranges[d][1] - before.ranges[d][0], d))
     left = {d: r for d, r in before.ranges.items() if d != victim}
-    lost, loss_s = place(without_device(cluster, victim), time_limit_s, current=left)
+    lost, loss_s = place(without_device(cluster, victim), time_limit_s, left, mix)
     return {"devices": num_devices, "time_limit_s": time_limit_s, "join_s": join_s, "loss_s": loss_s,
             "tokens_per_s_before": before.throughput_tokens_per_s,
             "tokens_per_s_after_join": joined.throughput_tokens_per_s, "moved_layers_join": joined.moved_layers,
             "tokens_per_s_after_loss": lost.throughput_tokens_per_s, "moved_layers_loss": lost.moved_layers}
 
 
-def run_size(num_devices: int, load: float, seed: int, cfg: TraceConfig, traces: int = 1) -> dict:
+def run_size(num_devices: int, load: float, seed: int, cfg: TraceConfig, traces: int = 1,
+             prompt_tokens_per_output_token: float | None = None) -> dict:
     """One cluster (``seed``) and its placement, saturation measured once, then ``traces`` bursty
-    traces (trace seeds ``seed + 100 k``) at ``load`` x saturation, every policy on each."""
+    traces (trace seeds ``seed + 100 k``) at ``load`` x saturation, every policy on each. The
+    placement is solved for the trace's mix of prompt and output tokens (None) or the given one."""
     cluster = make_cluster(num_devices, seed)
-    placement, solve_s = place(cluster, default_time_limit_s(num_devices))
+    if prompt_tokens_per_output_token is None:
+        prompt_tokens_per_output_token = mean_prompt_tokens(cfg) / mean_output_tokens(cfg)
+    placement, solve_s = place(cluster, default_time_limit_s(num_devices),
+                               prompt_tokens_per_output_token=prompt_tokens_per_output_token)
     pipes = baseline_pipelines(placement, cluster.model.num_layers)
     sat = saturation_tokens_per_s(cluster, placement, cfg, seed)
     rate = load * sat / mean_output_tokens(cfg)
@@ -374,17 +382,25 @@ def main(argv: list[str] | None = None) -> None:
                     help="requests in each trace (the saturation run uses more if the KV holds more)")
     ap.add_argument("--seed", type=int, nargs="+", default=[0], help="clusters to simulate (one placement each)")
     ap.add_argument("--traces", type=int, default=1, help="bursty traces per cluster (trace seeds seed + 100 k)")
+    ap.add_argument("--prompt-tokens-per-output-token", type=float, default=None,
+                    help="workload mix the placement is solved for (default: the traces' mean prompt / mean "
+                         "output tokens; 0: decode throughput only)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.traces < 1 or args.requests < 1 or not 0 < args.load:
         ap.error("--traces and --requests must be >= 1 and --load > 0")
     cfg = TraceConfig(num_requests=args.requests)
     t0 = time.perf_counter()
-    sizes = [run_size(n, args.load, seed, cfg, args.traces) for n in args.devices for seed in args.seed]
+    if args.prompt_tokens_per_output_token is not None and not 0 <= args.prompt_tokens_per_output_token < math.inf:
+        ap.error("--prompt-tokens-per-output-token must be finite and >= 0")
+    mix = args.prompt_tokens_per_output_token
+    if mix is None:
+        mix = mean_prompt_tokens(cfg) / mean_output_tokens(cfg)
+    sizes = [run_size(n, args.load, seed, cfg, args.traces, mix) for n in args.devices for seed in args.seed]
     replans = []
     for n in args.replan_devices:
         base = next(((s["_cluster"], s["_placement"]) for s in sizes if s["devices"] == n), None)
-        replans.append(replan_times(n, args.seed[0], default_time_limit_s(n), base))
+        replans.append(replan_times(n, args.seed[0], default_time_limit_s(n), base, mix))
     for s in sizes:
         del s["_cluster"], s["_placement"]
     if args.json:

@@ -2,7 +2,8 @@
 
 Parts:
 - ``capacity_table(problem, device)``: tokens/s when holding k = 1..Kmax layers (measured or
-  derived), trimmed to what memory and ``max_layers`` allow.
+  derived, decode plus the workload's prefill per output token), trimmed to what memory and
+  ``max_layers`` allow.
 - ``Network``: device index, capacity tables, memory-feasible (start, k) pairs, per-token stage
   latency, and the directed arcs (tokens/s, seconds) between source, devices and sink.
 - ``Network.links_trivial``: every ordered device pair (and source/sink) is linked and no link
@@ -33,8 +34,19 @@ def _layer_time_s(device: DeviceSpec, layer_bytes: float, batch: int) -> float:
     return max(layer_bytes / device.memory_bandwidth_bytes_per_s, batch * layer_bytes / device.flops_per_s)
 
 
+def prefill_time_per_token_s(problem: PlacementProblem, device: DeviceSpec) -> float:
+    """Seconds per prompt token per layer: measured, else the roofline's compute time, else 0."""
+    if device.prefill_layer_time_per_token_s is not None:
+        return device.prefill_layer_time_per_token_s
+    if device.flops_per_s:
+        return sum(problem.model.layer_bytes) / problem.model.num_layers / device.flops_per_s
+    return 0.0
+
+
 def capacity_table(problem: PlacementProblem, device: DeviceSpec) -> tuple[float, ...]:
-    """tokens/s for k = 1..K layers (index k-1) before the memory trim."""
+    """tokens/s for k = 1..K layers (index k-1) before the memory trim. Derived tables charge
+    every output token its decode share at the best batch plus ``prompt_tokens_per_output_token``
+    prompt tokens of prefill; a given ``tokens_per_s`` table is taken as is."""
     L = problem.model.num_layers
     kmax = L if device.max_layers is None else min(L, device.max_layers)
     if device.tokens_per_s is not None:
@@ -42,8 +54,9 @@ def capacity_table(problem: PlacementProblem, device: DeviceSpec) -> tuple[float
     avg = sum(problem.model.layer_bytes) / L
     # b / (k * t(b)) is maximised by the same batch b for every k: find it once
     b_best = max(range(1, device.max_batch + 1), key=lambda b: b / _layer_time_s(device, avg, b))
-    t_best = _layer_time_s(device, avg, b_best)
-    return tuple(b_best / (k * t_best) for k in range(1, kmax + 1))
+    per_token_s = _layer_time_s(device, avg, b_best) / b_best
+    per_token_s += problem.prompt_tokens_per_output_token * prefill_time_per_token_s(problem, device)
+    return tuple(1.0 / (k * per_token_s) for k in range(1, kmax + 1))
 
 
 def stage_latency_s(problem: PlacementProblem, device: DeviceSpec, k: int) -> float:
@@ -162,7 +175,7 @@ def build_network(problem: PlacementProblem) -> Network:
     for d in problem.devices:
         try:
             key = (d.tokens_per_s, d.decode_layer_time_s, d.flops_per_s, d.memory_bandwidth_bytes_per_s,
-                   d.max_batch, d.max_layers)
+                   d.max_batch, d.max_layers, d.prefill_layer_time_per_token_s)
             hash(key)
         except TypeError:
             key = None

@@ -69,6 +69,9 @@ class DeviceSpec:
       (fp16: one FLOP pair per weight byte and token).
     The batch is the largest the KV memory left after the weights allows (``max_batch`` caps it).
     ``max_layers`` caps the held layers in addition to memory.
+    ``prefill_layer_time_per_token_s``: measured seconds per prompt token per layer of a long
+    prefill; with the problem's ``prompt_tokens_per_output_token`` it is charged to every output
+    token (the roofline's ``layer_bytes / flops`` when not given and ``flops_per_s`` is).
     """
 
     device_id: str
@@ -80,6 +83,7 @@ class DeviceSpec:
     max_batch: int = 64
     max_layers: int | None = None
     kind: str = ""
+    prefill_layer_time_per_token_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.device_id in (SOURCE, SINK):
@@ -104,15 +108,22 @@ DEFAULT_LINK = LinkSpec("*", "*", DEFAULT_BANDWIDTH_BYTES_PER_S, DEFAULT_LATENCY
 
 @dataclass(frozen=True)
 class PlacementProblem:
-    """``kv_reserve_tokens`` = context length x concurrency, reserved on every held layer."""
+    """``kv_reserve_tokens`` = context length x concurrency, reserved on every held layer.
+    ``prompt_tokens_per_output_token``: the workload's prompt tokens per generated token (mean
+    prompt / mean output); each output token then also costs that many prompt tokens of prefill
+    on every stage, so throughput is of the workload, not of decode alone (0: decode only)."""
 
     model: ModelSpec
     devices: tuple[DeviceSpec, ...]
     links: tuple[LinkSpec, ...] = ()
     kv_reserve_tokens: int = 0
     objective: Literal["throughput", "latency"] = "throughput"
+    prompt_tokens_per_output_token: float = 0.0
 
     def __post_init__(self) -> None:
+        if not self.prompt_tokens_per_output_token >= 0 or self.prompt_tokens_per_output_token == float("inf"):
+            raise ValueError(f"prompt_tokens_per_output_token must be finite and >= 0, got "
+                             f"{self.prompt_tokens_per_output_token!r}")
         ids = [d.device_id for d in self.devices]
         if len(set(ids)) != len(ids):
             raise ValueError("duplicate device ids")

@@ -32,7 +32,8 @@ from scheduler.admission import AdmissionQueue
 from scheduler.errors import GenerationFailedError, NoCapacityError, OverloadedError, PromptTooLongError
 from scheduler.load import load_snapshot
 from scheduler.metrics import EngineMetrics
-from scheduler.planner import PlannerConfig, kv_budget_bytes, plan_layers
+from scheduler.planner import (DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN, MIN_MIX_REQUESTS, PlannerConfig,
+                               kv_budget_bytes, plan_layers)
 from scheduler.request import GenerationOutput, GenerationRequest, TokenLogprob
 from scheduler.routing import MAX_QUEUE_WAIT_S, RouteRequest, choose_route
 from scheduler.tokenizer import Tokenizer
@@ -62,6 +63,9 @@ class EngineConfig:
     retry_after_s: float = 2.0
     placement: str = "auto"  # auto | solver | pipeline (scheduler/planner.py)
     placement_objective: str = "throughput"  # or "latency"
+    # prompt tokens per output token placement plans for until MIN_MIX_REQUESTS have finished
+    # (then: what they had); scheduler/planner.py
+    prompt_tokens_per_output_token: float = DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN
 
 
 @dataclass
@@ -91,6 +95,7 @@ class Engine:
             config.max_concurrent_sequences,
             objective=config.placement_objective,
             placement=config.placement,
+            prompt_tokens_per_output_token=config.prompt_tokens_per_output_token,
         )
         self.cluster = Cluster(num_layers=config.model.num_layers)
         self.requests: dict[str, RequestState] = {}  # by wire id
@@ -103,6 +108,9 @@ class Engine:
         self.routes_changed = asyncio.Event()
         self.admission: AdmissionQueue[str] = AdmissionQueue(config.max_waiting, config.retry_after_s)
         self.tokens_generated = 0
+        self.finished_requests = 0  # and their prompt / generated tokens: the workload mix
+        self.finished_prompt_tokens = 0
+        self.finished_output_tokens = 0
         self.metrics = EngineMetrics(self)  # Prometheus series (scheduler/metrics.py)
 
     # ------------------------------------------------------------------------------- lifecycle
@@ -257,6 +265,13 @@ class Engine:
         self._routes_changed()
 
     # ------------------------------------------------------------------------------- planning
+    def workload_mix(self) -> float:
+        """Prompt tokens per output token placement plans for: the configured value until
+        ``MIN_MIX_REQUESTS`` requests have finished, then what those requests had."""
+        if self.finished_requests < MIN_MIX_REQUESTS or self.finished_output_tokens == 0:
+            return self.planner_config.prompt_tokens_per_output_token
+        return self.finished_prompt_tokens / self.finished_output_tokens
+
     def replan(self) -> None:
         """Plan for the registered workers; only workers whose range changes reload."""
         workers = [w for w in self.cluster.workers.values() if not w.draining]
@@ -265,8 +280,9 @@ class Engine:
             return
         current = {w.worker_id: w.loaded for w in workers if w.loaded is not None}
         self.cluster.epoch += 1
+        config = replace(self.planner_config, prompt_tokens_per_output_token=self.workload_mix())
         try:
-            plan = plan_layers(self.config.model, workers, self.planner_config, self.cluster.epoch, current)
+            plan = plan_layers(self.config.model, workers, config, self.cluster.epoch, current)
         except NoCapacityError as exc:
             log.error("cannot plan: %s", exc)
             return
@@ -463,6 +479,9 @@ class Engine:
                     logprobs = (TokenLogprob(output.token_id, output.logprob, tuple(output.top_logprobs)),)
                 if finish_reason is not None:
                     self.metrics.on_finish(timer, finish_reason)
+                    self.finished_requests += 1
+                    self.finished_prompt_tokens += len(request.prompt_token_ids)
+                    self.finished_output_tokens += len(state.generated)
                 yield GenerationOutput(
                     request_id=request.request_id,
                     text=text,

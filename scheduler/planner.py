@@ -1,7 +1,8 @@
 """Which worker holds which layers: the scheduler's side of placement.
 
 Parts:
-- `PlannerConfig`: context length and concurrency the KV reserve is sized for.
+- `PlannerConfig`: context length and concurrency the KV reserve is sized for; the workload's
+  prompt tokens per output token that placement balances prefill and decode for.
 - `device_spec`: a registered worker (its measured profile) as a placement `DeviceSpec`.
 - `pipeline_plan`: one chain over co-located workers (they share a machine's compute).
 - `plan_layers`: ranges and pipelines for the registered workers, solved by `placement/`.
@@ -23,6 +24,10 @@ RUNTIME_OVERHEAD_BYTES = 256 * 2**20  # framework, activations, buffers beside w
 # Used only for a worker that registered without a measured profile (`--no-profile`).
 DEFAULT_FLOPS_PER_S = 1e11
 DEFAULT_BANDWIDTH_BYTES_PER_S = 2e10
+# Prompt tokens per generated token assumed until the engine has served MIN_MIX_REQUESTS requests
+# (chat traffic: prompts of a few hundred tokens with history, answers of about a hundred).
+DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN = 4.0
+MIN_MIX_REQUESTS = 32
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,9 @@ class PlannerConfig:
     # "solver": placement/ decides; "pipeline": one chain, layers proportional to memory;
     # "auto": "pipeline" when every worker is on one host (they share its compute), else "solver".
     placement: str = "auto"
+    # the workload's prompt tokens per generated token: every output token also costs this many
+    # prompt tokens of prefill on each stage (the engine passes what it has served, once it has)
+    prompt_tokens_per_output_token: float = DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN
 
 
 def stage_weight_bytes(model: ModelFacts, start_layer: int, end_layer: int) -> int:
@@ -100,8 +108,9 @@ def model_spec(model: ModelFacts) -> ModelSpec:
 
 
 def device_spec(worker: WorkerState, model: ModelFacts) -> DeviceSpec:
-    """A worker as the solver sees it: its measured per-layer decode step times when its profile
-    timed this model, else the roofline from its measured FLOP/s and memory bandwidth."""
+    """A worker as the solver sees it: its measured per-layer decode step times and prefill time
+    per token (the longest prompt timed) when its profile timed this model, else the roofline from
+    its measured FLOP/s and memory bandwidth."""
     profile = worker.profile or {}
     memory_bytes = max(0, worker.memory_bytes - RUNTIME_OVERHEAD_BYTES)
     timings = profile.get("layer_timings") or {}
@@ -109,7 +118,10 @@ def device_spec(worker: WorkerState, model: ModelFacts) -> DeviceSpec:
     if decode:  # [[batch, context, seconds per layer step], ...]: the shortest context's row
         shortest = min(context for _, context, _ in decode)
         steps = tuple(sorted((int(batch), float(seconds)) for batch, context, seconds in decode if context == shortest))
-        return DeviceSpec(worker.worker_id, memory_bytes, decode_layer_time_s=steps, kind=worker.device)
+        prefill = timings.get("prefill_s_per_token") or []   # [[prompt tokens, s per token per layer], ...]
+        prefill_s = float(max(prefill)[1]) if prefill else None
+        return DeviceSpec(worker.worker_id, memory_bytes, decode_layer_time_s=steps, kind=worker.device,
+                          prefill_layer_time_per_token_s=prefill_s)
     flops = float(profile.get("matmul_flops_per_s") or DEFAULT_FLOPS_PER_S)
     # the roofline charges batch x layer_bytes / flops (2 FLOPs per 2-byte weight): scale for the dtype
     itemsize = model.activation_bytes_per_token // model.hidden_size
@@ -135,7 +147,8 @@ def plan_layers(
     reserves = (config.max_model_len * config.max_concurrent_sequences, config.max_model_len)
     placement: Placement | None = None
     for reserve in reserves:
-        problem = PlacementProblem(model_spec(model), devices, kv_reserve_tokens=reserve, objective=config.objective)
+        problem = PlacementProblem(model_spec(model), devices, kv_reserve_tokens=reserve, objective=config.objective,
+                                   prompt_tokens_per_output_token=config.prompt_tokens_per_output_token)
         try:
             placement = solve_placement(problem, time_limit_s=config.time_limit_s, current=dict(current or {}) or None)
             break

@@ -84,6 +84,7 @@ def cluster_snapshot(engine: Engine) -> dict:
         "running_requests": len({state.request.request_id for state in engine.requests.values()}),
         "waiting_requests": len(engine.admission),
         "tokens_generated": engine.tokens_generated,
+        "prompt_tokens_per_output_token": engine.workload_mix(),  # the mix the next plan is for
     }
 
 

@@ -298,7 +298,8 @@ def device_spec_kwargs(profile: DeviceProfile, *, context_len: int = 1024,
     - `memory_bytes`: the usable memory measured at join; `kind`: the profile's name.
     - `decode_layer_time_s`: the measured per-layer decode step times by batch size at
       `context_len`, only if the profile timed this model's layer (`layer_weight_bytes` of the
-      model to place, when given, must match the timed layer's within 5%).
+      model to place, when given, must match the timed layer's within 5%); with them
+      `prefill_layer_time_per_token_s`, of the longest prompt timed.
     - `flops_per_s` / `memory_bandwidth_bytes_per_s`: the measured rates, for the roofline. The
       roofline charges `batch x layer_bytes / flops` (fp16: 2 FLOPs per 2-byte weight), so the
       FLOP rate is scaled by itemsize / 2 for weights of another width (fp32: x2).
@@ -317,6 +318,8 @@ def device_spec_kwargs(profile: DeviceProfile, *, context_len: int = 1024,
                                      abs(lt.layer_weight_bytes - layer_weight_bytes) <= 0.05 * layer_weight_bytes)
     if same_layer and lt is not None and lt.decode_step_s:
         kw["decode_layer_time_s"] = lt.decode_layer_time_s(context_len)
+        if lt.prefill_s_per_token:
+            kw["prefill_layer_time_per_token_s"] = max(lt.prefill_s_per_token)[1]
     return kw
 
 

@@ -6,7 +6,7 @@ import pytest
 from benchmarks.helix_facts import DEFAULT_FACTS, helix_problem, load_facts, stored_ranges
 from placement.flow import evaluate_placement
 from placement.io import devices_from_json, format_placement_table, placement_to_json
-from placement.problem import ModelSpec, PlacementProblem
+from placement.problem import DeviceSpec, ModelSpec, PlacementProblem
 from placement.solver import solve_placement
 
 needs_facts = pytest.mark.skipif(not DEFAULT_FACTS.exists(), reason="Helix facts not present")
@@ -49,3 +49,19 @@ def test_devices_json_table_and_json() -> None:
         covered |= set(range(s, e))
     assert covered == set(range(4))
     assert js["throughput_tokens_per_s"] == pytest.approx(p.throughput_tokens_per_s)
+
+
+def test_workload_mix_charges_prefill_to_each_output_token() -> None:
+    from placement.network import capacity_table
+
+    model = ModelSpec.uniform(4, 1_000_000)
+    measured = DeviceSpec("m", 10**9, decode_layer_time_s=((1, 0.001), (64, 0.002)), prefill_layer_time_per_token_s=1e-4)
+    roofline = DeviceSpec("r", 10**9, flops_per_s=1e9, memory_bandwidth_bytes_per_s=1e9)
+    decode_only = PlacementProblem(model, (measured, roofline))
+    mixed = PlacementProblem(model, (measured, roofline), prompt_tokens_per_output_token=4.0)
+    assert capacity_table(decode_only, measured)[0] == pytest.approx(64 / 0.002)
+    assert capacity_table(mixed, measured)[0] == pytest.approx(1 / (0.002 / 64 + 4 * 1e-4))
+    assert capacity_table(mixed, measured)[1] == pytest.approx(capacity_table(mixed, measured)[0] / 2)
+    # roofline: a decode step reads the 1 MB layer in 1 ms and computes 1 ms per sequence, so 1 ms per
+    # token at any batch; prefill is compute-bound at 1 MB / 1 GFLOP/s = 1 ms per prompt token
+    assert capacity_table(mixed, roofline)[0] == pytest.approx(1 / (0.001 + 4 * 0.001))

@@ -219,8 +219,10 @@ def test_device_spec_from_a_profile() -> None:
     assert spec.memory_bandwidth_bytes_per_s == 9.0e11 and spec.flops_per_s == 1.4e14  # 2-byte weights
     longer = to_device_spec(profile, "w1", context_len=4096).decode_layer_time_s
     assert longer[2][1] > 0.0050  # extrapolated past the longest measured context
+    assert spec.prefill_layer_time_per_token_s == 1.5e-5  # the longest prompt timed (512 tokens)
     other_model = to_device_spec(profile, "w1", layer_weight_bytes=218_103_808)
     assert other_model.decode_layer_time_s is None  # timings of another model's layer: roofline only
+    assert other_model.prefill_layer_time_per_token_s is None
     cpu = DeviceProfile("cpu", "cpu", "cpu: x", 2**30, 1e11, "float32", 2e10, 0.0, 0.0)
     assert to_device_spec(cpu, "c").flops_per_s == 2e11  # fp32 weights: 2 FLOPs per 4 bytes
 

@@ -1,0 +1,60 @@
+"""The planner's view of workers: measured prefill as well as decode, and the workload mix."""
+from __future__ import annotations
+
+import pytest
+
+from placement.problem import PlacementProblem
+from scheduler.cluster import WorkerState
+from scheduler.planner import PlannerConfig, device_spec, model_spec, plan_layers
+from workers.protocol import ModelFacts
+
+LAYER_BYTES = 400 * 2**20
+MODEL = ModelFacts("llama", 32, 4096, 32000, 4096, "float16", (LAYER_BYTES,) * 32, 250 * 2**20, 250 * 2**20,
+                   2 * 8 * 128 * 2, 4096 * 2)
+
+
+def _worker(worker_id: str, host: str, decode_s: tuple[float, float], prefill_s: float,
+            memory_bytes: int) -> WorkerState:
+    """Profile as a worker reports it: per-layer decode steps at batch 1 and 64, prefill per token."""
+    timings = {"decode_step_s": [[1, 128, decode_s[0]], [64, 128, decode_s[1]]],
+               "prefill_s_per_token": [[128, prefill_s * 1.3], [512, prefill_s]]}
+    return WorkerState(worker_id, f"tcp://{host}:7000", memory_bytes, "cuda", {"layer_timings": timings}, 1, 0.0, 0.0)
+
+
+# neither holds the 12.5 GiB model alone: a GPU (about 27 layers fit) with memory-bound decode and
+# fast prefill; a CPU box whose decode is as fast per token at batch 64 (bandwidth) but whose
+# prefill is 40x slower (compute)
+GPU = ("gpu", "10.0.0.1", (0.0006, 0.0012), 2.0e-6, 12 * 2**30)
+CPU = ("cpu", "10.0.0.2", (0.0040, 0.0012), 8.0e-5, 12 * 2**30)
+
+
+def test_device_spec_carries_measured_prefill() -> None:
+    spec = device_spec(_worker(*GPU), MODEL)
+    assert spec.decode_layer_time_s == ((1, 0.0006), (64, 0.0012))
+    assert spec.prefill_layer_time_per_token_s == 2.0e-6   # the longest prompt timed
+    bare = WorkerState("w", "tcp://h:1", 2**34, "cpu", {}, 1, 0.0, 0.0)   # registered with --no-profile
+    assert device_spec(bare, MODEL).prefill_layer_time_per_token_s is None   # roofline: derived from FLOP/s
+
+
+def test_workload_mix_moves_layers_off_a_slow_prefill_device() -> None:
+    workers = [_worker(*GPU), _worker(*CPU)]
+    cfg = PlannerConfig(max_model_len=2048, max_concurrent_sequences=4, time_limit_s=1.0, placement="solver")
+    decode_only = plan_layers(MODEL, workers, PlannerConfig(**{**cfg.__dict__, "prompt_tokens_per_output_token": 0.0}), 1)
+    mixed = plan_layers(MODEL, workers, PlannerConfig(**{**cfg.__dict__, "prompt_tokens_per_output_token": 4.0}), 1)
+
+    def layers(plan, wid: str) -> int:
+        s, e = plan.ranges.get(wid, (0, 0))
+        return e - s
+    # decode alone: the two are alike per token at full batch, so they split the layers
+    assert layers(decode_only, "gpu") + layers(decode_only, "cpu") == 32 and layers(decode_only, "cpu") >= 12
+    # with 4 prompt tokens per output token the CPU's prefill dominates: it holds far fewer
+    assert layers(mixed, "cpu") < layers(decode_only, "cpu") / 2
+    assert mixed.predicted_tokens_per_s < decode_only.predicted_tokens_per_s   # prefill is charged
+
+
+def test_invalid_mix_is_rejected() -> None:
+    spec = device_spec(_worker(*GPU), MODEL)
+    with pytest.raises(ValueError, match="prompt_tokens_per_output_token"):
+        PlacementProblem(model_spec(MODEL), (spec,), prompt_tokens_per_output_token=-1.0)
+    with pytest.raises(ValueError, match="prompt_tokens_per_output_token"):
+        PlacementProblem(model_spec(MODEL), (spec,), prompt_tokens_per_output_token=float("nan"))
