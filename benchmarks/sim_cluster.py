@@ -15,7 +15,8 @@ Parts:
 - ``with_device`` / ``without_device``: the cluster after a join or a loss.
 - ``TraceConfig``, ``SimRequest``, ``bursty_trace(rate, cfg, seed)``: on/off-modulated Poisson
   arrivals (bursts at ``burst_factor`` x the mean rate, so the inter-arrival CV is > 1),
-  log-normal prompt and output lengths; ``mean_output_tokens(cfg)``, ``mean_prompt_tokens(cfg)``.
+  log-normal prompt and output lengths; ``mean_output_tokens(cfg)``, ``mean_prompt_tokens(cfg)``;
+  ``PlanMix`` / ``trace_mix(cfg)``: the workload placement plans for.
 """
 from __future__ import annotations
 
@@ -154,9 +155,18 @@ def device_spec(cluster: SimCluster, d: SimDevice) -> DeviceSpec:
                       max_batch=MAX_BATCH, kind=d.kind.name, prefill_layer_time_per_token_s=prefill_s)
 
 
-def placement_problem(cluster: SimCluster, prompt_tokens_per_output_token: float = 0.0) -> PlacementProblem:
+@dataclass(frozen=True)
+class PlanMix:
+    """What placement plans for: prompt tokens per output token (0: decode throughput only) and
+    KV tokens a running sequence holds (0: the batch is not capped by KV memory)."""
+
+    prompt_tokens_per_output_token: float = 0.0
+    kv_tokens_per_sequence: float = 0.0
+
+
+def placement_problem(cluster: SimCluster, mix: PlanMix = PlanMix()) -> PlacementProblem:
     """Devices with profiled step times; links between every pair of devices and the coordinator;
-    the workload's prompt tokens per output token (0: decode throughput only)."""
+    the workload ``mix`` placement plans for."""
     nodes = [SOURCE, SINK] + [d.device_id for d in cluster.devices]
     links = []
     for x, a in enumerate(nodes):
@@ -167,7 +177,8 @@ def placement_problem(cluster: SimCluster, prompt_tokens_per_output_token: float
             links.append(LinkSpec(a, b, bw, lat))
     return PlacementProblem(cluster.model.spec(), tuple(device_spec(cluster, d) for d in cluster.devices),
                             tuple(links), kv_reserve_tokens=cluster.kv_reserve_tokens,
-                            prompt_tokens_per_output_token=prompt_tokens_per_output_token)
+                            prompt_tokens_per_output_token=mix.prompt_tokens_per_output_token,
+                            kv_tokens_per_sequence=mix.kv_tokens_per_sequence)
 
 
 @dataclass(frozen=True)
@@ -202,6 +213,13 @@ def mean_prompt_tokens(cfg: TraceConfig, seed: int = 12345, samples: int = 20000
     rng = random.Random(seed)
     return sum(_length(rng, cfg.prompt_median_tokens, cfg.prompt_sigma, cfg.max_prompt_tokens)
                for _ in range(samples)) / samples
+
+
+def trace_mix(cfg: TraceConfig) -> PlanMix:
+    """The traces' own mix: mean prompt / mean output tokens, and mean prompt + output tokens
+    (a request's KV is reserved for its prompt and all its new tokens)."""
+    prompt, output = mean_prompt_tokens(cfg), mean_output_tokens(cfg)
+    return PlanMix(prompt / output, prompt + output)
 
 
 def _length(rng: random.Random, median: int, sigma: float, cap: int) -> int:

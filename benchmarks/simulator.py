@@ -36,7 +36,7 @@ from typing import Callable
 
 from benchmarks.sim_cluster import (MAX_BATCH, PROFILE_CTX_TOKENS, SimCluster, SimRequest, TraceConfig,
                                     bursty_trace, kv_capacity_tokens, layer_step_s, make_cluster,
-                                    mean_output_tokens, mean_prompt_tokens, placement_problem, with_device,
+                                    PlanMix, mean_output_tokens, placement_problem, trace_mix, with_device,
                                     without_device)
 from benchmarks.sim_report import markdown
 from placement.flow import evaluate_placement
@@ -302,9 +302,9 @@ def placement_from_ranges(cluster: SimCluster, ranges: dict[str, tuple[int, int]
 
 
 def place(cluster: SimCluster, time_limit_s: float, current: dict[str, tuple[int, int]] | None = None,
-          prompt_tokens_per_output_token: float = 0.0) -> tuple[Placement, float]:
+          mix: PlanMix = PlanMix()) -> tuple[Placement, float]:
     """The real solver on the cluster's problem; (placement, wall seconds of ``solve_placement``)."""
-    problem = placement_problem(cluster, prompt_tokens_per_output_token)
+    problem = placement_problem(cluster, mix)
     t0 = time.perf_counter()
     placement = solve_placement(problem, time_limit_s=time_limit_s, current=current)
     wall_s = time.perf_counter() - t0
@@ -332,11 +332,9 @@ def saturation_tokens_per_s(cluster: SimCluster, placement: Placement, cfg: Trac
 
 
 def replan_times(num_devices: int, seed: int, time_limit_s: float,
-                 base: tuple[SimCluster, Placement] | None = None,
-                 prompt_tokens_per_output_token: float = 0.0) -> dict[str, float]:
+                 base: tuple[SimCluster, Placement] | None = None, mix: PlanMix = PlanMix()) -> dict[str, float]:
     """Wall time of ``solve_placement(current=previous ranges)`` after one device joins and after
     the device holding the most layers is lost."""
-    mix = prompt_tokens_per_output_token
     cluster, before = base if base else (make_cluster(num_devices, seed), place(make_cluster(num_devices, seed),
                                                                                   time_limit_s, None, mix)[0])
     joined, join_s = place(with_device(cluster, seed), time_limit_s, dict(before.ranges), mix)
@@ -350,15 +348,12 @@ def replan_times(num_devices: int, seed: int, time_limit_s: float,
 
 
 def run_size(num_devices: int, load: float, seed: int, cfg: TraceConfig, traces: int = 1,
-             prompt_tokens_per_output_token: float | None = None) -> dict:
+             mix: PlanMix | None = None) -> dict:
     """One cluster (``seed``) and its placement, saturation measured once, then ``traces`` bursty
     traces (trace seeds ``seed + 100 k``) at ``load`` x saturation, every policy on each. The
-    placement is solved for the trace's mix of prompt and output tokens (None) or the given one."""
+    placement is solved for the traces' mix (None) or the given one."""
     cluster = make_cluster(num_devices, seed)
-    if prompt_tokens_per_output_token is None:
-        prompt_tokens_per_output_token = mean_prompt_tokens(cfg) / mean_output_tokens(cfg)
-    placement, solve_s = place(cluster, default_time_limit_s(num_devices),
-                               prompt_tokens_per_output_token=prompt_tokens_per_output_token)
+    placement, solve_s = place(cluster, default_time_limit_s(num_devices), mix=mix or trace_mix(cfg))
     pipes = baseline_pipelines(placement, cluster.model.num_layers)
     sat = saturation_tokens_per_s(cluster, placement, cfg, seed)
     rate = load * sat / mean_output_tokens(cfg)
@@ -385,17 +380,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-tokens-per-output-token", type=float, default=None,
                     help="workload mix the placement is solved for (default: the traces' mean prompt / mean "
                          "output tokens; 0: decode throughput only)")
+    ap.add_argument("--kv-tokens-per-sequence", type=float, default=None,
+                    help="KV tokens per running sequence that cap a stage's batch in placement (default: the "
+                         "traces' mean prompt + output tokens; 0: no cap)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.traces < 1 or args.requests < 1 or not 0 < args.load:
         ap.error("--traces and --requests must be >= 1 and --load > 0")
     cfg = TraceConfig(num_requests=args.requests)
     t0 = time.perf_counter()
-    if args.prompt_tokens_per_output_token is not None and not 0 <= args.prompt_tokens_per_output_token < math.inf:
-        ap.error("--prompt-tokens-per-output-token must be finite and >= 0")
-    mix = args.prompt_tokens_per_output_token
-    if mix is None:
-        mix = mean_prompt_tokens(cfg) / mean_output_tokens(cfg)
+    own = trace_mix(cfg)
+    mix = PlanMix(own.prompt_tokens_per_output_token if args.prompt_tokens_per_output_token is None
+                  else args.prompt_tokens_per_output_token,
+                  own.kv_tokens_per_sequence if args.kv_tokens_per_sequence is None else args.kv_tokens_per_sequence)
+    if not (0 <= mix.prompt_tokens_per_output_token < math.inf and 0 <= mix.kv_tokens_per_sequence < math.inf):
+        ap.error("--prompt-tokens-per-output-token and --kv-tokens-per-sequence must be finite and >= 0")
     sizes = [run_size(n, args.load, seed, cfg, args.traces, mix) for n in args.devices for seed in args.seed]
     replans = []
     for n in args.replan_devices:

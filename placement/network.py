@@ -46,17 +46,27 @@ def prefill_time_per_token_s(problem: PlacementProblem, device: DeviceSpec) -> f
 def capacity_table(problem: PlacementProblem, device: DeviceSpec) -> tuple[float, ...]:
     """tokens/s for k = 1..K layers (index k-1) before the memory trim. Derived tables charge
     every output token its decode share at the best batch plus ``prompt_tokens_per_output_token``
-    prompt tokens of prefill; a given ``tokens_per_s`` table is taken as is."""
+    prompt tokens of prefill; with ``kv_tokens_per_sequence`` the batch is at most the sequences
+    whose KV fits beside k layers' weights. A given ``tokens_per_s`` table is taken as is."""
     L = problem.model.num_layers
     kmax = L if device.max_layers is None else min(L, device.max_layers)
     if device.tokens_per_s is not None:
         return tuple(float(x) for x in device.tokens_per_s[:kmax])
     avg = sum(problem.model.layer_bytes) / L
-    # b / (k * t(b)) is maximised by the same batch b for every k: find it once
-    b_best = max(range(1, device.max_batch + 1), key=lambda b: b / _layer_time_s(device, avg, b))
-    per_token_s = _layer_time_s(device, avg, b_best) / b_best
-    per_token_s += problem.prompt_tokens_per_output_token * prefill_time_per_token_s(problem, device)
-    return tuple(1.0 / (k * per_token_s) for k in range(1, kmax + 1))
+    # per-token decode time at the best batch b <= cap: best[b-1] = min over b' <= b of t(b') / b'
+    best: list[float] = []
+    for b in range(1, device.max_batch + 1):
+        t = _layer_time_s(device, avg, b) / b
+        best.append(min(t, best[-1]) if best else t)
+    prefill_s = problem.prompt_tokens_per_output_token * prefill_time_per_token_s(problem, device)
+    kv_seq_bytes = problem.kv_tokens_per_sequence * problem.model.kv_bytes_per_token_per_layer
+    out = []
+    for k in range(1, kmax + 1):
+        batch = device.max_batch
+        if kv_seq_bytes > 0:   # the KV memory left after k layers' weights caps the batch
+            batch = max(1, min(batch, int((device.memory_bytes - k * avg) // (k * kv_seq_bytes))))
+        out.append(1.0 / (k * (best[batch - 1] + prefill_s)))
+    return tuple(out)
 
 
 def stage_latency_s(problem: PlacementProblem, device: DeviceSpec, k: int) -> float:
@@ -175,7 +185,8 @@ def build_network(problem: PlacementProblem) -> Network:
     for d in problem.devices:
         try:
             key = (d.tokens_per_s, d.decode_layer_time_s, d.flops_per_s, d.memory_bandwidth_bytes_per_s,
-                   d.max_batch, d.max_layers, d.prefill_layer_time_per_token_s)
+                   d.max_batch, d.max_layers, d.prefill_layer_time_per_token_s,
+                   d.memory_bytes if problem.kv_tokens_per_sequence else 0)
             hash(key)
         except TypeError:
             key = None

@@ -111,7 +111,9 @@ class PlacementProblem:
     """``kv_reserve_tokens`` = context length x concurrency, reserved on every held layer.
     ``prompt_tokens_per_output_token``: the workload's prompt tokens per generated token (mean
     prompt / mean output); each output token then also costs that many prompt tokens of prefill
-    on every stage, so throughput is of the workload, not of decode alone (0: decode only)."""
+    on every stage, so throughput is of the workload, not of decode alone (0: decode only).
+    ``kv_tokens_per_sequence``: KV tokens a running sequence holds (mean prompt + output); the
+    decode batch a stage reaches is then capped by the memory its weights leave (0: no cap)."""
 
     model: ModelSpec
     devices: tuple[DeviceSpec, ...]
@@ -119,8 +121,11 @@ class PlacementProblem:
     kv_reserve_tokens: int = 0
     objective: Literal["throughput", "latency"] = "throughput"
     prompt_tokens_per_output_token: float = 0.0
+    kv_tokens_per_sequence: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.kv_tokens_per_sequence < float("inf"):
+            raise ValueError(f"kv_tokens_per_sequence must be finite and >= 0, got {self.kv_tokens_per_sequence!r}")
         if not self.prompt_tokens_per_output_token >= 0 or self.prompt_tokens_per_output_token == float("inf"):
             raise ValueError(f"prompt_tokens_per_output_token must be finite and >= 0, got "
                              f"{self.prompt_tokens_per_output_token!r}")

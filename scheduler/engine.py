@@ -265,12 +265,15 @@ class Engine:
         self._routes_changed()
 
     # ------------------------------------------------------------------------------- planning
-    def workload_mix(self) -> float:
-        """Prompt tokens per output token placement plans for: the configured value until
-        ``MIN_MIX_REQUESTS`` requests have finished, then what those requests had."""
-        if self.finished_requests < MIN_MIX_REQUESTS or self.finished_output_tokens == 0:
-            return self.planner_config.prompt_tokens_per_output_token
-        return self.finished_prompt_tokens / self.finished_output_tokens
+    def workload_mix(self) -> tuple[float, float]:
+        """(prompt tokens per output token, KV tokens per sequence) placement plans for: the
+        configured ratio and no KV cap on the batch until ``MIN_MIX_REQUESTS`` requests have
+        finished, then what those requests had."""
+        n = self.finished_requests
+        if n < MIN_MIX_REQUESTS or self.finished_output_tokens == 0:
+            return self.planner_config.prompt_tokens_per_output_token, 0.0
+        return (self.finished_prompt_tokens / self.finished_output_tokens,
+                (self.finished_prompt_tokens + self.finished_output_tokens) / n)
 
     def replan(self) -> None:
         """Plan for the registered workers; only workers whose range changes reload."""
@@ -280,7 +283,8 @@ class Engine:
             return
         current = {w.worker_id: w.loaded for w in workers if w.loaded is not None}
         self.cluster.epoch += 1
-        config = replace(self.planner_config, prompt_tokens_per_output_token=self.workload_mix())
+        ratio, kv_tokens = self.workload_mix()
+        config = replace(self.planner_config, prompt_tokens_per_output_token=ratio, kv_tokens_per_sequence=kv_tokens)
         try:
             plan = plan_layers(self.config.model, workers, config, self.cluster.epoch, current)
         except NoCapacityError as exc:

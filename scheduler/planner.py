@@ -42,6 +42,9 @@ class PlannerConfig:
     # the workload's prompt tokens per generated token: every output token also costs this many
     # prompt tokens of prefill on each stage (the engine passes what it has served, once it has)
     prompt_tokens_per_output_token: float = DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN
+    # KV tokens a running sequence holds: caps each stage's batch by the memory its weights leave
+    # (0: no cap; the engine passes the mean prompt + output of what it has served)
+    kv_tokens_per_sequence: float = 0.0
 
 
 def stage_weight_bytes(model: ModelFacts, start_layer: int, end_layer: int) -> int:
@@ -148,7 +151,8 @@ def plan_layers(
     placement: Placement | None = None
     for reserve in reserves:
         problem = PlacementProblem(model_spec(model), devices, kv_reserve_tokens=reserve, objective=config.objective,
-                                   prompt_tokens_per_output_token=config.prompt_tokens_per_output_token)
+                                   prompt_tokens_per_output_token=config.prompt_tokens_per_output_token,
+                                   kv_tokens_per_sequence=config.kv_tokens_per_sequence)
         try:
             placement = solve_placement(problem, time_limit_s=config.time_limit_s, current=dict(current or {}) or None)
             break

@@ -84,7 +84,9 @@ def cluster_snapshot(engine: Engine) -> dict:
         "running_requests": len({state.request.request_id for state in engine.requests.values()}),
         "waiting_requests": len(engine.admission),
         "tokens_generated": engine.tokens_generated,
-        "prompt_tokens_per_output_token": engine.workload_mix(),  # the mix the next plan is for
+        # the workload mix the next plan is for (scheduler/planner.py)
+        "prompt_tokens_per_output_token": engine.workload_mix()[0],
+        "kv_tokens_per_sequence": engine.workload_mix()[1],
     }
 
 

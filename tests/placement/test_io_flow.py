@@ -65,3 +65,19 @@ def test_workload_mix_charges_prefill_to_each_output_token() -> None:
     # roofline: a decode step reads the 1 MB layer in 1 ms and computes 1 ms per sequence, so 1 ms per
     # token at any batch; prefill is compute-bound at 1 MB / 1 GFLOP/s = 1 ms per prompt token
     assert capacity_table(mixed, roofline)[0] == pytest.approx(1 / (0.001 + 4 * 0.001))
+
+
+def test_kv_memory_caps_the_batch_in_the_capacity() -> None:
+    from placement.network import capacity_table
+
+    model = ModelSpec.uniform(4, 1_000_000, kv_bytes_per_token_per_layer=1_000)
+    device = DeviceSpec("m", 10_000_000, decode_layer_time_s=((1, 0.001), (64, 0.002)))
+    capped = PlacementProblem(model, (device,), kv_tokens_per_sequence=100)   # 100 kB per sequence and layer
+    free = capacity_table(PlacementProblem(model, (device,)), device)
+    table = capacity_table(capped, device)
+    assert table[0] == pytest.approx(free[0])          # 1 layer: 9 MB hold 90 sequences > 64
+    t15 = 0.001 + 0.001 * 14 / 63                       # 4 layers: 6 MB hold 15 sequences
+    assert table[3] == pytest.approx(1 / (4 * t15 / 15))
+    assert table[3] < free[3] * 0.5
+    with pytest.raises(ValueError, match="kv_tokens_per_sequence"):
+        PlacementProblem(model, (device,), kv_tokens_per_sequence=-1)
