@@ -7,6 +7,9 @@ Parts:
   (`$ref`, anyOf/oneOf/allOf, enum/const, objects, arrays, strings, numbers, booleans, null).
 - `request_strategy(operation)`: one HTTP request for an operation.
 - `test_no_operation_answers_5xx`: every operation in turn, against one shared live cluster.
+
+Derandomized: the same examples every run. With random ones, CI once drew 30 bodies for
+`/v1/completions` of which none was valid (the check that some reach the handler failed).
 """
 
 from __future__ import annotations
@@ -151,7 +154,7 @@ def test_no_operation_answers_5xx(live: LiveCluster) -> None:
     anonymous = httpx.Client(base_url=live.url, timeout=60)
     try:
         for method, path, op in ops:
-            @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,
+            @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None, derandomize=True,
                       suppress_health_check=list(HealthCheck))
             @given(req=request_strategy(method, path, op, doc, real))
             def check(req: dict[str, Any]) -> None:
