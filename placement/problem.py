@@ -124,11 +124,9 @@ class PlacementProblem:
     kv_tokens_per_sequence: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.kv_tokens_per_sequence < float("inf"):
-            raise ValueError(f"kv_tokens_per_sequence must be finite and >= 0, got {self.kv_tokens_per_sequence!r}")
-        if not self.prompt_tokens_per_output_token >= 0 or self.prompt_tokens_per_output_token == float("inf"):
-            raise ValueError(f"prompt_tokens_per_output_token must be finite and >= 0, got "
-                             f"{self.prompt_tokens_per_output_token!r}")
+        for name in ("prompt_tokens_per_output_token", "kv_tokens_per_sequence"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be finite and >= 0, got {getattr(self, name)!r}")
         ids = [d.device_id for d in self.devices]
         if len(set(ids)) != len(ids):
             raise ValueError("duplicate device ids")

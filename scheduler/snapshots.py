@@ -59,6 +59,7 @@ def cluster_snapshot(engine: Engine) -> dict:
     cluster = engine.cluster
     plan = cluster.plan
     model = engine.config.model
+    mix_ratio, mix_kv_tokens = engine.workload_mix()
     return {
         "model": {
             "id": engine.model_id,
@@ -85,8 +86,8 @@ def cluster_snapshot(engine: Engine) -> dict:
         "waiting_requests": len(engine.admission),
         "tokens_generated": engine.tokens_generated,
         # the workload mix the next plan is for (scheduler/planner.py)
-        "prompt_tokens_per_output_token": engine.workload_mix()[0],
-        "kv_tokens_per_sequence": engine.workload_mix()[1],
+        "prompt_tokens_per_output_token": mix_ratio,
+        "kv_tokens_per_sequence": mix_kv_tokens,
     }
 
 

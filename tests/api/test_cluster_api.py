@@ -52,6 +52,8 @@ def test_cluster_lists_every_worker_with_contiguous_ranges(live: LiveCluster) ->
         assert worker["assigned_layers"] == worker["loaded_layers"] == plan["ranges"][wid]
         assert isinstance(worker["profile"], dict)
         assert worker["kv_capacity_tokens"] > 0 and 0 <= worker["kv_free_tokens"] <= worker["kv_capacity_tokens"]
+    # the workload mix the next plan is for: the default until 32 requests have finished, then theirs
+    assert cluster["prompt_tokens_per_output_token"] > 0 and cluster["kv_tokens_per_sequence"] >= 0
 
 
 def test_cluster_endpoints_need_the_key_metrics_and_dashboard_do_not(live: LiveCluster) -> None:
