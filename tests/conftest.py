@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 _ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:
+# the repository first: pytest puts tests/ ahead of it, where tests/placement would shadow placement/
+if sys.path[0] != str(_ROOT):
     sys.path.insert(0, str(_ROOT))
 
 from tests.checkpoints import make_checkpoint  # noqa: E402

@@ -18,6 +18,7 @@ later steps carry just request ids and positions. Prompt token ids go to stage 0
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -267,16 +268,30 @@ Message = (
 # Codec
 
 
+# Encoders and decoders are compiled once per type (a closure per field), so a message on the data
+# plane costs a few calls per field rather than a walk through `typing` on every hop.
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
 def _to_plain(value: Any, frames: list[Any]) -> Any:
     if isinstance(value, TensorPayload):
         frames.append(value.data)
         return {"__tensor__": len(frames) - 1, "dtype": value.dtype, "shape": list(value.shape)}
-    if dataclasses.is_dataclass(value):
-        return {f.name: _to_plain(getattr(value, f.name), frames) for f in dataclasses.fields(value)}
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
     if isinstance(value, (list, tuple)):
         return [_to_plain(item, frames) for item in value]
     if isinstance(value, dict):
         return {key: _to_plain(item, frames) for key, item in value.items()}
+    if dataclasses.is_dataclass(value):
+        return {name: _to_plain(getattr(value, name), frames) for name in _field_names(type(value))}
     return value
 
 
@@ -290,74 +305,109 @@ def encode(message: Message) -> list[Any]:
     return [msgpack.packb([kind, fields], use_bin_type=True), *frames]
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
+Decoder = typing.Callable[[Any, list[Any]], Any]
+_DECODERS: dict[Any, Decoder] = {}
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
+def _decoder(annotation: Any) -> Decoder:
+    """The function that turns the plain (msgpack) form of `annotation` back into its value."""
+    decoder = _DECODERS.get(annotation)
+    if decoder is None:
+        decoder = _DECODERS[annotation] = _compile(annotation)
+    return decoder
 
 
-def _from_plain(annotation: Any, value: Any, frames: list[Any]) -> Any:
+def _scalar(kind: type, name: str, accepts: tuple[type, ...], convert: typing.Callable[[Any], Any] | None = None) -> Decoder:
+    def decode_scalar(value: Any, frames: list[Any]) -> Any:
+        if not isinstance(value, accepts) or (kind is not bool and isinstance(value, bool)):
+            raise ProtocolError(f"expected {name}, got {value!r}")
+        return convert(value) if convert is not None else value
+
+    return decode_scalar
+
+
+def _decode_tensor(value: Any, frames: list[Any]) -> TensorPayload:
+    if not isinstance(value, dict) or "__tensor__" not in value:
+        raise ProtocolError("expected a tensor reference")
+    index = value["__tensor__"]
+    if not isinstance(index, int) or not 0 <= index < len(frames):
+        raise ProtocolError(f"tensor frame {index!r} missing")
+    return TensorPayload(str(value["dtype"]), tuple(int(d) for d in value["shape"]), frames[index])
+
+
+def _compile(annotation: Any) -> Decoder:
+    if annotation is TensorPayload:
+        return _decode_tensor
+    if dataclasses.is_dataclass(annotation):
+        return _compile_dataclass(annotation)
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
-    if annotation is TensorPayload:
-        if not isinstance(value, dict) or "__tensor__" not in value:
-            raise ProtocolError("expected a tensor reference")
-        index = value["__tensor__"]
-        if not isinstance(index, int) or not 0 <= index < len(frames):
-            raise ProtocolError(f"tensor frame {index!r} missing")
-        return TensorPayload(str(value["dtype"]), tuple(int(d) for d in value["shape"]), frames[index])
-    if dataclasses.is_dataclass(annotation):
-        return _build(annotation, value, frames)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is not type(None):
-                return _from_plain(arg, value, frames)
+    if origin in (typing.Union, types.UnionType):
+        inner = next((arg for arg in args if arg is not type(None)), None)
+        inner_decoder = _decoder(inner) if inner is not None else (lambda value, frames: value)
+        optional = type(None) in args
+
+        def decode_union(value: Any, frames: list[Any]) -> Any:
+            if value is None and optional:
+                return None
+            return inner_decoder(value, frames)
+
+        return decode_union
     if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ProtocolError(f"expected a list, got {type(value).__name__}")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_from_plain(args[0], item, frames) for item in value)
-        if len(args) != len(value):
-            raise ProtocolError("tuple of the wrong length")
-        return tuple(_from_plain(arg, item, frames) for arg, item in zip(args, value))
+            item_decoder = _decoder(args[0])
+
+            def decode_sequence(value: Any, frames: list[Any]) -> tuple[Any, ...]:
+                if not isinstance(value, (list, tuple)):
+                    raise ProtocolError(f"expected a list, got {type(value).__name__}")
+                return tuple(item_decoder(item, frames) for item in value)
+
+            return decode_sequence
+        item_decoders = tuple(_decoder(arg) for arg in args)
+
+        def decode_fixed(value: Any, frames: list[Any]) -> tuple[Any, ...]:
+            if not isinstance(value, (list, tuple)):
+                raise ProtocolError(f"expected a list, got {type(value).__name__}")
+            if len(item_decoders) != len(value):
+                raise ProtocolError("tuple of the wrong length")
+            return tuple(decoder(item, frames) for decoder, item in zip(item_decoders, value))
+
+        return decode_fixed
     if annotation is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ProtocolError(f"expected int, got {value!r}")
-        return value
+        return _scalar(int, "int", (int,))
     if annotation is float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ProtocolError(f"expected float, got {value!r}")
-        return float(value)
+        return _scalar(float, "float", (int, float), float)
     if annotation is str:
-        if not isinstance(value, str):
-            raise ProtocolError(f"expected str, got {value!r}")
-        return value
+        return _scalar(str, "str", (str,))
     if annotation is bool:
-        if not isinstance(value, bool):
-            raise ProtocolError(f"expected bool, got {value!r}")
-        return value
-    return value
+        return _scalar(bool, "bool", (bool,))
+    return lambda value, frames: value  # dict[str, Any], Any: taken as sent
 
 
-def _build(cls: type, value: Any, frames: list[Any]) -> Any:
-    if not isinstance(value, dict):
-        raise ProtocolError(f"{cls.__name__}: expected a map of fields")
-    hints = _hints(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in value:
-            kwargs[f.name] = _from_plain(hints[f.name], value[f.name], frames)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ProtocolError(f"{cls.__name__}: missing field {f.name!r}")
-    unknown = set(value) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        raise ProtocolError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
-    return cls(**kwargs)
+def _compile_dataclass(cls: type) -> Decoder:
+    hints = typing.get_type_hints(cls)
+    fields = tuple(
+        (f.name, _decoder(hints[f.name]), f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        for f in dataclasses.fields(cls)
+    )
+    names = frozenset(name for name, _, _ in fields)
+
+    def decode_dataclass(value: Any, frames: list[Any]) -> Any:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{cls.__name__}: expected a map of fields")
+        kwargs = {}
+        for name, decoder, required in fields:
+            if name in value:
+                kwargs[name] = decoder(value[name], frames)
+            elif required:
+                raise ProtocolError(f"{cls.__name__}: missing field {name!r}")
+        if len(value) != len(kwargs):
+            unknown = set(value) - names
+            if unknown:
+                raise ProtocolError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+        return cls(**kwargs)
+
+    return decode_dataclass
 
 
 def decode(frames: list[Any]) -> Message:
@@ -366,7 +416,7 @@ def decode(frames: list[Any]) -> Message:
         raise ProtocolError("empty message")
     buffers = [getattr(frame, "buffer", frame) for frame in frames]
     try:
-        header = msgpack.unpackb(bytes(buffers[0]), raw=False)
+        header = msgpack.unpackb(buffers[0], raw=False)
     except Exception as exc:  # msgpack raises several types
         raise ProtocolError(f"undecodable header: {exc}") from None
     if not isinstance(header, list) or len(header) != 2 or not isinstance(header[0], str):
@@ -376,7 +426,7 @@ def decode(frames: list[Any]) -> Message:
     if cls is None:
         raise ProtocolError(f"unknown message kind {kind!r}")
     try:
-        return _build(cls, fields, buffers[1:])
+        return _decoder(cls)(fields, buffers[1:])
     except ProtocolError:
         raise
     except (TypeError, ValueError) as exc:

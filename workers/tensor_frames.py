@@ -32,8 +32,8 @@ def payload_to_tensor(payload: p.TensorPayload) -> torch.Tensor:
     dtype = getattr(torch, payload.dtype, None)
     if not isinstance(dtype, torch.dtype):
         raise p.ProtocolError(f"unknown dtype {payload.dtype!r}")
-    expected = math.prod(payload.shape) * torch.empty((), dtype=dtype).element_size()
-    if len(memoryview(payload.data).cast("B")) != expected:
+    expected = math.prod(payload.shape) * dtype.itemsize
+    if memoryview(payload.data).nbytes != expected:
         raise p.ProtocolError("tensor frame size does not match its shape")
     if expected == 0:
         return torch.empty(payload.shape, dtype=dtype)

@@ -109,8 +109,12 @@ class Worker:
         return sock
 
     def send(self, address: str, message: p.Message) -> None:
+        frames = p.encode(message)
+        # zero-copy frames pay for themselves only when large (a small one is copied anyway, after
+        # a costlier setup): one decode step's hidden state goes by copy, a prompt's without
+        copy = all(memoryview(frame).nbytes < zmq.COPY_THRESHOLD for frame in frames[1:])
         try:
-            self._peer(address).send_multipart(p.encode(message), copy=False, flags=zmq.NOBLOCK)
+            self._peer(address).send_multipart(frames, copy=copy, flags=zmq.NOBLOCK)
         except zmq.Again:
             log.warning("peer %s is not taking messages; dropped %s", address, type(message).__name__)
 
@@ -205,11 +209,8 @@ class Worker:
 
     # ----------------------------------------------------------------------------- receive
     def receive_all(self) -> None:
-        while True:
-            try:
-                frames = self.pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        while self.pull.get(zmq.EVENTS) & zmq.POLLIN:  # cheaper than a zmq.Again at the end
+            frames = self.pull.recv_multipart(copy=False)
             try:
                 self.handle(p.decode(frames))
             except p.ProtocolError as exc:
