@@ -19,7 +19,7 @@ from workers.backend import SequenceChunk, StageBackend, StageConfig
 from workers.checkpoint import load_stage_tensors
 from workers.kv_cache import BlockKVCache
 from workers.model_config import ModelConfig, parse_dtype
-from workers.stage_model import StageModel, build_batch_plan
+from workers.stage_model import RopeTable, StageModel, build_batch_plan
 
 
 def resolve_dtype(name: str, config: ModelConfig) -> torch.dtype:
@@ -65,7 +65,7 @@ class TorchStageBackend(StageBackend):
             device=self.device,
         )
         self._kv_layers = self.kv_cache.layers
-        self._inv_freq = mc.rope_inv_freq()
+        self._rope = RopeTable(mc.rope_inv_freq(), self.dtype, self.device)
 
     def forward(self, chunks: Sequence[SequenceChunk], inputs: torch.Tensor) -> torch.Tensor:
         """See StageBackend.forward. Raises KVCacheFull (nothing changed) when short of blocks."""
@@ -81,9 +81,7 @@ class TorchStageBackend(StageBackend):
             [c.num_tokens for c in chunks],
             [tables[c.request_id] for c in chunks],
             self.kv_cache.block_size,
-            self._inv_freq,
-            self.dtype,
-            self.device,
+            self._rope,
         )
         if self.is_first:
             inputs = inputs.to(self.device, torch.int64)

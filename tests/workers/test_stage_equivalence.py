@@ -171,3 +171,20 @@ def test_sharded_and_mistral_checkpoints_match_transformers(request, checkpoint_
     torch.testing.assert_close(logits[0], ref[len(prompt) - 1], atol=1e-4, rtol=0)
     logits = _step(chain, [SequenceChunk("r", len(prompt), 1)], [60])
     torch.testing.assert_close(logits[0], ref[len(prompt)], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_table_looks_up_what_a_step_would_compute(dtype):
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 16, 2).float() / 16))
+    table = stage_model.RopeTable(inv_freq, dtype, "cpu")
+
+    def direct(positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = torch.tensor(positions, dtype=torch.int64).to(torch.float32)[:, None] * inv_freq[None, :]
+        return freqs.cos().to(dtype)[:, None, :], freqs.sin().to(dtype)[:, None, :]
+
+    # one decode row, several decode rows, a prefill past the first size (the table grows), a mix
+    for starts, lengths in [([5], [1]), ([3, 700, 9], [1, 1, 1]), ([250], [300]), ([0, 1000, 40], [4, 1, 30])]:
+        cos, sin = table.lookup(starts, lengths)
+        want_cos, want_sin = direct([p for s, n in zip(starts, lengths) for p in range(s, s + n)])
+        assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
+    assert table.cos.shape[0] == 1024  # 256 doubled until it held position 1000
