@@ -1,16 +1,16 @@
 """Decode throughput of the spine beside transformers' `generate`, measured in one run.
 
-    python -m benchmarks.spine_throughput [--new-tokens 64] [--prompt-tokens 32]
+    python -m benchmarks.spine_throughput [--new-tokens 64] [--prompt-tokens 32] [--trials 5]
 
-Builds a ~100M-parameter float32 Llama checkpoint (random weights), then measures:
-- transformers `generate` (greedy) at batch 1 and with a static batch of 16, each at its best
-  thread count (1 or every core);
-- potluck (scheduler in this process, real worker processes, ZeroMQ) with 1, 2 and 3 local
-  workers, for 1 stream and for 16 concurrent streams;
-and prints decode tokens/s and the ratios the spine issue sets as targets, plus each worker's
-peak memory against its layers' bytes + KV budget + 400 MB. Every figure is the median of
-`--trials` runs (default 3) of the same work, so that one noisy run on a shared machine does
-not decide a ratio.
+Builds a ~100M-parameter float32 Llama checkpoint (random weights), starts three potluck
+clusters at once (scheduler in this process, 1, 2 and 3 real worker processes over ZeroMQ) and
+loads transformers beside them, then runs `--trials` rounds. Each round measures, one after the
+other: transformers `generate` (greedy) at batch 1, potluck with 1, 2 and 3 workers at one
+stream, transformers with a static batch of 16, potluck with 16 concurrent streams. Every
+configuration thus sees the same moments of a shared, noisy machine; each ratio is computed
+within a round and the median over rounds is printed (with the range), beside the median
+tokens/s. transformers runs each time at its best thread count (1 or every core) in that round.
+Also printed: each worker's peak memory against its layers' bytes + KV budget + 400 MB.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import asyncio
 import statistics
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,6 +45,7 @@ MODEL_SPEC = DemoModelSpec(
     num_key_value_heads=12,
     max_position_embeddings=1024,
 )
+WORKER_COUNTS = (1, 2, 3)
 
 
 def prompts(count: int, length: int, vocab_size: int) -> list[list[int]]:
@@ -52,28 +53,40 @@ def prompts(count: int, length: int, vocab_size: int) -> list[list[int]]:
     return [torch.randint(3, vocab_size, (length,), generator=generator).tolist() for _ in range(count)]
 
 
-def transformers_tokens_per_s(model_dir: Path, batch: list[list[int]], new_tokens: int, trials: int) -> float:
-    """Greedy `generate` tokens/s at its best thread count (1 or every core): median of `trials` runs."""
-    from transformers import AutoModelForCausalLM
+class Transformers:
+    """transformers' `generate` on the checkpoint, greedy, every token forced (no early eos)."""
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    inputs = torch.tensor(batch)
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    best = 0.0
-    threads_before = torch.get_num_threads()
-    for threads in sorted({1, os.cpu_count() or 1}):
-        torch.set_num_threads(threads)
+    def __init__(self, model_dir: Path) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.thread_counts = sorted({1, os.cpu_count() or 1})
+
+    def _run(self, inputs: torch.Tensor, new_tokens: int) -> float:
+        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
         with torch.inference_mode():
-            model.generate(inputs[:, :8], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+            started = time.perf_counter()
+            output = self.model.generate(inputs, attention_mask=torch.ones_like(inputs), **kwargs)
+            elapsed_s = time.perf_counter() - started
+        return (output.shape[1] - inputs.shape[1]) * inputs.shape[0] / elapsed_s
+
+    def tokens_per_s(self, batch: list[list[int]], new_tokens: int) -> float:
+        """tokens/s of one `generate`, at the better of 1 thread and every core (both run)."""
+        inputs = torch.tensor(batch)
+        threads_before = torch.get_num_threads()
+        try:
             rates = []
-            for _ in range(trials):
-                started = time.perf_counter()
-                output = model.generate(inputs, attention_mask=torch.ones_like(inputs), **kwargs)
-                elapsed_s = time.perf_counter() - started
-                rates.append((output.shape[1] - inputs.shape[1]) * inputs.shape[0] / elapsed_s)
-        best = max(best, statistics.median(rates))
-    torch.set_num_threads(threads_before)
-    return best
+            for threads in self.thread_counts:
+                torch.set_num_threads(threads)
+                rates.append(self._run(inputs, new_tokens))
+            return max(rates)
+        finally:
+            torch.set_num_threads(threads_before)
+
+    def warm_up(self, batch: list[list[int]]) -> None:
+        for threads in self.thread_counts:
+            torch.set_num_threads(threads)
+            self._run(torch.tensor(batch)[:, :8], 4)
 
 
 def peak_rss_bytes(pid: int) -> int:
@@ -84,59 +97,121 @@ def peak_rss_bytes(pid: int) -> int:
     return 0
 
 
-async def potluck_tokens_per_s(
-    model_dir: Path, num_workers: int, streams: list[list[int]], new_tokens: int, trials: int
-) -> tuple[dict[int, float], list[str]]:
-    from api.local_workers import LocalWorkers
-    from scheduler.engine import Engine, EngineConfig
-    from scheduler.request import GenerationRequest
-    from scheduler.tokenizer import Tokenizer
-    from workers.model_facts import read_model_facts
-    from workers.protocol import SamplingParams
+@dataclass
+class Cluster:
+    """A scheduler (in this process) and its local worker processes."""
 
-    facts = read_model_facts(model_dir)
-    engine = Engine(
-        EngineConfig(str(model_dir), facts, "bench", min_workers=num_workers, max_concurrent_sequences=16),
-        Tokenizer.from_model_dir(model_dir),
-    )
-    await engine.start()
-    workers = LocalWorkers(engine.control_address, num_workers)
-    workers.start()
-    results: dict[int, float] = {}
-    memory_lines: list[str] = []
-    try:
-        await engine.wait_ready(timeout_s=120)
-        sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    num_workers: int
+    engine: object
+    workers: object
+    model_dir: Path
+    requests: int = 0
 
-        async def run(prompt: list[int], index: int, count: int) -> int:
-            request = GenerationRequest(f"r{index}", tuple(prompt), replace(sampling, max_new_tokens=count))
-            generated = 0
-            async for output in engine.generate(request):
-                generated += len(output.token_ids)
-            return generated
+    @classmethod
+    async def start(cls, model_dir: Path, num_workers: int) -> Cluster:
+        from api.local_workers import LocalWorkers
+        from scheduler.engine import Engine, EngineConfig
+        from scheduler.tokenizer import Tokenizer
+        from workers.model_facts import read_model_facts
 
-        await run(streams[0][:8], -1, 4)  # warm-up
-        for count in (1, len(streams)):
-            rates = []
-            for trial in range(trials):
-                started = time.perf_counter()
-                runs = (run(prompt, trial * len(streams) + i, new_tokens) for i, prompt in enumerate(streams[:count]))
-                done = await asyncio.gather(*runs)
-                rates.append(sum(done) / (time.perf_counter() - started))
-            results[count] = statistics.median(rates)
-        for process, worker in zip(workers.processes, sorted(engine.cluster.workers.values(), key=lambda w: w.worker_id)):
+        config = EngineConfig(
+            str(model_dir), read_model_facts(model_dir), "bench", min_workers=num_workers, max_concurrent_sequences=16
+        )
+        engine = Engine(config, Tokenizer.from_model_dir(model_dir))
+        await engine.start()
+        workers = LocalWorkers(engine.control_address, num_workers, id_prefix=f"w{num_workers}")
+        workers.start()
+        return cls(num_workers, engine, workers, model_dir)
+
+    async def tokens_per_s(self, streams: list[list[int]], new_tokens: int) -> float:
+        """Decode tokens/s of `streams` run concurrently, each generating `new_tokens`."""
+        from scheduler.request import GenerationRequest
+        from workers.protocol import SamplingParams
+
+        async def run(prompt: list[int]) -> int:
+            self.requests += 1
+            sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+            request = GenerationRequest(f"r{self.requests}", tuple(prompt), sampling)
+            return sum([len(output.token_ids) async for output in self.engine.generate(request)])
+
+        started = time.perf_counter()
+        generated = await asyncio.gather(*(run(prompt) for prompt in streams))
+        return sum(generated) / (time.perf_counter() - started)
+
+    def memory_lines(self) -> list[str]:
+        from workers.model_facts import read_model_facts
+
+        facts = read_model_facts(self.model_dir)
+        lines = []
+        states = sorted(self.engine.cluster.workers.values(), key=lambda w: w.worker_id)
+        for process, worker in zip(self.workers.processes, states):
             start, end = worker.loaded or (0, 0)
             kv_bytes = worker.kv_capacity_tokens * facts.kv_bytes_per_token_per_layer * (end - start)
             peak = peak_rss_bytes(process.pid)
             bound = worker.weight_bytes + kv_bytes + 400 * 2**20
-            memory_lines.append(
+            lines.append(
                 f"  {worker.worker_id} layers [{start},{end}): peak {peak / 2**20:.0f} MiB <= weights {worker.weight_bytes / 2**20:.0f}"
                 f" + KV {kv_bytes / 2**20:.0f} + 400 MiB = {bound / 2**20:.0f} MiB: {'yes' if peak <= bound else 'NO'}"
             )
+        return lines
+
+    async def stop(self) -> None:
+        self.workers.stop()
+        await self.engine.stop(shutdown_workers=True)
+
+
+def _median_and_range(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+
+
+async def measure(model_dir: Path, streams: list[list[int]], new_tokens: int, trials: int) -> None:
+    n = len(streams)
+    reference = Transformers(model_dir)
+    clusters: dict[int, Cluster] = {}
+    try:
+        for count in WORKER_COUNTS:
+            clusters[count] = await Cluster.start(model_dir, count)
+        for cluster in clusters.values():
+            await cluster.engine.wait_ready(timeout_s=300)
+            await cluster.tokens_per_s([streams[0][:8]], 4)  # warm-up
+        reference.warm_up(streams)
+        rates: dict[str, list[float]] = {}
+        for trial in range(trials):
+            row = {"hf 1": reference.tokens_per_s(streams[:1], new_tokens)}
+            for count, cluster in clusters.items():
+                row[f"{count} 1"] = await cluster.tokens_per_s(streams[:1], new_tokens)
+            row[f"hf {n}"] = reference.tokens_per_s(streams, new_tokens)
+            for count, cluster in clusters.items():
+                row[f"{count} {n}"] = await cluster.tokens_per_s(streams, new_tokens)
+            for key, value in row.items():
+                rates.setdefault(key, []).append(value)
+            print(f"round {trial + 1}: " + ", ".join(f"{key}: {value:.1f}" for key, value in row.items()), flush=True)
+        for count, cluster in clusters.items():
+            print(f"potluck {count} worker(s), peak memory per worker:")
+            print("\n".join(cluster.memory_lines()))
     finally:
-        workers.stop()
-        await engine.stop(shutdown_workers=True)
-    return results, memory_lines
+        for cluster in clusters.values():
+            await cluster.stop()
+
+    def ratios(key: str, base: str) -> list[float]:
+        return [a / b for a, b in zip(rates[key], rates[base])]
+
+    med = {key: statistics.median(values) for key, values in rates.items()}
+    print()
+    print(f"| workers | 1 stream tok/s | vs transformers b=1 | vs 1 worker | {n} streams tok/s | vs transformers b={n} |")
+    print("|---|---|---|---|---|---|")
+    for count in WORKER_COUNTS:
+        print(
+            f"| {count} | {med[f'{count} 1']:.1f} | {_median_and_range(ratios(f'{count} 1', 'hf 1'))}"
+            f" | {_median_and_range(ratios(f'{count} 1', '1 1'))} | {med[f'{count} {n}']:.1f}"
+            f" | {_median_and_range(ratios(f'{count} {n}', f'hf {n}'))} |"
+        )
+    print(f"| transformers | {med['hf 1']:.1f} | 1.00x | | {med[f'hf {n}']:.1f} | 1.00x |")
+    print()
+    print("ratios: median over rounds of the ratio within each round (range in brackets)")
+    print(f"target 1 worker >= transformers at 1 stream: {_median_and_range(ratios('1 1', 'hf 1'))}")
+    print(f"target 3 workers >= 0.85x of 1 worker at 1 stream: {_median_and_range(ratios('3 1', '1 1'))}")
+    print(f"target {n} streams through 3 workers >= transformers static batch {n}: {_median_and_range(ratios(f'3 {n}', f'hf {n}'))}")
 
 
 def main() -> None:
@@ -145,8 +220,11 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--model-dir", default=None, help="reuse or create the checkpoint here")
-    parser.add_argument("--trials", type=int, default=3, help="runs per figure; the median is reported")
+    parser.add_argument("--trials", type=int, default=5, help="rounds; each ratio is the median over rounds")
     args = parser.parse_args()
+    for name in ("new_tokens", "prompt_tokens", "streams", "trials"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     model_dir = Path(args.model_dir or tempfile.mkdtemp(prefix="potluck-bench-"))
     if not (model_dir / "config.json").exists():
         build_demo_model(model_dir, MODEL_SPEC)
@@ -154,27 +232,9 @@ def main() -> None:
     streams = prompts(args.streams, args.prompt_tokens, MODEL_SPEC.vocab_size)
     print(
         f"checkpoint: ~{params:.0f}M parameters, float32; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens;"
-        f" {os.cpu_count()} cores; median of {args.trials} runs per figure"
+        f" {os.cpu_count()} cores; {args.trials} rounds"
     )
-    hf_1 = transformers_tokens_per_s(model_dir, streams[:1], args.new_tokens, args.trials)
-    hf_16 = transformers_tokens_per_s(model_dir, streams, args.new_tokens, args.trials)
-    print(f"transformers generate: batch 1 {hf_1:.1f} tok/s, static batch {args.streams} {hf_16:.1f} tok/s")
-    ours: dict[int, dict[int, float]] = {}
-    for num_workers in (1, 2, 3):
-        ours[num_workers], memory = asyncio.run(potluck_tokens_per_s(model_dir, num_workers, streams, args.new_tokens, args.trials))
-        print(f"potluck {num_workers} worker(s): 1 stream {ours[num_workers][1]:.1f} tok/s, {args.streams} streams {ours[num_workers][args.streams]:.1f} tok/s")
-        print("\n".join(memory))
-    n = args.streams
-    print()
-    print("| workers | 1 stream tok/s | vs transformers b=1 | vs 1 worker | %d streams tok/s | vs transformers b=%d |" % (n, n))
-    print("|---|---|---|---|---|---|")
-    for num_workers, row in ours.items():
-        print(f"| {num_workers} | {row[1]:.1f} | {row[1] / hf_1:.2f}x | {row[1] / ours[1][1]:.2f}x | {row[n]:.1f} | {row[n] / hf_16:.2f}x |")
-    print(f"| transformers | {hf_1:.1f} | 1.00x | | {hf_16:.1f} | 1.00x |")
-    print()
-    print(f"target 1 worker >= transformers at 1 stream: {ours[1][1] / hf_1:.2f}x")
-    print(f"target 3 workers >= 0.85x of 1 worker at 1 stream: {ours[3][1] / ours[1][1]:.2f}x")
-    print(f"target {n} streams through 3 workers >= transformers static batch {n}: {ours[3][n] / hf_16:.2f}x")
+    asyncio.run(measure(model_dir, streams, args.new_tokens, args.trials))
 
 
 if __name__ == "__main__":
