@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 
 _ROOT = Path(__file__).resolve().parent.parent
-# the repository first: pytest puts tests/ ahead of it, where tests/placement would shadow placement/
-if sys.path[0] != str(_ROOT):
+if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
 from tests.checkpoints import make_checkpoint  # noqa: E402
