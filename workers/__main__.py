@@ -29,6 +29,10 @@ def build_arg_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--memory-bytes", type=int, default=None, help="memory for weights + KV cache")
     parser.add_argument("--worker-id", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--no-pin-threads", dest="pin_threads", action="store_false",
+        help="on CPU, leave thread placement to the OS (default: main thread on one core, OpenMP threads on the others)",
+    )  # fmt: skip
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--step-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--slowdown", type=float, default=1.0, help=argparse.SUPPRESS)
@@ -73,6 +77,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         profile=args.profile,
         profile_model_dir=args.profile_model,
         profile_seconds=args.profile_seconds,
+        pin_threads=args.pin_threads,
     )
 
 

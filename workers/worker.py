@@ -34,6 +34,7 @@ from workers.backend import SequenceChunk, StageBackend, StageConfig, load_backe
 from workers.batching import MAX_PREFILL_TOKENS_PER_STEP, StageRequest, WorkItem, take_batch
 from workers.sampling import sample
 from workers.tensor_frames import payload_to_tensor, tensor_to_payload
+from workers.thread_affinity import ComputeThreads, find_compute_threads, pin_compute_threads
 
 log = logging.getLogger("potluck.worker")
 
@@ -56,6 +57,7 @@ class WorkerConfig:
     profile: bool = False  # measure the device at join (workers/profiler.py)
     profile_model_dir: str | None = None  # also time one layer of this model when profiling
     profile_seconds: float = 2.0
+    pin_threads: bool = True  # CPU device: main thread on one core, OpenMP threads on the others
 
 
 def default_memory_bytes(device: str) -> int:
@@ -70,8 +72,9 @@ def default_memory_bytes(device: str) -> int:
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, compute_threads: ComputeThreads | None = None) -> None:
         self.config = config
+        self.compute_threads = compute_threads  # pinned once layers are loaded (loading keeps every core)
         self.worker_id = config.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
         self.context = zmq.Context.instance()
         self.pull = self.context.socket(zmq.PULL)
@@ -267,6 +270,10 @@ class Worker:
             )
             return
         self.epoch = message.epoch
+        if self.compute_threads is not None:
+            pinned = pin_compute_threads(self.compute_threads)
+            log.info("pinned threads to cores (thread id: core): %s", pinned)
+            self.compute_threads = None
         self.to_scheduler(
             p.LayersReady(
                 worker_id=self.worker_id,
@@ -459,6 +466,7 @@ def _alive(pid: int) -> bool:
 def run_worker(config: WorkerConfig) -> None:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    worker = Worker(config)
+    pin = config.pin_threads and config.device == "cpu"
+    worker = Worker(config, find_compute_threads() if pin else None)
     log.info("%s listening on %s, scheduler %s", worker.worker_id, worker.data_address, config.scheduler_address)
     worker.run()
