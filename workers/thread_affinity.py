@@ -16,6 +16,8 @@ waking stage's main thread and its OpenMP thread can land on the same core and s
 while (every layer then runs ~2x slower). Measured with 3 workers on 2 cores, one stream, 1 and
 3 workers interleaved over 8 rounds per run: 3 workers vs 1 worker 0.84x on average over 10
 runs pinned, 0.79x over 9 runs not pinned; single runs range 0.78-0.88 and 0.66-0.86 (noisy VM).
+The spine benchmark (5-9 interleaved rounds) gave 0.79-0.80x pinned, 0.78x before: a small gain
+at most on this machine, kept because it costs nothing measurable (16 streams unchanged).
 """
 
 from __future__ import annotations
