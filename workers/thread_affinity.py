@@ -6,7 +6,8 @@ Parts:
   process may use.
 - `find_compute_threads()`: starts torch's OpenMP pool (one parallel GEMM) and tells its threads
   from the others by the thread ids that appeared; None where there is nothing to pin (not
-  Linux, fewer than 2 cores or threads).
+  Linux, one core, or fewer torch threads than cores: workers that split a machine's cores are
+  left to the kernel, which spreads them).
 - `pin_compute_threads(threads)`: OpenMP thread i -> one of the cores after the first (round
   robin); every other thread of the process (main, ZeroMQ's, the heartbeat) -> the first core,
   where threads started later inherit it from the main thread.
@@ -47,8 +48,8 @@ def find_compute_threads() -> ComputeThreads | None:
     if not hasattr(os, "sched_setaffinity") or not os.path.isdir(_TASKS):
         return None
     cpus = tuple(sorted(os.sched_getaffinity(0)))
-    if len(cpus) < 2 or torch.get_num_threads() < 2:
-        return None
+    if len(cpus) < 2 or torch.get_num_threads() < len(cpus):
+        return None  # fewer threads than cores (several workers share them): the kernel spreads them
     before = _thread_ids()
     matrix = torch.ones(512, 512)
     for _ in range(2):
