@@ -4,12 +4,15 @@
 
 Builds a ~100M-parameter float32 Llama checkpoint (random weights), starts three potluck
 clusters at once (scheduler in this process, 1, 2 and 3 real worker processes over ZeroMQ) and
-loads transformers beside them, then runs `--trials` rounds. Each round measures, one after the
-other: transformers `generate` (greedy) at batch 1, potluck with 1, 2 and 3 workers at one
-stream, transformers with a static batch of 16, potluck with 16 concurrent streams. Every
+loads transformers beside them, then runs `--trials` rounds at one stream, then `--trials`
+rounds at 16 streams. Each round measures, one after the other, transformers `generate`
+(greedy; batch 1, or a static batch of 16) and potluck with 1, 2 and 3 workers. Every
 configuration thus sees the same moments of a shared, noisy machine; each ratio is computed
 within a round and the median over rounds is printed (with the range), beside the median
 tokens/s. transformers runs each time at its best thread count (1 or every core) in that round.
+(The phases are apart because on the development VM a one-stream run right after 16-stream runs
+found every layer 25-30% slower, in 1 and 3 workers alike, which moved the 3-worker/1-worker
+ratio by up to 0.1 depending on which ran first.)
 Also printed: each worker's peak memory against its layers' bytes + KV budget + 400 MB.
 """
 
@@ -176,16 +179,14 @@ async def measure(model_dir: Path, streams: list[list[int]], new_tokens: int, tr
             await cluster.tokens_per_s([streams[0][:8]], 4)  # warm-up
         reference.warm_up(streams)
         rates: dict[str, list[float]] = {}
-        for trial in range(trials):
-            row = {"hf 1": reference.tokens_per_s(streams[:1], new_tokens)}
-            for count, cluster in clusters.items():
-                row[f"{count} 1"] = await cluster.tokens_per_s(streams[:1], new_tokens)
-            row[f"hf {n}"] = reference.tokens_per_s(streams, new_tokens)
-            for count, cluster in clusters.items():
-                row[f"{count} {n}"] = await cluster.tokens_per_s(streams, new_tokens)
-            for key, value in row.items():
-                rates.setdefault(key, []).append(value)
-            print(f"round {trial + 1}: " + ", ".join(f"{key}: {value:.1f}" for key, value in row.items()), flush=True)
+        for batch in (streams[:1], streams):  # all one-stream rounds, then all 16-stream rounds
+            for trial in range(trials):
+                row = {f"hf {len(batch)}": reference.tokens_per_s(batch, new_tokens)}
+                for count, cluster in clusters.items():
+                    row[f"{count} {len(batch)}"] = await cluster.tokens_per_s(batch, new_tokens)
+                for key, value in row.items():
+                    rates.setdefault(key, []).append(value)
+                print(f"round {trial + 1}: " + ", ".join(f"{key}: {value:.1f}" for key, value in row.items()), flush=True)
         for count, cluster in clusters.items():
             print(f"potluck {count} worker(s), peak memory per worker:")
             print("\n".join(cluster.memory_lines()))
