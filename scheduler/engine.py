@@ -37,6 +37,7 @@ from scheduler.planner import (DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN, MIN_MIX_R
 from scheduler.request import GenerationOutput, GenerationRequest, TokenLogprob
 from scheduler.routing import MAX_QUEUE_WAIT_S, RouteRequest, choose_route
 from scheduler.tokenizer import Tokenizer
+from workers import codec
 from workers import protocol as p
 
 log = logging.getLogger("potluck.scheduler")
@@ -162,7 +163,7 @@ class Engine:
         if sock is None:
             return
         try:
-            sock.send_multipart(p.encode(message), flags=zmq.NOBLOCK)
+            sock.send_multipart(codec.encode(message), flags=zmq.NOBLOCK)
         except zmq.Again:
             log.warning("worker %s is not taking messages", worker_id)
 
@@ -171,7 +172,7 @@ class Engine:
         sock.setsockopt(zmq.LINGER, 1000)
         sock.connect(address)
         try:
-            sock.send_multipart(p.encode(message), flags=zmq.NOBLOCK)
+            sock.send_multipart(codec.encode(message), flags=zmq.NOBLOCK)
         except zmq.Again:
             pass
         sock.close()
@@ -181,7 +182,7 @@ class Engine:
         while True:
             frames = await self.pull.recv_multipart(copy=False)
             try:
-                self._handle(p.decode(frames))
+                self._handle(codec.decode(frames))
             except p.ProtocolError as exc:
                 log.warning("dropped a malformed message: %s", exc)
             except Exception:

@@ -4,8 +4,8 @@ Parts:
 - messages: frozen dataclasses, one per message kind (control, data, telemetry).
 - `TensorPayload`: a tensor as dtype name + shape + raw buffer; it travels as its own ZeroMQ
   frame, never inside the msgpack header, so hidden states are sent without copies.
-- `encode` / `decode`: the one codec. A message is `[header, *tensor_frames]` where the header is
-  msgpack `[kind, fields]`. Nothing is pickled; a malformed message raises `ProtocolError`.
+- `MESSAGE_TYPES`, `Message`: every kind, by name. The one codec that turns them into ZeroMQ
+  frames and back is workers/codec.py; a malformed message raises `ProtocolError`.
 
 Life of a request on the data plane (route = worker data addresses, stage order):
   scheduler --StartRequest--> stage 0 --Activations(start=...)--> stage 1 ... --> last stage
@@ -17,13 +17,8 @@ later steps carry just request ids and positions. Prompt token ids go to stage 0
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any
-
-import msgpack
 
 PROTOCOL_VERSION = 1
 
@@ -263,171 +258,3 @@ Message = (
     | Activations
     | NextTokens
 )
-
-# ---------------------------------------------------------------------------------------------
-# Codec
-
-
-# Encoders and decoders are compiled once per type (a closure per field), so a message on the data
-# plane costs a few calls per field rather than a walk through `typing` on every hop.
-_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
-
-
-def _field_names(cls: type) -> tuple[str, ...]:
-    names = _FIELD_NAMES.get(cls)
-    if names is None:
-        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
-    return names
-
-
-def _to_plain(value: Any, frames: list[Any]) -> Any:
-    if isinstance(value, TensorPayload):
-        frames.append(value.data)
-        return {"__tensor__": len(frames) - 1, "dtype": value.dtype, "shape": list(value.shape)}
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(item, frames) for item in value]
-    if isinstance(value, dict):
-        return {key: _to_plain(item, frames) for key, item in value.items()}
-    if dataclasses.is_dataclass(value):
-        return {name: _to_plain(getattr(value, name), frames) for name in _field_names(type(value))}
-    return value
-
-
-def encode(message: Message) -> list[Any]:
-    """Message -> ZeroMQ multipart frames: msgpack header, then one frame per tensor."""
-    kind = type(message).__name__
-    if kind not in MESSAGE_TYPES:
-        raise ProtocolError(f"not a protocol message: {kind}")
-    frames: list[Any] = []
-    fields = _to_plain(message, frames)
-    return [msgpack.packb([kind, fields], use_bin_type=True), *frames]
-
-
-Decoder = typing.Callable[[Any, list[Any]], Any]
-_DECODERS: dict[Any, Decoder] = {}
-
-
-def _decoder(annotation: Any) -> Decoder:
-    """The function that turns the plain (msgpack) form of `annotation` back into its value."""
-    decoder = _DECODERS.get(annotation)
-    if decoder is None:
-        decoder = _DECODERS[annotation] = _compile(annotation)
-    return decoder
-
-
-def _scalar(kind: type, name: str, accepts: tuple[type, ...], convert: typing.Callable[[Any], Any] | None = None) -> Decoder:
-    def decode_scalar(value: Any, frames: list[Any]) -> Any:
-        if not isinstance(value, accepts) or (kind is not bool and isinstance(value, bool)):
-            raise ProtocolError(f"expected {name}, got {value!r}")
-        return convert(value) if convert is not None else value
-
-    return decode_scalar
-
-
-def _decode_tensor(value: Any, frames: list[Any]) -> TensorPayload:
-    if not isinstance(value, dict) or "__tensor__" not in value:
-        raise ProtocolError("expected a tensor reference")
-    index = value["__tensor__"]
-    if not isinstance(index, int) or not 0 <= index < len(frames):
-        raise ProtocolError(f"tensor frame {index!r} missing")
-    return TensorPayload(str(value["dtype"]), tuple(int(d) for d in value["shape"]), frames[index])
-
-
-def _compile(annotation: Any) -> Decoder:
-    if annotation is TensorPayload:
-        return _decode_tensor
-    if dataclasses.is_dataclass(annotation):
-        return _compile_dataclass(annotation)
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        inner = next((arg for arg in args if arg is not type(None)), None)
-        inner_decoder = _decoder(inner) if inner is not None else (lambda value, frames: value)
-        optional = type(None) in args
-
-        def decode_union(value: Any, frames: list[Any]) -> Any:
-            if value is None and optional:
-                return None
-            return inner_decoder(value, frames)
-
-        return decode_union
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            item_decoder = _decoder(args[0])
-
-            def decode_sequence(value: Any, frames: list[Any]) -> tuple[Any, ...]:
-                if not isinstance(value, (list, tuple)):
-                    raise ProtocolError(f"expected a list, got {type(value).__name__}")
-                return tuple(item_decoder(item, frames) for item in value)
-
-            return decode_sequence
-        item_decoders = tuple(_decoder(arg) for arg in args)
-
-        def decode_fixed(value: Any, frames: list[Any]) -> tuple[Any, ...]:
-            if not isinstance(value, (list, tuple)):
-                raise ProtocolError(f"expected a list, got {type(value).__name__}")
-            if len(item_decoders) != len(value):
-                raise ProtocolError("tuple of the wrong length")
-            return tuple(decoder(item, frames) for decoder, item in zip(item_decoders, value))
-
-        return decode_fixed
-    if annotation is int:
-        return _scalar(int, "int", (int,))
-    if annotation is float:
-        return _scalar(float, "float", (int, float), float)
-    if annotation is str:
-        return _scalar(str, "str", (str,))
-    if annotation is bool:
-        return _scalar(bool, "bool", (bool,))
-    return lambda value, frames: value  # dict[str, Any], Any: taken as sent
-
-
-def _compile_dataclass(cls: type) -> Decoder:
-    hints = typing.get_type_hints(cls)
-    fields = tuple(
-        (f.name, _decoder(hints[f.name]), f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-        for f in dataclasses.fields(cls)
-    )
-    names = frozenset(name for name, _, _ in fields)
-
-    def decode_dataclass(value: Any, frames: list[Any]) -> Any:
-        if not isinstance(value, dict):
-            raise ProtocolError(f"{cls.__name__}: expected a map of fields")
-        kwargs = {}
-        for name, decoder, required in fields:
-            if name in value:
-                kwargs[name] = decoder(value[name], frames)
-            elif required:
-                raise ProtocolError(f"{cls.__name__}: missing field {name!r}")
-        if len(value) != len(kwargs):
-            unknown = set(value) - names
-            if unknown:
-                raise ProtocolError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
-        return cls(**kwargs)
-
-    return decode_dataclass
-
-
-def decode(frames: list[Any]) -> Message:
-    """ZeroMQ multipart frames (bytes or zmq.Frame) -> Message. Raises ProtocolError."""
-    if not frames:
-        raise ProtocolError("empty message")
-    buffers = [getattr(frame, "buffer", frame) for frame in frames]
-    try:
-        header = msgpack.unpackb(buffers[0], raw=False)
-    except Exception as exc:  # msgpack raises several types
-        raise ProtocolError(f"undecodable header: {exc}") from None
-    if not isinstance(header, list) or len(header) != 2 or not isinstance(header[0], str):
-        raise ProtocolError("header must be [kind, fields]")
-    kind, fields = header
-    cls = MESSAGE_TYPES.get(kind)
-    if cls is None:
-        raise ProtocolError(f"unknown message kind {kind!r}")
-    try:
-        return _decoder(cls)(fields, buffers[1:])
-    except ProtocolError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ProtocolError(f"{kind}: {exc}") from None

@@ -91,7 +91,7 @@ class BatchPlan:
     decode_kv_len: int  # longest decode context (keys beyond it are padding, sliced off)
     decode_mask: torch.Tensor | None  # [B_dec, 1, 1, decode_kv_len] additive (None: equal lengths)
     prefills: list[PrefillGroup]
-    last_rows: torch.Tensor  # [num_chunks] row of each chunk's last token
+    last_rows: torch.Tensor | None  # [num_chunks] row of each chunk's last token (None: every row)
 
 
 def build_batch_plan(
@@ -102,20 +102,15 @@ def build_batch_plan(
     rope: RopeTable,
 ) -> BatchPlan:
     """Per-step metadata for chunks (start position, new tokens, block table), in batch order."""
+    if all(n == 1 for n in lengths):
+        return _decode_plan(starts, block_tables, block_size, rope)
     dtype, device = rope.dtype, rope.device
     decode_idx = [i for i, n in enumerate(lengths) if n == 1]
-    decode_all = len(decode_idx) == len(lengths)
-    if decode_all:
-        slots = torch.tensor(
-            [t[s // block_size] * block_size + s % block_size for s, t in zip(starts, block_tables)],
-            dtype=torch.int64,
-        )
-    else:
-        slot_parts = []
-        for s, n, table in zip(starts, lengths, block_tables):
-            pos = torch.arange(s, s + n)
-            slot_parts.append(torch.tensor(table, dtype=torch.int64)[pos // block_size] * block_size + pos % block_size)
-        slots = torch.cat(slot_parts)
+    slot_parts = []
+    for s, n, table in zip(starts, lengths, block_tables):
+        pos = torch.arange(s, s + n)
+        slot_parts.append(torch.tensor(table, dtype=torch.int64)[pos // block_size] * block_size + pos % block_size)
+    slots = torch.cat(slot_parts)
     cos, sin = rope.lookup(starts, lengths)  # [N, 1, hd/2]
 
     row_starts = [0]
@@ -126,18 +121,10 @@ def build_batch_plan(
     decode_rows = decode_blocks = decode_mask = None
     decode_kv_len = 0
     if decode_idx:
-        lens = [starts[i] + 1 for i in decode_idx]
-        decode_kv_len = max(lens)
-        max_blocks = -(-decode_kv_len // block_size)
-        padded = [list(block_tables[i][:max_blocks]) for i in decode_idx]
-        decode_blocks = torch.tensor([p + [0] * (max_blocks - len(p)) for p in padded], dtype=torch.int64)
-        decode_blocks = decode_blocks.flatten().to(device)
-        if min(lens) != decode_kv_len:  # unequal contexts: mask each row's padding
-            visible = torch.arange(decode_kv_len)[None, :] < torch.tensor(lens)[:, None]
-            decode_mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, neg_inf)
-            decode_mask = decode_mask[:, None, None, :].to(device)
-        if not decode_all:  # with every row a decode row, layers take the batch as it is
-            decode_rows = torch.tensor([row_starts[i] for i in decode_idx], dtype=torch.int64, device=device)
+        decode_blocks, decode_kv_len, decode_mask = _decode_gather(
+            [starts[i] for i in decode_idx], [block_tables[i] for i in decode_idx], block_size, dtype, device
+        )
+        decode_rows = torch.tensor([row_starts[i] for i in decode_idx], dtype=torch.int64, device=device)
 
     prefills = []
     for i, (s, n) in enumerate(zip(starts, lengths)):
@@ -159,13 +146,61 @@ def build_batch_plan(
         sin=sin,
         slots=slots.to(device),
         decode_rows=decode_rows,
-        decode_all=decode_all,
+        decode_all=False,
         decode_blocks=decode_blocks,
         decode_kv_len=decode_kv_len,
         decode_mask=decode_mask,
         prefills=prefills,
         last_rows=torch.tensor([r - 1 for r in row_starts[1:]], dtype=torch.int64, device=device),
     )
+
+
+def _decode_plan(
+    starts: Sequence[int], block_tables: Sequence[Sequence[int]], block_size: int, rope: RopeTable
+) -> BatchPlan:
+    """The plan of a step in which every chunk is one token (decode): the path of every step of a
+    running request, kept to a few tensor constructions (it is on the critical path of each hop)."""
+    device = rope.device
+    slots = [table[s // block_size] * block_size + s % block_size for s, table in zip(starts, block_tables)]
+    cos, sin = rope.lookup(starts, [1] * len(starts))  # [N, 1, hd/2]
+    blocks, kv_len, mask = _decode_gather(starts, block_tables, block_size, rope.dtype, device)
+    return BatchPlan(
+        num_tokens=len(starts),
+        cos=cos,
+        sin=sin,
+        slots=torch.tensor(slots, dtype=torch.int64, device=device),
+        decode_rows=None,  # every row is a decode row: layers take the batch as it is
+        decode_all=True,
+        decode_blocks=blocks,
+        decode_kv_len=kv_len,
+        decode_mask=mask,
+        prefills=[],
+        last_rows=None,  # every row is its chunk's last token
+    )
+
+
+def _decode_gather(
+    starts: Sequence[int], block_tables: Sequence[Sequence[int]], block_size: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """For decode rows at `starts`: their block tables padded to one length and flattened
+    [B * max_blocks], the longest context (new token included), and the additive mask of each
+    row's padding [B, 1, 1, kv_len] (None where every context has that length)."""
+    lens = [s + 1 for s in starts]
+    kv_len = max(lens)
+    max_blocks = -(-kv_len // block_size)
+    flat: list[int] = []
+    for table in block_tables:
+        row = table[:max_blocks]
+        flat.extend(row)
+        if len(row) < max_blocks:
+            flat.extend([0] * (max_blocks - len(row)))
+    blocks = torch.tensor(flat, dtype=torch.int64, device=device)
+    mask = None
+    if min(lens) != kv_len:  # unequal contexts: mask each row's padding
+        visible = torch.arange(kv_len)[None, :] < torch.tensor(lens)[:, None]
+        mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
+        mask = mask[:, None, None, :].to(device)
+    return blocks, kv_len, mask
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -386,7 +421,7 @@ class StageModel(nn.Module):
             hidden = layer(hidden, plan, kv)
         if not self.is_last:
             return hidden
-        last = hidden.index_select(0, plan.last_rows)  # [num_chunks, hidden_size]
+        last = hidden if plan.last_rows is None else hidden.index_select(0, plan.last_rows)  # [num_chunks, hidden_size]
         last = rms_norm(last, self.norm, self.config.rms_norm_eps)
         if self.lm_head_t is not None:
             return self.gemm(last, self.lm_head_t).float()  # [num_chunks, vocab]

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import zmq
 
+from workers import codec
 from workers import protocol as p
 from workers.backend import SequenceChunk, StageBackend, StageConfig, load_backend
 from workers.batching import MAX_PREFILL_TOKENS_PER_STEP, StageRequest, WorkItem, take_batch
@@ -112,7 +113,7 @@ class Worker:
         return sock
 
     def send(self, address: str, message: p.Message) -> None:
-        frames = p.encode(message)
+        frames = codec.encode(message)
         # zero-copy frames pay for themselves only when large (a small one is copied anyway, after
         # a costlier setup): one decode step's hidden state goes by copy, a prompt's without
         copy = all(memoryview(frame).nbytes < zmq.COPY_THRESHOLD for frame in frames[1:])
@@ -203,7 +204,7 @@ class Worker:
                     data_address=self.data_address,
                 )
                 try:
-                    sock.send_multipart(p.encode(message), flags=zmq.NOBLOCK)
+                    sock.send_multipart(codec.encode(message), flags=zmq.NOBLOCK)
                 except zmq.Again:
                     pass
                 time.sleep(HEARTBEAT_INTERVAL_S)
@@ -215,7 +216,7 @@ class Worker:
         while self.pull.get(zmq.EVENTS) & zmq.POLLIN:  # cheaper than a zmq.Again at the end
             frames = self.pull.recv_multipart(copy=False)
             try:
-                self.handle(p.decode(frames))
+                self.handle(codec.decode(frames))
             except p.ProtocolError as exc:
                 log.warning("dropped a malformed message: %s", exc)
             except Exception:

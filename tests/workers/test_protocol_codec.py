@@ -7,6 +7,7 @@ import pytest
 import torch
 import zmq
 
+from workers import codec
 from workers import protocol as p
 from workers.tensor_frames import payload_to_tensor, tensor_to_payload
 
@@ -23,10 +24,10 @@ def test_activations_round_trip_keeps_dtype_and_values(dtype: torch.dtype) -> No
         entries=(p.ActivationEntry("a#0", 0, 3, _start()), p.ActivationEntry("b#1", 7, 2)),
         hidden=tensor_to_payload(hidden),
     )
-    frames = p.encode(message)
+    frames = codec.encode(message)
     assert len(frames) == 2  # header + one raw tensor frame, the tensor is not in the header
     assert len(frames[0]) < 400
-    decoded = p.decode([bytes(memoryview(f)) for f in frames])
+    decoded = codec.decode([bytes(memoryview(f)) for f in frames])
     assert decoded.entries == message.entries
     restored = payload_to_tensor(decoded.hidden)
     assert restored.dtype == dtype
@@ -60,9 +61,9 @@ def test_every_message_kind_round_trips_over_real_sockets() -> None:
     push.connect(f"tcp://127.0.0.1:{port}")
     try:
         for message in messages:
-            push.send_multipart(p.encode(message))
+            push.send_multipart(codec.encode(message))
             assert pull.poll(2000)
-            assert p.decode(pull.recv_multipart(copy=False)) == message
+            assert codec.decode(pull.recv_multipart(copy=False)) == message
     finally:
         push.close(linger=0)
         pull.close(linger=0)
@@ -84,7 +85,7 @@ def test_every_message_kind_round_trips_over_real_sockets() -> None:
 )
 def test_malformed_messages_raise_protocol_error(frames: list[bytes]) -> None:
     with pytest.raises(p.ProtocolError):
-        p.decode(frames)
+        codec.decode(frames)
 
 
 def test_tensor_size_mismatch_is_rejected() -> None:
@@ -93,3 +94,13 @@ def test_tensor_size_mismatch_is_rejected() -> None:
         payload_to_tensor(payload)
     with pytest.raises(p.ProtocolError):
         payload_to_tensor(p.TensorPayload("not_a_dtype", (1,), b"\x00" * 4))
+
+
+def test_encode_takes_only_protocol_messages_and_lists_for_tuples() -> None:
+    with pytest.raises(p.ProtocolError):
+        codec.encode(p.SamplingParams(max_new_tokens=1))  # a dataclass, but not a message
+    as_tuple = p.ReleaseRequests(("a", "b"))
+    as_list = p.ReleaseRequests(["a", "b"])  # type: ignore[arg-type]
+    assert codec.encode(as_list) == codec.encode(as_tuple)
+    nested = p.Register("w", "tcp://127.0.0.1:9", 1, "cpu", {"layers": [{"batch": 1, "s": 0.5}], "ok": True})
+    assert codec.decode(codec.encode(nested)) == nested

@@ -15,6 +15,7 @@ from scheduler.load import load_snapshot
 from scheduler.request import GenerationRequest
 from scheduler.tokenizer import Tokenizer
 from tests.checkpoints import make_checkpoint
+from workers import codec
 from workers import protocol as p
 from workers.batching import MAX_PREFILL_TOKENS_PER_STEP
 from workers.model_facts import read_model_facts
@@ -29,8 +30,8 @@ def test_malformed_messages_are_dropped_and_the_worker_stays_up(tmp_path: Path) 
         [msgpack.packb(["NoSuchKind", {}])],
         [msgpack.packb(["StartRequest", {"request_id": 5}])],
         [msgpack.packb(["Activations", {"entries": [{"request_id": "x", "start_position": 0, "num_tokens": 3}], "hidden": {"__tensor__": 0, "dtype": "float32", "shape": [3, 64]}}]), b"\x00" * 12],
-        p.encode(p.NextTokens((p.NextToken("unknown#0", 5, 9),))),  # stale: no such request
-        p.encode(p.ReleaseRequests(("never-started#0",))),
+        codec.encode(p.NextTokens((p.NextToken("unknown#0", 5, 9),))),  # stale: no such request
+        codec.encode(p.ReleaseRequests(("never-started#0",))),
     ]
 
     async def scenario() -> None:
