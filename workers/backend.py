@@ -3,7 +3,8 @@
 Parts:
 - `StageConfig`: which layers of which model, on which device, with how much KV memory.
 - `SequenceChunk`: one request's slice of a batch (its new tokens and where they start).
-- `StageBackend`: runs layers [start_layer, end_layer) for a batch of chunks, owns the KV cache.
+- `StageBackend`: runs layers [start_layer, end_layer) for a batch of chunks, owns the KV cache;
+  may prepare a step it is told to expect (`prepare`), so that running it later does less.
 - `KVCacheFull`: raised when a batch needs more KV blocks than are free (nothing is changed then).
 - `load_backend`: builds the backend for a config (torch today; other runtimes implement the ABC).
 
@@ -59,7 +60,7 @@ class StageBackend(ABC):
         return self.config.end_layer == self.num_layers
 
     @abstractmethod
-    def forward(self, chunks: Sequence[SequenceChunk], inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, chunks: Sequence[SequenceChunk], inputs: torch.Tensor, prepared: object | None = None) -> torch.Tensor:
         """Run one batched step.
 
         inputs: first stage: token ids [sum(num_tokens)] int64; otherwise hidden states
@@ -67,7 +68,15 @@ class StageBackend(ABC):
         Returns hidden states [sum(num_tokens), hidden_size] in `self.dtype` (not last stage), or
         float32 logits [len(chunks), vocab_size] at each chunk's last token (last stage).
         Allocates KV blocks for the new tokens; raises KVCacheFull (changing nothing) if short.
+        prepared: what `prepare(chunks)` returned for these same chunks, if anything.
         """
+
+    def prepare(self, chunks: Sequence[SequenceChunk]) -> object | None:
+        """Do ahead of time what a later `forward(chunks, ..., prepared=result)` would do first
+        (a worker calls it while it waits for a step it expects). None: nothing prepared (the
+        default), or no KV blocks for it. A prepared step that a `free` made stale is redone
+        by `forward`, never used."""
+        return None
 
     @abstractmethod
     def can_allocate(self, chunks: Sequence[SequenceChunk]) -> bool:

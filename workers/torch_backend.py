@@ -12,14 +12,24 @@ Outputs of `forward` live on the backend's device (call `.cpu()` before sending 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from workers.backend import SequenceChunk, StageBackend, StageConfig
+from workers.backend import KVCacheFull, SequenceChunk, StageBackend, StageConfig
 from workers.checkpoint import load_stage_tensors
 from workers.kv_cache import BlockKVCache
 from workers.model_config import ModelConfig, parse_dtype
-from workers.stage_model import RopeTable, StageModel, build_batch_plan
+from workers.stage_model import BatchPlan, RopeTable, StageModel, build_batch_plan
+
+
+@dataclass(frozen=True)
+class PreparedStep:
+    """A step's KV blocks (allocated) and plan, built by `prepare` before its inputs arrived."""
+
+    chunks: tuple[SequenceChunk, ...]
+    plan: BatchPlan
+    frees_seen: int  # the cache's count of `free` calls then: any free since makes it stale
 
 
 def resolve_dtype(name: str, config: ModelConfig) -> torch.dtype:
@@ -66,23 +76,36 @@ class TorchStageBackend(StageBackend):
         )
         self._kv_layers = self.kv_cache.layers
         self._rope = RopeTable(mc.rope_inv_freq(), self.dtype, self.device)
+        self._frees = 0  # `free` calls so far (a prepared step made before the last one is stale)
 
-    def forward(self, chunks: Sequence[SequenceChunk], inputs: torch.Tensor) -> torch.Tensor:
+    def prepare(self, chunks: Sequence[SequenceChunk]) -> PreparedStep | None:
+        """See StageBackend.prepare: allocates the chunks' KV blocks and builds their plan."""
+        if not chunks:
+            return None
+        try:
+            self.kv_cache.allocate(chunks)
+        except (KVCacheFull, ValueError):
+            return None
+        return PreparedStep(tuple(chunks), self._plan(chunks), self._frees)
+
+    def forward(
+        self, chunks: Sequence[SequenceChunk], inputs: torch.Tensor, prepared: object | None = None
+    ) -> torch.Tensor:
         """See StageBackend.forward. Raises KVCacheFull (nothing changed) when short of blocks."""
         if not chunks:
             raise ValueError("forward needs at least one chunk")
         total = sum(c.num_tokens for c in chunks)
         if inputs.shape[0] != total:
             raise ValueError(f"inputs have {inputs.shape[0]} rows, chunks have {total} tokens")
-        self.kv_cache.allocate(chunks)
-        tables = self.kv_cache.block_tables
-        plan = build_batch_plan(
-            [c.start_position for c in chunks],
-            [c.num_tokens for c in chunks],
-            [tables[c.request_id] for c in chunks],
-            self.kv_cache.block_size,
-            self._rope,
-        )
+        if (
+            isinstance(prepared, PreparedStep)
+            and prepared.frees_seen == self._frees
+            and (prepared.chunks is chunks or prepared.chunks == tuple(chunks))
+        ):
+            plan = prepared.plan  # blocks allocated when it was prepared
+        else:
+            self.kv_cache.allocate(chunks)
+            plan = self._plan(chunks)
         if self.is_first:
             inputs = inputs.to(self.device, torch.int64)
         else:
@@ -90,10 +113,21 @@ class TorchStageBackend(StageBackend):
         with torch.inference_mode():
             return self.model(inputs, plan, self._kv_layers)
 
+    def _plan(self, chunks: Sequence[SequenceChunk]) -> BatchPlan:
+        tables = self.kv_cache.block_tables
+        return build_batch_plan(
+            [c.start_position for c in chunks],
+            [c.num_tokens for c in chunks],
+            [tables[c.request_id] for c in chunks],
+            self.kv_cache.block_size,
+            self._rope,
+        )
+
     def can_allocate(self, chunks: Sequence[SequenceChunk]) -> bool:
         return self.kv_cache.can_allocate(chunks)
 
     def free(self, request_id: str) -> None:
+        self._frees += 1
         self.kv_cache.free(request_id)
 
     def kv_free_tokens(self) -> int:

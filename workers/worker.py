@@ -1,4 +1,4 @@
-"""The worker process: sockets, the continuous-batching loop, heartbeats.
+"""The worker process: sockets and the continuous-batching loop (heartbeats: workers/heartbeat.py).
 
 Parts:
 - `WorkerConfig`: where the scheduler is, where to listen, which device and how much memory.
@@ -10,8 +10,11 @@ Parts:
 The loop (`run`) is: receive everything pending -> take a batch (workers/batching.py) -> forward
 -> send. A request joins or leaves the batch between steps (continuous batching). The first stage
 sizes decode microbatches so that every stage of the pipeline has one to work on (no pipeline
-bubble), or on one machine holds the ring's decodes until they can run as one batch.
-A malformed or stale message is logged and dropped; the worker stays up.
+bubble), or on one machine holds the ring's decodes until they can run as one batch. After a
+step that held every request of the stage, with nothing else waiting, the next decode step is
+made ready, and the message that brings exactly its inputs runs it at once, skipping decode,
+batching and planning (workers/expected_step.py); the last stage's outputs are built by
+workers/ring_close.py. A malformed or stale message is logged and dropped; the worker stays up.
 """
 
 from __future__ import annotations
@@ -33,13 +36,17 @@ from workers import codec
 from workers import protocol as p
 from workers.backend import SequenceChunk, StageBackend, StageConfig, load_backend
 from workers.batching import MAX_PREFILL_TOKENS_PER_STEP, StageRequest, WorkItem, take_batch
+from workers.device_memory import usable_memory_bytes
+from workers.expected_step import ExpectedStep, expect_next
+from workers.heartbeat import HEARTBEAT_INTERVAL_S, heartbeat_loop
+from workers.ring_close import close_ring
 from workers.sampling import sample
 from workers.tensor_frames import payload_to_tensor, tensor_to_payload
 from workers.thread_affinity import ComputeThreads, find_compute_threads, pin_compute_threads
 
 log = logging.getLogger("potluck.worker")
 
-HEARTBEAT_INTERVAL_S = 0.5
+_yield_cpu = getattr(os, "sched_yield", lambda: None)  # not on Windows
 
 
 @dataclass(frozen=True)
@@ -59,17 +66,6 @@ class WorkerConfig:
     profile_model_dir: str | None = None  # also time one layer of this model when profiling
     profile_seconds: float = 2.0
     pin_threads: bool = True  # CPU device: main thread on one core, OpenMP threads on the others
-
-
-def default_memory_bytes(device: str) -> int:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        free_bytes, _ = torch.cuda.mem_get_info(torch.device(device))
-        return int(free_bytes)
-    if device == "mps" and hasattr(torch, "mps"):
-        return int(torch.mps.recommended_max_memory())
-    import psutil
-
-    return int(psutil.virtual_memory().available)
 
 
 class Worker:
@@ -99,6 +95,8 @@ class Worker:
         self.tokens_processed = 0
         self.running = True
         self.hold_until_s = 0.0  # decodes wait for the rest of the ring until then (workers/batching.py)
+        self.expected: ExpectedStep | None = None  # the decode step made ready (workers/expected_step.py)
+        self.expected_steps_run = 0  # steps that took that fast path
         self.profile: dict | None = None
 
     # ----------------------------------------------------------------------------- sockets
@@ -113,14 +111,16 @@ class Worker:
         return sock
 
     def send(self, address: str, message: p.Message) -> None:
-        frames = codec.encode(message)
+        self.send_frames(address, codec.encode(message), type(message).__name__)
+
+    def send_frames(self, address: str, frames: list, kind: str) -> None:
         # zero-copy frames pay for themselves only when large (a small one is copied anyway, after
         # a costlier setup): one decode step's hidden state goes by copy, a prompt's without
         copy = all(memoryview(frame).nbytes < zmq.COPY_THRESHOLD for frame in frames[1:])
         try:
             self._peer(address).send_multipart(frames, copy=copy, flags=zmq.NOBLOCK)
         except zmq.Again:
-            log.warning("peer %s is not taking messages; dropped %s", address, type(message).__name__)
+            log.warning("peer %s is not taking messages; dropped %s", address, kind)
 
     def to_scheduler(self, message: p.Message) -> None:
         self.send(self.config.scheduler_address, message)
@@ -134,7 +134,7 @@ class Worker:
             p.Register(
                 worker_id=self.worker_id,
                 data_address=self.data_address,
-                memory_bytes=self.config.memory_bytes or default_memory_bytes(self.config.device),
+                memory_bytes=self.config.memory_bytes or usable_memory_bytes(self.config.device),
                 device=self.config.device,
                 profile=profile,
                 pid=os.getpid(),
@@ -157,7 +157,7 @@ class Worker:
 
     def run(self) -> None:
         self.register()
-        heartbeat = threading.Thread(target=self.heartbeat_loop, name="heartbeat", daemon=True)
+        heartbeat = threading.Thread(target=heartbeat_loop, args=(self,), name="heartbeat", daemon=True)
         heartbeat.start()
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
@@ -180,41 +180,12 @@ class Worker:
             sock.close(linger=0)
         self.pull.close(linger=0)
 
-    def heartbeat_loop(self) -> None:
-        """Liveness and load, on a thread of its own so that long loads or steps never look like death."""
-        sock = self.context.socket(zmq.PUSH)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.config.scheduler_address)
-        try:
-            while self.running:
-                if self.config.parent_pid and not _alive(self.config.parent_pid):
-                    log.info("parent %d is gone; stopping", self.config.parent_pid)
-                    self.running = False
-                    return
-                backend = self.backend
-                message = p.Heartbeat(
-                    worker_id=self.worker_id,
-                    epoch=self.epoch,
-                    running_requests=len(self.requests),
-                    queued_items=len(self.pending),
-                    kv_free_tokens=backend.kv_free_tokens() if backend else 0,
-                    kv_capacity_tokens=backend.kv_capacity_tokens() if backend else 0,
-                    step_time_ewma_s=self.step_time_ewma_s,
-                    tokens_processed=self.tokens_processed,
-                    data_address=self.data_address,
-                )
-                try:
-                    sock.send_multipart(codec.encode(message), flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
-                time.sleep(HEARTBEAT_INTERVAL_S)
-        finally:
-            sock.close(linger=0)
-
     # ----------------------------------------------------------------------------- receive
     def receive_all(self) -> None:
         while self.pull.get(zmq.EVENTS) & zmq.POLLIN:  # cheaper than a zmq.Again at the end
             frames = self.pull.recv_multipart(copy=False)
+            if self.expected is not None and not self.pending and self.run_expected(frames):
+                continue
             try:
                 self.handle(codec.decode(frames))
             except p.ProtocolError as exc:
@@ -236,12 +207,12 @@ class Worker:
                 self.on_assign(message)
             case p.UnloadLayers():
                 self.release(tuple(self.requests))
-                self.backend = None
+                self.backend = self.expected = None
                 self.epoch = message.epoch
             case p.Reregister():
                 log.warning("the scheduler asks for a new registration: %s", message.reason)
                 self.release(tuple(self.requests))
-                self.backend = None
+                self.backend = self.expected = None
                 self.register()
             case p.Shutdown():
                 log.info("shutdown: %s", message.reason)
@@ -251,7 +222,7 @@ class Worker:
 
     def on_assign(self, message: p.AssignLayers) -> None:
         self.release(tuple(self.requests))
-        self.backend = None
+        self.backend = self.expected = None
         self.num_stages_hint = max(1, message.num_stages_hint)
         try:
             self.backend = load_backend(
@@ -328,6 +299,8 @@ class Worker:
 
     def release(self, request_ids: Sequence[str]) -> None:
         gone = set(request_ids)
+        if gone:
+            self.expected = None
         for request_id in gone:
             if self.requests.pop(request_id, None) is not None and self.backend is not None:
                 self.backend.free(request_id)
@@ -356,25 +329,70 @@ class Worker:
         taken = {id(item) for item in batch}
         self.pending = [item for item in self.pending if id(item) not in taken]
         inputs = batch[0].inputs if len(batch) == 1 else torch.cat([item.inputs for item in batch])
+        self.run_batch(chunks, inputs, [item.forward_start for item in batch])
+
+    def run_expected(self, frames: list) -> bool:
+        """Run the expected decode step if `frames` bring its inputs (workers/expected_step.py)."""
+        expected = self.expected
+        inputs = expected.inputs(frames) if expected is not None else None
+        if inputs is None:
+            return False
+        self.expected_steps_run += 1
+        self.run_batch(expected.chunks, inputs, [None] * len(expected.chunks), expected)
+        return True
+
+    def run_batch(
+        self,
+        chunks: Sequence[SequenceChunk],
+        inputs: torch.Tensor,
+        starts: Sequence[p.RequestStart | None],
+        expected: ExpectedStep | None = None,
+    ) -> None:
+        """Forward one batch, send its outputs on, then make the next decode step ready."""
+        backend = self._require_backend()
+        self.expected = None
         started = time.perf_counter()
-        outputs = backend.forward(chunks, inputs)
+        outputs = backend.forward(chunks, inputs, expected.prepared if expected is not None else None)
         if self.config.slowdown > 1.0:
             time.sleep((self.config.slowdown - 1.0) * (time.perf_counter() - started))
         if self.config.step_delay_s:
             time.sleep(self.config.step_delay_s)
         elapsed_s = time.perf_counter() - started
+        for chunk in chunks:
+            self.requests[chunk.request_id].position += chunk.num_tokens
+        if backend.is_last:
+            self.emit_tokens(chunks, outputs)
+        elif expected is not None and expected.send_header is not None:
+            frames = [expected.send_header, tensor_to_payload(outputs).data]
+            self.send_frames(expected.send_address, frames, "Activations")
+        else:
+            self.forward_activations(chunks, starts, outputs)
+        # The outputs are on their way: let the threads that carry them run before the rest here
+        # (ZeroMQ's I/O thread, and on a shared core the next stage), or the kernel may finish this
+        # thread's time slice first (on the 2-core VM a co-located hop took 0.25-0.45 ms -> 0.23-0.26).
+        _yield_cpu()
         self.step_time_ewma_s = elapsed_s if not self.step_time_ewma_s else 0.8 * self.step_time_ewma_s + 0.2 * elapsed_s
         self.tokens_processed += sum(chunk.num_tokens for chunk in chunks)
-        now_s = time.monotonic()
-        for item in batch:
-            state = self.requests[item.request_id]
-            state.position += item.num_tokens
-            if backend.is_first:  # only the first stage waits for the ring (workers/batching.py)
-                state.left_stage(now_s, elapsed_s)
-        if backend.is_last:
-            self.emit_tokens(batch, outputs)
-        else:
-            self.forward_activations(batch, outputs)
+        if backend.is_first:  # only the first stage waits for the ring (workers/batching.py)
+            now_s = time.monotonic()
+            for chunk in chunks:
+                state = self.requests.get(chunk.request_id)  # a one-stage ring may have finished it
+                if state is not None:
+                    state.left_stage(now_s, elapsed_s)
+        self.expect_next(chunks)
+
+    def expect_next(self, chunks: Sequence[SequenceChunk]) -> None:
+        """Make ready the step that runs every request of `chunks` one token on, when nothing else
+        can come first: no pending work, and the batch held every request of this stage (on the
+        first stage the ring then runs as one batch, as `take_batch` would have run it)."""
+        backend = self.backend
+        if backend is None or self.pending or len(chunks) != len(self.requests):
+            return
+        states = [self.requests.get(chunk.request_id) for chunk in chunks]
+        if any(state is None for state in states) or len({state.request_id for state in states}) != len(states):
+            return  # released in this step (finished), or a request twice in the batch
+        positions = {state.request_id: state.position for state in states}
+        self.expected = expect_next(backend, positions, [state.next_address for state in states])
 
     def _fit_kv(self, batch: list[WorkItem], chunks: list[SequenceChunk]) -> tuple[list[WorkItem], list[SequenceChunk]]:
         """Keep the items that fit; fail decodes that cannot grow, leave prefills waiting."""
@@ -405,63 +423,36 @@ class Worker:
             raise p.ProtocolError(f"{self.data_address} has no successor in the route of {request_id}")
         return StageRequest(request_id, start, None if backend.is_last else route[index + 1])
 
-    def forward_activations(self, batch: list[WorkItem], hidden: torch.Tensor) -> None:
+    def forward_activations(
+        self, chunks: Sequence[SequenceChunk], starts: Sequence[p.RequestStart | None], hidden: torch.Tensor
+    ) -> None:
         groups: dict[str, tuple[list[p.ActivationEntry], list[torch.Tensor]]] = {}
         row = 0
-        for item in batch:
-            rows = hidden[row : row + item.num_tokens]
-            row += item.num_tokens
-            state = self.requests[item.request_id]
+        for chunk, start in zip(chunks, starts):
+            rows = hidden[row : row + chunk.num_tokens]
+            row += chunk.num_tokens
+            state = self.requests[chunk.request_id]
             entries, tensors = groups.setdefault(state.next_address, ([], []))
-            entries.append(p.ActivationEntry(item.request_id, item.start_position, item.num_tokens, item.forward_start))
+            entries.append(p.ActivationEntry(chunk.request_id, chunk.start_position, chunk.num_tokens, start))
             tensors.append(rows)
         for address, (entries, tensors) in groups.items():
             stacked = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
             self.send(address, p.Activations(tuple(entries), tensor_to_payload(stacked)))
 
-    def emit_tokens(self, batch: list[WorkItem], logits: torch.Tensor) -> None:
-        states = [self.requests[item.request_id] for item in batch]
+    def emit_tokens(self, chunks: Sequence[SequenceChunk], logits: torch.Tensor) -> None:
+        states = [self.requests[chunk.request_id] for chunk in chunks]
         indices = [state.start.first_token_index + state.num_generated for state in states]
         sampled = sample(logits, [state.start.sampling for state in states], indices)
-        outputs: dict[str, list[p.TokenOutput]] = {}
-        next_tokens: dict[str, list[p.NextToken]] = {}
-        finished: list[str] = []
-        for state, index, token in zip(states, indices, sampled):
-            sampling = state.start.sampling
-            state.num_generated += 1
-            reason = None
-            if token.token_id in sampling.eos_token_ids and not sampling.ignore_eos:
-                reason = "stop"
-            elif state.num_generated >= sampling.max_new_tokens:
-                reason = "length"
-            outputs.setdefault(state.start.scheduler_address, []).append(
-                p.TokenOutput(state.request_id, index, token.token_id, reason, token.logprob, token.top_logprobs)
-            )
-            # the ring closes: the first stage runs the next step, or frees a finished request
-            next_tokens.setdefault(state.start.route[0], []).append(
-                p.NextToken(state.request_id, token.token_id, state.position, finished=reason is not None)
-            )
-            if reason is not None:
-                finished.append(state.request_id)
+        ring = close_ring(states, indices, sampled, self.worker_id)
         # the next step's inputs first: the first stage waits on them, the scheduler only streams
-        for address, items in next_tokens.items():
+        for address, message in ring.next_tokens.items():
             if address == self.data_address:  # a single-stage pipeline: the ring is this worker
-                self.on_next_tokens(p.NextTokens(tuple(items)))
+                self.on_next_tokens(message)
             else:
-                self.send(address, p.NextTokens(tuple(items)))
-        for address, items in outputs.items():
-            self.send(address, p.TokenOutputs(self.worker_id, tuple(items)))
-        self.release(finished)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+                self.send(address, message)
+        for address, message in ring.token_outputs.items():
+            self.send(address, message)
+        self.release(ring.finished)
 
 
 def run_worker(config: WorkerConfig) -> None:
