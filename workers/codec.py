@@ -15,6 +15,7 @@ hints), so a message on the data plane costs a few calls per field rather than a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Callable
@@ -65,14 +66,10 @@ def decode(frames: list[Any]) -> Message:
 # Encoders
 
 
-_ENCODERS: dict[Any, Encoder] = {}
-
-
+@functools.cache
 def _encoder(annotation: Any) -> Encoder:
-    encoder = _ENCODERS.get(annotation)
-    if encoder is None:
-        encoder = _ENCODERS[annotation] = _compile_encoder(annotation)
-    return encoder
+    """The function that turns a value of `annotation` into its plain (msgpack) form."""
+    return _compile_encoder(annotation)
 
 
 def _encode_tensor(value: TensorPayload, frames: list[Any]) -> dict[str, Any]:
@@ -155,15 +152,10 @@ def _compile_dataclass_encoder(cls: type) -> Encoder:
 # Decoders
 
 
-_DECODERS: dict[Any, Decoder] = {}
-
-
+@functools.cache
 def _decoder(annotation: Any) -> Decoder:
     """The function that turns the plain (msgpack) form of `annotation` back into its value."""
-    decoder = _DECODERS.get(annotation)
-    if decoder is None:
-        decoder = _DECODERS[annotation] = _compile(annotation)
-    return decoder
+    return _compile(annotation)
 
 
 def _scalar(kind: type, name: str, accepts: tuple[type, ...], convert: typing.Callable[[Any], Any] | None = None) -> Decoder:
