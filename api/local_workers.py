@@ -3,7 +3,7 @@
 Parts:
 - `LocalWorkers`: starts N `python -m workers` processes pointed at the scheduler, shares
   this machine's cores and memory among them, and stops every one of them (terminate, then kill).
-- `worker_environment(base)`: their environment (a short OpenMP spin, `OMP_SPIN_COUNT`).
+- `worker_environment(base)`: their environment (a bounded OpenMP spin, `OMP_SPIN_COUNT`).
 - `worker_command(...)`: the `python -m workers` command line (also what api/ray_launcher.py runs);
   `cpu_memory_share_bytes(count)`: the memory each of `count` CPU workers on one machine gets;
   `stop_processes(...)`: terminate, then kill what is left.
@@ -19,17 +19,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 
-# OpenMP threads that finish a parallel region spin this many rounds (~0.1 ms) before they
-# sleep: a layer's GEMMs follow each other within that time, so the threads stay awake through a
-# step, and go to sleep soon after it, leaving the cores to the next stage. libgomp's default
-# (300,000 rounds) halves co-located throughput on 2 cores; sleeping at once (spin 0, as
-# OMP_WAIT_POLICY=PASSIVE does) costs a wake-up per GEMM: measured with 3 workers on 2 cores,
-# one stream: 0 -> 49-51 tok/s, 3,000 -> 60-63, 30,000 -> 51-55, 300,000 -> 26-30.
-OMP_SPIN_COUNT = 3000
+# OpenMP threads that finish a parallel region spin this many rounds (~0.5 ms on the 2-core AMD
+# VM) before they sleep. Within a step that covers the gaps between GEMMs (a decode layer's small
+# ops, the sampling between two steps of one worker); after a step it keeps the core awake through
+# the hop to the next co-located stage, whose OpenMP thread then wakes on a running core instead
+# of a halted virtual CPU (a futex wake there measured 100-300 us; region after 5 ms asleep: +400 us)
+# and ends before that stage's layers need the core. Measured on the 2-core VM, 110M model, one
+# stream, decode period (median per step, all configurations in one run, interleaved rounds):
+# 1 worker 35.7 ms at 3,000 rounds -> 29.4 at 20,000 (31.3 at 100,000, 32.6 at 300,000, libgomp's
+# default); 3 workers 39.6 -> 34.6 (10,000: 32.3 vs 30.2 at 20,000 and 30.8 at 30,000 in another
+# run; 300,000: 52.6). Sleeping at once (spin 0, as OMP_WAIT_POLICY=PASSIVE does) costs a wake-up
+# per GEMM.
+OMP_SPIN_COUNT = 20000
 
 
 def worker_environment(base: Mapping[str, str]) -> dict[str, str]:
-    """The environment local workers run with: `base` plus a short OpenMP spin, unless `base`
+    """The environment local workers run with: `base` plus a bounded OpenMP spin, unless `base`
     already sets a wait policy or spin count."""
     env = dict(base)
     if "OMP_WAIT_POLICY" not in env:
@@ -102,7 +107,7 @@ class LocalWorkers:
 
     def start(self) -> None:
         # Co-located stages run one after another on a batch (no microbatches: see LayerPlan), so
-        # each may use every core; idle OpenMP threads soon sleep (OMP_SPIN_COUNT).
+        # each may use every core; idle OpenMP threads sleep after a bounded spin (OMP_SPIN_COUNT).
         threads = self.threads_per_worker or (os.cpu_count() or 1)
         env = worker_environment(os.environ)
         memory = self.memory_bytes_per_worker

@@ -388,11 +388,15 @@ class Worker:
         backend = self.backend
         if backend is None or self.pending or len(chunks) != len(self.requests):
             return
-        states = [self.requests.get(chunk.request_id) for chunk in chunks]
-        if any(state is None for state in states) or len({state.request_id for state in states}) != len(states):
-            return  # released in this step (finished), or a request twice in the batch
-        positions = {state.request_id: state.position for state in states}
-        self.expected = expect_next(backend, positions, [state.next_address for state in states])
+        positions: dict[str, int] = {}
+        next_addresses = []
+        for chunk in chunks:
+            state = self.requests.get(chunk.request_id)
+            if state is None or chunk.request_id in positions:
+                return  # released in this step (finished), or a request twice in the batch
+            positions[chunk.request_id] = state.position
+            next_addresses.append(state.next_address)
+        self.expected = expect_next(backend, positions, next_addresses)
 
     def _fit_kv(self, batch: list[WorkItem], chunks: list[SequenceChunk]) -> tuple[list[WorkItem], list[SequenceChunk]]:
         """Keep the items that fit; fail decodes that cannot grow, leave prefills waiting."""
