@@ -320,8 +320,12 @@ def saturation_tokens_per_s(cluster: SimCluster, placement: Placement, cfg: Trac
     rate is measured from the first finish until the admission queue has drained."""
     probe = bursty_trace(1.0, cfg, seed + 1, bursty=False)
     mean_kv = sum(r.prompt_tokens + r.new_tokens for r in probe) / len(probe)
-    fits = sum(kv_capacity_tokens(cluster, cluster.device(d), s, e)
-               for d, (s, e) in placement.ranges.items() if s == 0 and e > s) / mean_kv
+    # requests the cluster can hold at once: each holds KV in exactly one stage covering each
+    # layer, so at most what the stages covering its tightest layer hold (counting only the first
+    # layer's, a first stage with few layers on a big-memory box let 435k requests in at 64 devices)
+    kv = {d: kv_capacity_tokens(cluster, cluster.device(d), s, e) for d, (s, e) in placement.ranges.items() if e > s}
+    fits = min(sum(kv[d] for d, (s, e) in placement.ranges.items() if s <= x < e)
+               for x in range(cluster.model.num_layers)) / mean_kv
     cfg = TraceConfig(**{**asdict(cfg), "num_requests": max(cfg.num_requests, int(1.3 * fits))})
     trace = tuple(SimRequest(r.request_id, 0.0, r.prompt_tokens, r.new_tokens)
                   for r in bursty_trace(1.0, cfg, seed + 1, bursty=False))

@@ -57,7 +57,7 @@ def column_patterns(net: Network, classes: list[list[int]], F: float) -> list[Pa
 
 
 def solve_columns(net: Network, classes: list[list[int]], F: float, time_limit_s: float,
-                  workers: int = 1, min_columns: bool = False) -> list[Pattern] | None:
+                  workers: int = 2, min_columns: bool = False) -> list[Pattern] | None:
     """A multiset of columns (as a list, one entry per column) reaching F, or None."""
     pats = column_patterns(net, classes, F)
     if not pats:
@@ -93,9 +93,9 @@ def solve_columns(net: Network, classes: list[list[int]], F: float, time_limit_s
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = max(0.02, time_limit_s)
     solver.parameters.num_workers = workers
-    # a tiny model solved many times: one worker, no probing (2-core VM: 40-220 ms a probe with
-    # two workers, ~30 ms so; see docs/placement.md)
-    solver.parameters.cp_model_probing_level = 0
+    if workers == 1:  # small clusters: a tiny model solved many times within a second, so no
+        # probing either (2-core VM: 40-220 ms a probe with two workers, ~30 ms so; docs/placement.md)
+        solver.parameters.cp_model_probing_level = 0
     status = solver.Solve(m)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None
@@ -134,7 +134,7 @@ def columns_to_ranges(net: Network, classes: list[list[int]],
 
 
 def best_columns(net: Network, classes: list[list[int]], lo: float, hi: float, deadline: float,
-                 workers: int = 1, rel_tol: float = 1e-7) -> tuple[float, dict[int, tuple[int, int]] | None]:
+                 workers: int = 2, rel_tol: float = 1e-7) -> tuple[float, dict[int, tuple[int, int]] | None]:
     """Bisection on F in (lo, hi]; returns (column throughput, ranges) of the best found."""
     best: tuple[float, dict[int, tuple[int, int]] | None] = (0.0, None)
     while hi - lo > rel_tol * max(hi, 1e-9) and time.monotonic() < deadline:
