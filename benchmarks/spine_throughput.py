@@ -8,12 +8,11 @@ loads transformers beside them, then runs `--trials` rounds at one stream, then 
 rounds at 16 streams. Each round measures, one after the other, transformers `generate`
 (greedy; batch 1, or a static batch of 16) and potluck with 1, 2 and 3 workers (every other
 round in the reverse order). Every configuration thus sees the same moments of a shared, noisy
-machine; each ratio is computed
-within a round and the median over rounds is printed (with the range), beside the median
-tokens/s. transformers runs each time at its best thread count (1 or every core) in that round.
-(The phases are apart because on the development VM a one-stream run right after 16-stream runs
-found every layer 25-30% slower, in 1 and 3 workers alike, which moved the 3-worker/1-worker
-ratio by up to 0.1 depending on which ran first.)
+machine; each ratio is computed within a round and the median over rounds is printed (with the
+range), beside the median tokens/s. transformers runs each time at its best thread count (1 or
+every core) in that round. (The phases are apart because on the development VM a one-stream
+run right after 16-stream runs found every layer 25-30% slower, in 1 and 3 workers alike, which
+moved the 3-worker/1-worker ratio by up to 0.1 depending on which ran first.)
 Also printed: each worker's peak memory against its layers' bytes + KV budget + 400 MB.
 """
 
@@ -185,12 +184,11 @@ async def measure(model_dir: Path, streams: list[list[int]], new_tokens: int, tr
                 # every other round in reverse order (3, 2, 1 workers, transformers), so that
                 # whatever a run leaves behind for the next one weighs on every configuration
                 order: list[int | None] = [None, *clusters]
-                row: dict[str, float] = {}
+                measured: dict[int | None, float] = {}
                 for count in order[::-1] if trial % 2 else order:
-                    key = f"{'hf' if count is None else count} {len(batch)}"
-                    row[key] = (reference.tokens_per_s(batch, new_tokens) if count is None
-                                else await clusters[count].tokens_per_s(batch, new_tokens))
-                row = {key: row[key] for key in sorted(row, key=lambda k: (not k.startswith("hf"), k))}
+                    measured[count] = (reference.tokens_per_s(batch, new_tokens) if count is None
+                                       else await clusters[count].tokens_per_s(batch, new_tokens))
+                row = {f"{'hf' if count is None else count} {len(batch)}": measured[count] for count in order}
                 for key, value in row.items():
                     rates.setdefault(key, []).append(value)
                 print(f"round {trial + 1}: " + ", ".join(f"{key}: {value:.1f}" for key, value in row.items()), flush=True)

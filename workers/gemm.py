@@ -90,6 +90,7 @@ def onednn_is_faster(weight: torch.Tensor, repeats: int = 7) -> bool:
         for n in (1, TIMED_ROWS):
             x = torch.randn(n, weight.shape[1], dtype=weight.dtype)
             torch.testing.assert_close(onednn_linear(x, packed, None), row_form(x, w_t, None), rtol=1e-2, atol=1e-2)
+        x = torch.randn(TIMED_ROWS, weight.shape[1], dtype=weight.dtype)
         calls = [lambda: onednn_linear(x, packed, None), lambda: row_form(x, w_t, None), lambda: column_form(x, w_t, None)]
         best = [float("inf")] * len(calls)
         for call in calls:
