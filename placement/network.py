@@ -15,11 +15,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from placement.problem import (DEFAULT_LINK, SINK, SOURCE, DeviceSpec, InfeasiblePlacementError,
-                               PlacementProblem)
+                               ModelSpec, PlacementProblem)
 
 
-def _layer_time_s(device: DeviceSpec, layer_bytes: float, batch: int) -> float:
-    """Seconds for one decode step of one layer at ``batch`` sequences (linear interpolation)."""
+def _layer_time_s(device: DeviceSpec, model: ModelSpec, batch: int) -> float:
+    """Seconds for one decode step of one (mean) layer at ``batch`` sequences: measured (linear
+    interpolation), else the roofline over the bytes the step reads and multiplies with (MoE:
+    only the routed experts reached, ``ModelSpec.decode_read_bytes_per_layer``)."""
     if device.decode_layer_time_s:
         pts = sorted(device.decode_layer_time_s)
         if batch <= pts[0][0]:
@@ -31,7 +33,8 @@ def _layer_time_s(device: DeviceSpec, layer_bytes: float, batch: int) -> float:
         slope = (t1 - t0) / (b1 - b0) if b1 != b0 else t1 / b1
         return t1 + slope * (batch - b1)
     assert device.flops_per_s and device.memory_bandwidth_bytes_per_s
-    return max(layer_bytes / device.memory_bandwidth_bytes_per_s, batch * layer_bytes / device.flops_per_s)
+    return max(model.decode_read_bytes_per_layer(batch) / device.memory_bandwidth_bytes_per_s,
+               batch * model.compute_bytes_per_token_per_layer() / device.flops_per_s)
 
 
 def prefill_time_per_token_s(problem: PlacementProblem, device: DeviceSpec) -> float:
@@ -39,7 +42,7 @@ def prefill_time_per_token_s(problem: PlacementProblem, device: DeviceSpec) -> f
     if device.prefill_layer_time_per_token_s is not None:
         return device.prefill_layer_time_per_token_s
     if device.flops_per_s:
-        return sum(problem.model.layer_bytes) / problem.model.num_layers / device.flops_per_s
+        return problem.model.compute_bytes_per_token_per_layer() / device.flops_per_s
     return 0.0
 
 
@@ -56,7 +59,7 @@ def capacity_table(problem: PlacementProblem, device: DeviceSpec) -> tuple[float
     # per-token decode time at the best batch b <= cap: best[b-1] = min over b' <= b of t(b') / b'
     best: list[float] = []
     for b in range(1, device.max_batch + 1):
-        t = _layer_time_s(device, avg, b) / b
+        t = _layer_time_s(device, problem.model, b) / b
         best.append(min(t, best[-1]) if best else t)
     prefill_s = problem.prompt_tokens_per_output_token * prefill_time_per_token_s(problem, device)
     kv_seq_bytes = problem.kv_tokens_per_sequence * problem.model.kv_bytes_per_token_per_layer
@@ -74,8 +77,7 @@ def stage_latency_s(problem: PlacementProblem, device: DeviceSpec, k: int) -> fl
     estimated as 1 / tokens_per_s[k-1] (the time per token at that load, an upper estimate)."""
     if device.tokens_per_s is not None:
         return 1.0 / device.tokens_per_s[k - 1]
-    avg = sum(problem.model.layer_bytes) / problem.model.num_layers
-    return k * _layer_time_s(device, avg, 1)
+    return k * _layer_time_s(device, problem.model, 1)
 
 
 @dataclass
