@@ -7,6 +7,7 @@ Parts:
 - `pipeline_plan`: one chain over co-located workers (they share a machine's compute).
 - `plan_layers`: ranges and pipelines for the registered workers, solved by `placement/`.
 - `kv_budget_bytes`: how much of a worker's memory its KV cache may take once its layers are in.
+- `assignment`: the `AssignLayers` message that gives a worker its range of a plan.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from placement.problem import DeviceSpec, InfeasiblePlacementError, ModelSpec, P
 from placement.solver import solve_placement
 from scheduler.cluster import LayerPlan, WorkerState
 from scheduler.errors import NoCapacityError
-from workers.protocol import ModelFacts
+from workers.protocol import AssignLayers, ModelFacts
 
 RUNTIME_OVERHEAD_BYTES = 256 * 2**20  # framework, activations, buffers beside weights and KV
 # Used only for a worker that registered without a measured profile (`--no-profile`).
@@ -61,6 +62,15 @@ def kv_budget_bytes(model: ModelFacts, worker: WorkerState, start_layer: int, en
     free_bytes = worker.memory_bytes - stage_weight_bytes(model, start_layer, end_layer) - RUNTIME_OVERHEAD_BYTES
     wanted = model.kv_bytes_per_token_per_layer * (end_layer - start_layer) * config.max_model_len * config.max_concurrent_sequences
     return max(0, min(int(free_bytes * 0.9), wanted))
+
+
+def assignment(model_dir: str, dtype: str, model: ModelFacts, worker: WorkerState, layers: tuple[int, int],
+               plan: LayerPlan, config: PlannerConfig) -> AssignLayers:
+    """Load `layers` ([start_layer, end_layer)) of `plan`; the stage count hints at microbatching
+    (co-located stages share one machine's bandwidth, so they do not split batches)."""
+    stages = 1 if plan.co_located else max((len(r) for r in plan.pipelines if worker.worker_id in r), default=1)
+    return AssignLayers(epoch=plan.epoch, model_dir=model_dir, start_layer=layers[0], end_layer=layers[1], dtype=dtype,
+                        kv_budget_bytes=kv_budget_bytes(model, worker, *layers, config), num_stages_hint=stages)
 
 
 def proportional_ranges(num_layers: int, weights: Sequence[float]) -> list[tuple[int, int]]:

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 from scheduler.cluster import WorkerState
 
 if TYPE_CHECKING:
-    from scheduler.engine import Engine, RequestState
+    from scheduler.engine import Engine
+    from scheduler.request_state import RequestState
 
 
 def worker_state_name(worker: WorkerState) -> str:
@@ -84,7 +85,7 @@ def cluster_snapshot(engine: Engine) -> dict:
         "workers": [worker_snapshot(cluster.workers[wid]) for wid in sorted(cluster.workers)],
         "running_requests": len({state.request.request_id for state in engine.requests.values()}),
         "waiting_requests": len(engine.admission),
-        "tokens_generated": engine.tokens_generated,
+        "tokens_generated": engine.workload.tokens_generated,
         # the workload mix the next plan is for (scheduler/planner.py)
         "prompt_tokens_per_output_token": mix_ratio,
         "kv_tokens_per_sequence": mix_kv_tokens,
