@@ -24,7 +24,7 @@ class WorkerState:
     data_address: str
     memory_bytes: int
     device: str
-    profile: dict
+    profile: p.DeviceProfile | None  # measured at join (None: --no-profile); parsed once, by the codec
     pid: int
     registered_at_s: float
     last_seen_s: float
@@ -79,7 +79,7 @@ class Cluster:
             data_address=message.data_address,
             memory_bytes=message.memory_bytes,
             device=message.device,
-            profile=dict(message.profile),
+            profile=message.profile,
             pid=message.pid,
             prefill_tokens_per_step=message.prefill_tokens_per_step,
             registered_at_s=now_s,

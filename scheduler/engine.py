@@ -161,7 +161,7 @@ class Engine:
     def choose_route(self, state: RequestState) -> tuple[str, ...] | None:
         """The path with the least predicted TTFT + DECODE_WEIGHT x decode time among stages with room;
         None while every path is full or would queue the prompt past MAX_QUEUE_WAIT_S (routing.py)."""
-        snapshot = load_snapshot(self.cluster, self.config.model.activation_bytes_per_token)
+        snapshot = load_snapshot(self.cluster, self.config.model)
         choice = choose_route(snapshot, state.route_request, max_queue_wait_s=self.config.max_queue_wait_s)
         return None if choice is None else choice.worker_ids
 

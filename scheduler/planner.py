@@ -19,6 +19,7 @@ from placement.problem import DeviceSpec, InfeasiblePlacementError, ModelSpec, P
 from placement.solver import solve_placement
 from scheduler.cluster import LayerPlan, WorkerState
 from scheduler.errors import NoCapacityError
+from workers.device_profile import DeviceProfile, device_spec as profile_device_spec
 from workers.protocol import AssignLayers, ModelFacts
 
 RUNTIME_OVERHEAD_BYTES = 256 * 2**20  # framework, activations, buffers beside weights and KV
@@ -121,25 +122,18 @@ def model_spec(model: ModelFacts) -> ModelSpec:
 
 
 def device_spec(worker: WorkerState, model: ModelFacts) -> DeviceSpec:
-    """A worker as the solver sees it: its measured per-layer decode step times and prefill time
-    per token (the longest prompt timed) when its profile timed this model, else the roofline from
-    its measured FLOP/s and memory bandwidth."""
-    profile = worker.profile or {}
+    """A worker as the solver and the router see it, by the one conversion of a profile
+    (`workers.device_profile.device_spec`): its measured per-layer decode step times at the
+    shortest context timed and its prefill time per token (the longest prompt timed) when its
+    profile timed a layer, else the roofline from its measured FLOP/s and memory bandwidth (the
+    defaults for a worker that registered without a profile). The FLOP rate is scaled for the
+    model's dtype; memory is what the worker offered less the runtime's overhead."""
     memory_bytes = max(0, worker.memory_bytes - RUNTIME_OVERHEAD_BYTES)
-    timings = profile.get("layer_timings") or {}
-    decode = timings.get("decode_step_s") or []
-    if decode:  # [[batch, context, seconds per layer step], ...]: the shortest context's row
-        shortest = min(context for _, context, _ in decode)
-        steps = tuple(sorted((int(batch), float(seconds)) for batch, context, seconds in decode if context == shortest))
-        prefill = timings.get("prefill_s_per_token") or []   # [[prompt tokens, s per token per layer], ...]
-        prefill_s = float(max(prefill)[1]) if prefill else None
-        return DeviceSpec(worker.worker_id, memory_bytes, decode_layer_time_s=steps, kind=worker.device,
-                          prefill_layer_time_per_token_s=prefill_s)
-    flops = float(profile.get("matmul_flops_per_s") or DEFAULT_FLOPS_PER_S)
-    # the roofline charges batch x layer_bytes / flops (2 FLOPs per 2-byte weight): scale for the dtype
+    profile = worker.profile or DeviceProfile(worker.device, worker.device, worker.device, memory_bytes,
+                                              DEFAULT_FLOPS_PER_S, "float16", DEFAULT_BANDWIDTH_BYTES_PER_S, 0.0, 0.0)
     itemsize = model.activation_bytes_per_token // model.hidden_size
-    bandwidth = float(profile.get("memory_bandwidth_bytes_per_s") or DEFAULT_BANDWIDTH_BYTES_PER_S)
-    return DeviceSpec(worker.worker_id, memory_bytes, flops_per_s=flops * itemsize / 2, memory_bandwidth_bytes_per_s=bandwidth, kind=worker.device)
+    return profile_device_spec(profile, worker.worker_id, context_len=0, weight_itemsize_bytes=itemsize,
+                               memory_bytes=memory_bytes, kind=worker.device)
 
 
 def plan_layers(
