@@ -1,6 +1,9 @@
 """The compiled view of a ``PlacementProblem`` that every algorithm works on.
 
 Parts:
+- ``layer_step_time_s(device, layer_bytes, batch, model=None)``: one decode step of one layer
+  (measured, or the roofline; MoE: over the experts the step reaches); the router charges
+  stages by it too (scheduler/load.py).
 - ``capacity_table(problem, device)``: tokens/s when holding k = 1..Kmax layers (measured or
   derived, decode plus the workload's prefill per output token), trimmed to what memory and
   ``max_layers`` allow.
@@ -18,10 +21,11 @@ from placement.problem import (DEFAULT_LINK, SINK, SOURCE, DeviceSpec, Infeasibl
                                ModelSpec, PlacementProblem)
 
 
-def _layer_time_s(device: DeviceSpec, model: ModelSpec, batch: int) -> float:
-    """Seconds for one decode step of one (mean) layer at ``batch`` sequences: measured (linear
-    interpolation), else the roofline over the bytes the step reads and multiplies with (MoE:
-    only the routed experts reached, ``ModelSpec.decode_read_bytes_per_layer``)."""
+def layer_step_time_s(device: DeviceSpec, layer_bytes: float, batch: int, model: ModelSpec | None = None) -> float:
+    """Seconds for one decode step of one layer at ``batch`` sequences: measured (linear
+    interpolation), else the roofline. With ``model`` an MoE model, the roofline charges the
+    bytes the step reads and multiplies with: ``layer_bytes`` scaled by the model's shares
+    (``ModelSpec.decode_read_bytes_per_layer``, ``compute_bytes_per_token_per_layer``)."""
     if device.decode_layer_time_s:
         pts = sorted(device.decode_layer_time_s)
         if batch <= pts[0][0]:
@@ -33,8 +37,11 @@ def _layer_time_s(device: DeviceSpec, model: ModelSpec, batch: int) -> float:
         slope = (t1 - t0) / (b1 - b0) if b1 != b0 else t1 / b1
         return t1 + slope * (batch - b1)
     assert device.flops_per_s and device.memory_bandwidth_bytes_per_s
-    return max(model.decode_read_bytes_per_layer(batch) / device.memory_bandwidth_bytes_per_s,
-               batch * model.compute_bytes_per_token_per_layer() / device.flops_per_s)
+    read_bytes = compute_bytes = layer_bytes
+    if model is not None and model.expert_bytes:
+        read_bytes = layer_bytes * model.decode_read_bytes_per_layer(batch) / model.mean_layer_bytes
+        compute_bytes = layer_bytes * model.compute_bytes_per_token_per_layer() / model.mean_layer_bytes
+    return max(read_bytes / device.memory_bandwidth_bytes_per_s, batch * compute_bytes / device.flops_per_s)
 
 
 def prefill_time_per_token_s(problem: PlacementProblem, device: DeviceSpec) -> float:
@@ -59,7 +66,7 @@ def capacity_table(problem: PlacementProblem, device: DeviceSpec) -> tuple[float
     # per-token decode time at the best batch b <= cap: best[b-1] = min over b' <= b of t(b') / b'
     best: list[float] = []
     for b in range(1, device.max_batch + 1):
-        t = _layer_time_s(device, problem.model, b) / b
+        t = layer_step_time_s(device, avg, b, problem.model) / b
         best.append(min(t, best[-1]) if best else t)
     prefill_s = problem.prompt_tokens_per_output_token * prefill_time_per_token_s(problem, device)
     kv_seq_bytes = problem.kv_tokens_per_sequence * problem.model.kv_bytes_per_token_per_layer
@@ -77,7 +84,7 @@ def stage_latency_s(problem: PlacementProblem, device: DeviceSpec, k: int) -> fl
     estimated as 1 / tokens_per_s[k-1] (the time per token at that load, an upper estimate)."""
     if device.tokens_per_s is not None:
         return 1.0 / device.tokens_per_s[k - 1]
-    return k * _layer_time_s(device, problem.model, 1)
+    return k * layer_step_time_s(device, problem.model.mean_layer_bytes, 1, problem.model)
 
 
 @dataclass
@@ -178,10 +185,10 @@ def build_network(problem: PlacementProblem) -> Network:
     m = problem.model
     L = m.num_layers
     caps, starts = [], []
-    sb = [[0] * (L + 1) for _ in range(L + 1)]   # stage_bytes(s, e), computed once
+    bytes_of_stage = [[0] * (L + 1) for _ in range(L + 1)]   # stage_bytes(s, e), computed once
     for s0 in range(L):
         for e0 in range(s0 + 1, L + 1):
-            sb[s0][e0] = stage_bytes(problem, s0, e0)
+            bytes_of_stage[s0][e0] = stage_bytes(problem, s0, e0)
     table_cache: dict = {}
     starts_cache: dict[tuple[int, int], list[list[int]]] = {}
     for d in problem.devices:
@@ -199,7 +206,7 @@ def build_network(problem: PlacementProblem) -> Network:
                 table_cache[key] = table
         skey = (d.memory_bytes, len(table))
         if skey not in starts_cache:
-            per_k = [[s for s in range(0, L - k + 1) if sb[s][s + k] <= d.memory_bytes]
+            per_k = [[s for s in range(0, L - k + 1) if bytes_of_stage[s][s + k] <= d.memory_bytes]
                      for k in range(1, len(table) + 1)]
             while per_k and not per_k[-1]:
                 per_k.pop()

@@ -66,18 +66,19 @@ class ModelSpec:
                              f"({self.experts_per_token}) <= num_experts ({self.num_experts})")
 
     @cached_property
-    def _mean_layer_bytes(self) -> float:
+    def mean_layer_bytes(self) -> float:
+        """Mean weight bytes of one layer (all experts included)."""
         return sum(self.layer_bytes) / self.num_layers
 
     @cached_property
-    def _mean_expert_bytes(self) -> float:
+    def mean_expert_bytes(self) -> float:
         return sum(self.expert_bytes) / self.num_layers if self.expert_bytes else 0.0
 
     def decode_read_bytes_per_layer(self, batch: int) -> float:
         """Mean weight bytes of one layer that a decode step of ``batch`` sequences reads: all of
         a dense layer; of an MoE layer the rest plus the experts at least one of the batch's
         ``batch x k`` choices reaches (uniform routing: a fraction ``1 - (1 - k/E)^batch``)."""
-        avg, experts = self._mean_layer_bytes, self._mean_expert_bytes
+        avg, experts = self.mean_layer_bytes, self.mean_expert_bytes
         if not experts:
             return avg
         reached = 1.0 - (1.0 - self.experts_per_token / self.num_experts) ** batch
@@ -86,7 +87,7 @@ class ModelSpec:
     def compute_bytes_per_token_per_layer(self) -> float:
         """Mean weight bytes of one layer that one token multiplies with (the roofline's FLOPs:
         one FLOP pair per weight): the rest plus ``k/E`` of the routed experts."""
-        avg, experts = self._mean_layer_bytes, self._mean_expert_bytes
+        avg, experts = self.mean_layer_bytes, self.mean_expert_bytes
         if not experts:
             return avg
         return avg - experts + experts * self.experts_per_token / self.num_experts

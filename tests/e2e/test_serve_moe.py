@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.checkpoints import make_checkpoint
-from tests.e2e.served import ServedModel
+from tests.support.checkpoints import make_checkpoint
+from tests.support.served import ServedModel
 from tests.e2e.test_serve_matches_transformers import PROMPTS, complete, reference, tokenize
 
 pytestmark = pytest.mark.slow

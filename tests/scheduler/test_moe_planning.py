@@ -1,6 +1,5 @@
 """MoE models in placement and planning: memory holds every expert, a decode step is charged only
-the experts it reads. (Here, not in tests/placement: that package shadows `placement` when an
-editable install of another checkout is present.)"""
+the experts it reads; the facts of an MoE checkpoint, `potluck plan` on it, the router's costs."""
 
 from __future__ import annotations
 
@@ -99,3 +98,17 @@ def test_model_facts_and_plan_of_a_moe_checkpoint(moe_checkpoints, tmp_path):
             assert json.loads(result.stdout)["ranges"] == {"box": [0, 4]}
         else:
             assert "does not fit" in result.stderr
+
+
+def test_router_costs_of_an_moe_stage_use_the_same_shares():
+    """The router's per-layer costs (scheduler/load.py) come from the same roofline: an MoE layer's
+    batch-1 step and prefill are charged the bytes one token uses."""
+    from scheduler.load import layer_costs_s
+
+    device = DeviceSpec("gpu", memory_bytes=48 * LAYER, flops_per_s=1e14, memory_bandwidth_bytes_per_s=1e12)
+    active = MOE.compute_bytes_per_token_per_layer()
+    step_s, per_request_s, prefill_s = layer_costs_s(device, LAYER, MOE)
+    dense_step_s, _, dense_prefill_s = layer_costs_s(device, LAYER)
+    assert step_s == pytest.approx(active / 1e12) and dense_step_s == pytest.approx(LAYER / 1e12)
+    assert prefill_s == pytest.approx(active / 1e14) and dense_prefill_s == pytest.approx(LAYER / 1e14)
+    assert per_request_s > 0  # a batch of 16 reaches more experts than one token
