@@ -235,3 +235,15 @@ def test_moe_layer_bytes_count_every_expert(moe_checkpoints):
     for start, end in [(0, 2), (2, 4)]:
         backend = TorchStageBackend(StageConfig(str(path), start, end, kv_budget_bytes=2**20))
         assert backend.weight_bytes == sizes.stage_bytes(start, end) + (end - start) * qk_norm_expansion
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_moe_stages_run_in_bfloat16(moe_checkpoints, family):
+    first, last = _chain(moe_checkpoints[family], 2, dtype="bfloat16")
+    moe = next(layer.moe for b in (first, last) for layer in b.model.layers if layer.moe is not None)
+    assert moe.w_gate_up.dtype == torch.bfloat16
+    chunks = [SequenceChunk("a", 0, 5), SequenceChunk("b", 0, 1)]
+    hidden = first.forward(chunks, torch.arange(6))
+    assert hidden.dtype == torch.bfloat16 and hidden.shape == (6, first.hidden_size)
+    logits = last.forward(chunks, hidden)
+    assert logits.dtype == torch.float32 and logits.shape == (2, last.vocab_size) and torch.isfinite(logits).all()
