@@ -15,6 +15,8 @@ Checkpoint layouts (names relative to `model.layers.N.`):
   (gate | up | down).
 - Fused (transformers 5 in memory, some exports): `mlp.experts.gate_up_proj` [E, 2I, H] and
   `mlp.experts.down_proj` [E, H, I].
+- Stacked per projection (GGUF's `blk.N.ffn_{gate,up,down}_exps`, HF-named):
+  `mlp.experts.{gate,up}_proj.weight` [E, I, H], `mlp.experts.down_proj.weight` [E, H, I].
 
 Routing (as transformers does): float32 softmax over all E router logits, top-k, and with
 `norm_topk_prob` the k weights divided by their sum (Mixtral always: the same as a softmax over
@@ -142,6 +144,11 @@ def moe_block_from_weights(config: ModelConfig, weights: dict[str, torch.Tensor]
     elif "mlp.experts.gate_up_proj" in weights:  # fused: [E, 2I, H] and [E, H, I]
         gate_up = weights.pop("mlp.experts.gate_up_proj").transpose(1, 2)
         down = weights.pop("mlp.experts.down_proj").transpose(1, 2)
+    elif "mlp.experts.gate_proj.weight" in weights:  # stacked per projection: [E, I, H] x 2, [E, H, I]
+        gate = weights.pop("mlp.experts.gate_proj.weight")
+        up = weights.pop("mlp.experts.up_proj.weight")
+        gate_up = torch.cat([gate, up], dim=1).transpose(1, 2)
+        down = weights.pop("mlp.experts.down_proj.weight").transpose(1, 2)
     else:
         names = {p: f"{p}_proj" for p in ("gate", "up", "down")}
         gate_up, down = _stack_experts(weights, "mlp.experts.", names, num_experts)

@@ -247,3 +247,32 @@ def test_moe_stages_run_in_bfloat16(moe_checkpoints, family):
     assert hidden.dtype == torch.bfloat16 and hidden.shape == (6, first.hidden_size)
     logits = last.forward(chunks, hidden)
     assert logits.dtype == torch.float32 and logits.shape == (2, last.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_expert_layouts_build_the_same_block(moe_checkpoints):
+    """Per-expert (hub), fused (transformers 5) and stacked-per-projection (GGUF) expert tensors
+    of one layer give one and the same block."""
+    from workers.checkpoint import load_stage_tensors
+    from workers.moe import moe_block_from_weights
+
+    path = moe_checkpoints["qwen3_moe"]
+    config = ModelConfig.from_hf(path)
+    tensors = load_stage_tensors(path, 1, 2, config.num_layers, False)
+    prefix = "model.layers.1.mlp."
+    per_expert = {n.removeprefix("model.layers.1."): t for n, t in tensors.items() if n.startswith(prefix)}
+
+    def stacked(proj: str) -> torch.Tensor:
+        return torch.stack([per_expert[f"mlp.experts.{e}.{proj}.weight"] for e in range(config.num_experts)])
+
+    fused = {"mlp.gate.weight": per_expert["mlp.gate.weight"],
+             "mlp.experts.gate_up_proj": torch.cat([stacked("gate_proj"), stacked("up_proj")], dim=1),
+             "mlp.experts.down_proj": stacked("down_proj")}
+    gguf_like = {"mlp.gate.weight": per_expert["mlp.gate.weight"],
+                 **{f"mlp.experts.{p}.weight": stacked(p) for p in ("gate_proj", "up_proj", "down_proj")}}
+    blocks = [moe_block_from_weights(config, dict(w)) for w in (per_expert, fused, gguf_like)]
+    x = torch.randn(9, config.hidden_size, generator=torch.Generator().manual_seed(3))
+    outputs = [block(x) for block in blocks]
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+    leftover = dict(per_expert)
+    moe_block_from_weights(config, leftover)
+    assert leftover == {}  # every tensor of the MoE block is consumed
