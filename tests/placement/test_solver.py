@@ -24,6 +24,7 @@ def test_throughput_equals_exhaustive_search(seed: int, L: int) -> None:
     assert got.upper_bound_tokens_per_s >= best * (1 - 1e-9)
 
 
+@pytest.mark.slow  # 1.5 work seconds x 4 clusters
 @pytest.mark.parametrize("seed", range(4))
 def test_memory_respected_and_layers_covered(seed: int) -> None:
     problem = random_problem(100 + seed, 8, 24)
