@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
 
+# device index (a `Network`'s order) -> [start_layer, end_layer): placement's ranges inside the solver
+Ranges = dict[int, tuple[int, int]]
+
 SOURCE = "source"
 SINK = "sink"
 DEFAULT_BANDWIDTH_BYTES_PER_S = 1.25e9  # 10 Gbit/s
