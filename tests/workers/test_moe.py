@@ -119,7 +119,7 @@ def moe_references(moe_checkpoints: dict[str, Path]) -> dict[str, tuple[list[int
     return out
 
 
-@pytest.mark.parametrize("layout", ["packed", "transposed"])
+@pytest.mark.parametrize("layout", [pytest.param("packed", marks=pytest.mark.slow), "transposed"])  # fast lane: one
 @pytest.mark.parametrize("num_stages", [1, 2, 3])
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_moe_stages_match_transformers(moe_checkpoints, moe_references, family, num_stages, layout, monkeypatch):
