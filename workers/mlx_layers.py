@@ -108,8 +108,14 @@ class MLXLayer:
             k_new = k[row : row + count].transpose(1, 0, 2)  # [nkv, count, hd]
             v_new = v[row : row + count].transpose(1, 0, 2)
             if start:
-                k_new = mx.concatenate([cache[0][:, :start], k_new], axis=1)
-                v_new = mx.concatenate([cache[1][:, :start], v_new], axis=1)
+                old_k, old_v = cache
+                have = 0 if old_k is None else old_k.shape[1]
+                if have < start:  # allocated, never written (the profiler's contexts): zeros
+                    pad = mx.zeros((nkv, start - have, hd), dtype=k_new.dtype)
+                    old_k = pad if old_k is None else mx.concatenate([old_k, pad], axis=1)
+                    old_v = pad if old_v is None else mx.concatenate([old_v, pad], axis=1)
+                k_new = mx.concatenate([old_k[:, :start], k_new], axis=1)
+                v_new = mx.concatenate([old_v[:, :start], v_new], axis=1)
             cache[0], cache[1] = k_new, v_new
             q_r = q[row : row + count].transpose(1, 0, 2)[None]  # [1, nq, count, hd]
             out = mx.fast.scaled_dot_product_attention(

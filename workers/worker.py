@@ -464,7 +464,7 @@ class Worker:
 def run_worker(config: WorkerConfig) -> None:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    pin = config.pin_threads and config.device == "cpu"
+    pin = config.pin_threads and config.device == "cpu" and config.backend == "torch"  # torch's OpenMP threads
     worker = Worker(config, find_compute_threads() if pin else None)
     log.info("%s listening on %s, scheduler %s", worker.worker_id, worker.data_address, config.scheduler_address)
     worker.run()
