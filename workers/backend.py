@@ -38,6 +38,7 @@ class StageConfig:
     device: str = "cpu"  # what the backend's plugin lists (torch: cpu | cuda | cuda:N | mps; mlx: cpu | gpu)
     kv_budget_bytes: int = 256 * 2**20
     kv_block_size_tokens: int = 16
+    quantization: str | None = None  # None | int8 | int4: quantize linear weights (a backend may refuse)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,7 @@
 """The MLX implementation of `StageBackend`: Metal on Apple silicon, the CPU elsewhere (`mlx[cpu]`).
 
 Parts:
-- `MLXStageBackend`: reads only its stage's tensors from the safetensors files (`safe_open`,
-  framework "mlx"), builds an `MLXStage` (workers/mlx_layers.py) in the run dtype, quantizes its
+- `MLXStageBackend`: reads only its stage's tensors from the safetensors files (`mx.load`, lazy), builds an `MLXStage` (workers/mlx_layers.py) in the run dtype, quantizes its
   linear weights when `StageConfig.quantization` is int8 / int4 (`mx.quantize`), and accounts KV
   blocks with a `KVBlockLedger` sized from `kv_budget_bytes`. Takes and returns numpy arrays
   (bfloat16 as uint16 bits); every step is evaluated (`mx.eval`) before it returns.
@@ -40,8 +39,6 @@ def _mx():
 class MLXStageBackend(StageBackend):
     def __init__(self, config: StageConfig) -> None:
         mx = _mx()
-        from safetensors import safe_open
-
         from workers.checkpoint import checkpoint_files, stage_tensor_names
         from workers.model_config import ModelConfig
         from workers.mlx_layers import MLXStage
@@ -74,17 +71,20 @@ class MLXStageBackend(StageBackend):
         )
         tensors: dict[str, object] = {}
         for path in sorted({files[n] for n in names}):
-            with safe_open(str(path), framework="mlx") as f:
-                for name in (n for n in names if files[n] == path):
-                    tensors[name] = f.get_tensor(name).astype(self._mx_dtype)
-        mx.eval(list(tensors.values()))
+            # mx.load reads safetensors natively (bf16 too; safetensors' "mlx" path goes through
+            # numpy, which has no bf16); arrays are lazy: the ones not kept are never read
+            arrays = mx.load(str(path))
+            for name in (n for n in names if files[n] == path):
+                tensors[name] = arrays[name].astype(self._mx_dtype)
+            mx.eval(list(tensors.values()))
+            del arrays
         self._loaded_names = frozenset(tensors)
         inv_freq = mc.rope_inv_freq().numpy()
         self.stage = MLXStage(
             mc, config.start_layer, config.end_layer, tensors, self._mx_dtype, inv_freq, quantization
         )
         del tensors
-        itemsize = np.dtype(np.float32).itemsize if self.dtype == "float32" else 2
+        itemsize = 4 if self.dtype == "float32" else 2
         per_token = 2 * (config.end_layer - config.start_layer) * mc.num_key_value_heads * mc.head_dim * itemsize
         self.ledger = KVBlockLedger(config.kv_budget_bytes, per_token, config.kv_block_size_tokens)
 

@@ -74,6 +74,8 @@ class TorchStageBackend(StageBackend):
                 f"layer range [{config.start_layer}, {config.end_layer}) outside the model's "
                 f"{mc.num_hidden_layers} layers"
             )
+        if config.quantization:
+            raise ValueError(f"the torch backend does not quantize weights ({config.quantization} asked); serve unquantized or use mlx")
         self.num_layers = mc.num_hidden_layers
         self.hidden_size = mc.hidden_size
         self.vocab_size = mc.vocab_size
