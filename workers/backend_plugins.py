@@ -41,7 +41,7 @@ class BackendPlugin:
     devices: Callable[[], list[str]]  # devices this backend can run on here, best first
     weight_formats: frozenset[str] = frozenset({"safetensors"})
     quantizations: frozenset[str] = frozenset()  # e.g. {"int8", "int4"}
-    profile: Callable[..., dict] | None = None  # (device, model_dir, seconds, slowdown) -> profile
+    profile: Callable[..., Any] | None = None  # (device, model_dir, seconds, slowdown) -> DeviceProfile or its JSON
     priority: int = 0  # `--backend auto` takes the highest priority among those with devices
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)

@@ -205,7 +205,9 @@ def check_profile(suite: Suite) -> None:
         return  # a worker of this backend registers without measurements: placement uses defaults
     device = suite.device or plugin.default_device()
     profile = plugin.profile(device, str(suite.checkpoint()), 1.0, 1.0)
+    profile = profile.to_json() if hasattr(profile, "to_json") else profile  # a DeviceProfile, or its JSON
     json.dumps(profile)  # it travels in Register
+    assert profile.get("backend") == suite.backend, f"profile: backend {profile.get('backend')!r}"
     assert profile.get("memory_bytes", 0) > 0, "profile: memory_bytes"
     assert profile.get("matmul_flops_per_s", 0) > 0, "profile: matmul_flops_per_s"
     assert profile.get("memory_bandwidth_bytes_per_s", 0) > 0, "profile: memory_bandwidth_bytes_per_s"

@@ -25,6 +25,7 @@ import numpy as np
 
 from workers.backend import SequenceChunk, StageBackend, StageConfig
 from workers.backend_plugins import BackendPlugin
+from workers.device_profile import DeviceProfile
 from workers.kv_ledger import KVBlockLedger
 
 _WIRE_TO_MX = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -172,11 +173,11 @@ def _timed_s(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def mlx_profile(device: str, model_dir: str | None, seconds: float, slowdown: float) -> dict:
+def mlx_profile(device: str, model_dir: str | None, seconds: float, slowdown: float) -> DeviceProfile:
     """The profile of an MLX worker (see workers/profiler.py `DeviceProfile`)."""
     mx = _mx()
     from workers.device_memory import chip_prior, device_name, usable_memory_bytes
-    from workers.profiler import DeviceProfile, measure_layer_timings
+    from workers.profiler import measure_layer_timings
 
     begin = time.perf_counter()
     mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
@@ -195,8 +196,8 @@ def mlx_profile(device: str, model_dir: str | None, seconds: float, slowdown: fl
         matmul_flops_per_s=2 * n**3 / matmul_s, matmul_dtype="float32",
         memory_bandwidth_bytes_per_s=2 * src.nbytes / copy_s, measured_at_unix_s=time.time(),
         profile_time_s=time.perf_counter() - begin, slowdown=slowdown, layer_timings=timings,
-        peer_rtt_s={}, peer_bandwidth_bytes_per_s={}, prior=chip_prior(name),
-    ).to_json()  # fmt: skip
+        peer_rtt_s={}, peer_bandwidth_bytes_per_s={}, prior=chip_prior(name), backend="mlx",
+    )  # fmt: skip
 
 
 PLUGIN = BackendPlugin(

@@ -25,6 +25,7 @@ import torch
 from workers.backend import KVCacheFull, SequenceChunk, StageBackend, StageConfig
 from workers.backend_plugins import BackendPlugin
 from workers.checkpoint import load_stage_tensors
+from workers.device_profile import DeviceProfile
 from workers.kv_cache import BlockKVCache
 from workers.model_config import ModelConfig, parse_dtype
 from workers.stage_model import BatchPlan, RopeTable, StageModel, build_batch_plan
@@ -199,10 +200,10 @@ def _torch_devices() -> list[str]:
     return [*devices, "cpu"]
 
 
-def _profile(device: str, model_dir: str | None, seconds: float, slowdown: float) -> dict:
+def _profile(device: str, model_dir: str | None, seconds: float, slowdown: float) -> DeviceProfile:
     from workers.profiler import measure_device
 
-    return measure_device(device, model_dir=model_dir, seconds_budget=seconds, slowdown=slowdown).to_json()
+    return measure_device(device, model_dir=model_dir, seconds_budget=seconds, slowdown=slowdown)
 
 
 PLUGIN = BackendPlugin(

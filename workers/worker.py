@@ -99,7 +99,8 @@ class Worker:
         self.hold_until_s = 0.0  # decodes wait for the rest of the ring until then (workers/batching.py)
         self.expected: ExpectedStep | None = None  # the decode step made ready (workers/expected_step.py)
         self.expected_steps_run = 0  # steps that took that fast path
-        self.profile: dict | None = None
+        self.profile: p.DeviceProfile | None = None
+        self.profiled = False  # measured once, at the first registration
 
     # ----------------------------------------------------------------------------- sockets
     def _peer(self, address: str) -> zmq.Socket:
@@ -129,9 +130,9 @@ class Worker:
 
     # ----------------------------------------------------------------------------- lifecycle
     def register(self) -> None:
-        if self.profile is None:
-            self.profile = self.measure()
-        profile = {**self.profile, "backend": self.config.backend}  # the device the scheduler sees runs it
+        if not self.profiled:
+            self.profile, self.profiled = self.measure(), True
+        profile = self.profile
         self.to_scheduler(
             p.Register(
                 worker_id=self.worker_id,
@@ -141,18 +142,20 @@ class Worker:
                 profile=profile,
                 pid=os.getpid(),
                 prefill_tokens_per_step=MAX_PREFILL_TOKENS_PER_STEP,
+                backend=self.config.backend,
             )
         )
 
-    def measure(self) -> dict:
+    def measure(self) -> p.DeviceProfile | None:
         if not self.config.profile:
-            return {}
+            return None
         from workers.backend_plugins import get_plugin
 
-        measure = get_plugin(self.config.backend).profile
+        measure = get_plugin(self.config.backend).profile  # each backend measures itself
         if measure is None:
-            return {}
-        return measure(self.config.device, self.config.profile_model_dir, self.config.profile_seconds, self.config.slowdown)
+            return None
+        profile = measure(self.config.device, self.config.profile_model_dir, self.config.profile_seconds, self.config.slowdown)
+        return profile if isinstance(profile, p.DeviceProfile) else p.DeviceProfile.from_json(profile)
 
     def run(self) -> None:
         self.register()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from api.local_workers import LocalWorkers
-from tests.checkpoints import make_checkpoint
+from tests.support.checkpoints import make_checkpoint
 from tests.scheduler.test_fault_tolerance import PROMPTS, SLOW_STEP, all_ready, generate, make_engine, wait_tokens
 
 pytest.importorskip("mlx.core")
@@ -36,7 +36,7 @@ def test_kill_9_of_the_mlx_worker_mid_generation_loses_no_request(model_dir: Pat
         try:
             await all_ready(engine, 3)
             by_id = engine.cluster.workers
-            assert [by_id[f"local-{i}"].profile["backend"] for i in range(3)] == list(backends)
+            assert [by_id[f"local-{i}"].backend for i in range(3)] == list(backends)
             undisturbed = [await generate(engine, i, prompt) for i, prompt in enumerate(PROMPTS)]
             epoch = engine.cluster.epoch
             start = engine.tokens_generated
@@ -50,7 +50,7 @@ def test_kill_9_of_the_mlx_worker_mid_generation_loses_no_request(model_dir: Pat
             assert "local-1" not in engine.cluster.workers
             assert engine.cluster.epoch > epoch
             survivors = sorted(engine.cluster.workers.values(), key=lambda w: w.loaded)
-            assert [w.profile["backend"] for w in survivors] == ["torch", "mlx"]  # still a mixed pipeline
+            assert [w.backend for w in survivors] == ["torch", "mlx"]  # still a mixed pipeline
             assert survivors[0].loaded[0] == 0 and survivors[-1].loaded[1] == 6
         finally:
             workers.stop()

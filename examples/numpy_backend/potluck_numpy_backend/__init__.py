@@ -258,7 +258,7 @@ def profile(device: str, model_dir: str | None, seconds: float, slowdown: float)
     return {"device": device, "kind": "cpu", "name": "numpy: cpu", "memory_bytes": int(memory),
             "matmul_flops_per_s": flops, "matmul_dtype": "float32", "memory_bandwidth_bytes_per_s": bandwidth,
             "measured_at_unix_s": time.time(), "profile_time_s": time.perf_counter() - begin, "slowdown": slowdown,
-            "layer_timings": timings, "peer_rtt_s": {}, "peer_bandwidth_bytes_per_s": {}, "prior": None}
+            "layer_timings": timings, "peer_rtt_s": {}, "peer_bandwidth_bytes_per_s": {}, "prior": None, "backend": "numpy"}
 
 
 PLUGIN = BackendPlugin(
