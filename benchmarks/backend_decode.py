@@ -65,7 +65,12 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     names = args.backends.split(",")
     batches = [int(b) for b in args.batch.split(",")]
     with tempfile.TemporaryDirectory() as tmp:

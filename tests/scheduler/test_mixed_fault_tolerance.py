@@ -39,7 +39,7 @@ def test_kill_9_of_the_mlx_worker_mid_generation_loses_no_request(model_dir: Pat
             assert [by_id[f"local-{i}"].backend for i in range(3)] == list(backends)
             undisturbed = [await generate(engine, i, prompt) for i, prompt in enumerate(PROMPTS)]
             epoch = engine.cluster.epoch
-            start = engine.tokens_generated
+            start = engine.workload.tokens_generated
             tasks = [asyncio.create_task(generate(engine, i, prompt)) for i, prompt in enumerate(PROMPTS)]
             await wait_tokens(engine, start + 8 * 10)  # about 10 tokens into every stream
             victim = by_id["local-1"]  # the middle stage, on MLX
