@@ -2,8 +2,9 @@
 
 Parts:
 - `MLXStageBackend`: reads only its stage's tensors from the safetensors files (`mx.load`, lazy),
-  builds an `MLXStage` (workers/mlx_layers.py) in the run dtype, quantizes its linear weights when `StageConfig.quantization` is int8 / int4 (`mx.quantize`), and accounts KV
-  blocks with a `KVBlockLedger` sized from `kv_budget_bytes`. Takes and returns numpy arrays
+  builds an `MLXStage` (workers/mlx_layers.py) in the run dtype, quantizes its linear weights
+  when `StageConfig.quantization` is int8 / int4 (`mx.quantize`), and accounts KV blocks with a
+  `KVBlockLedger` sized from `kv_budget_bytes`. Takes and returns numpy arrays
   (bfloat16 as uint16 bits); every step is evaluated (`mx.eval`) before it returns.
 - `mlx_devices()`: "gpu" where Metal is available, and "cpu".
 - `mlx_profile(...)`: the worker's profile, measured with MLX: matmul FLOP/s, copy bandwidth, the
