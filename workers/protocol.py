@@ -128,6 +128,7 @@ class Register:
     pid: int = 0
     protocol_version: int = PROTOCOL_VERSION
     prefill_tokens_per_step: int = 0  # prompt tokens one step takes at most (0: not said)
+    backend: str = "torch"  # the backend that runs its layers (workers/backend_plugins.py)
 
 
 @dataclass(frozen=True)
