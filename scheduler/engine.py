@@ -34,7 +34,7 @@ from scheduler.load import load_snapshot
 from scheduler.metrics import EngineMetrics
 from scheduler.planner import (DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN, MIN_MIX_REQUESTS, PlannerConfig,
                                kv_budget_bytes, plan_layers)
-from scheduler.request import GenerationOutput, GenerationRequest, TokenLogprob
+from scheduler.request import GenerationOutput, GenerationRequest, TokenLogprob, resumed_sampling
 from scheduler.routing import MAX_QUEUE_WAIT_S, RouteRequest, choose_route
 from scheduler.tokenizer import Tokenizer
 from workers import codec
@@ -355,7 +355,7 @@ class Engine:
             worker.requests_routed += 1
             worker.reserved_kv_tokens += state.reserved_kv_tokens
             worker.queued_prefill_tokens += state.queued_prefill_tokens
-        sampling = replace(request.sampling, max_new_tokens=request.sampling.max_new_tokens - done)
+        sampling = resumed_sampling(request.sampling, tuple(state.generated))
         start = p.RequestStart(self.cluster.addresses(route), self.control_address, sampling, first_token_index=done)
         self.requests[state.wire_id] = state
         self._send(route[0], p.StartRequest(state.wire_id, request.prompt_token_ids + tuple(state.generated), start))
@@ -495,6 +495,7 @@ class Engine:
                     finish_reason=finish_reason,
                     num_prompt_tokens=num_prompt,
                     num_generated_tokens=len(state.generated),
+                    prompt_logprobs=output.prompt_logprobs,
                 )
                 if finish_reason is not None:
                     return
