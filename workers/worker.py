@@ -97,7 +97,8 @@ class Worker:
         self.hold_until_s = 0.0  # decodes wait for the rest of the ring until then (workers/batching.py)
         self.expected: ExpectedStep | None = None  # the decode step made ready (workers/expected_step.py)
         self.expected_steps_run = 0  # steps that took that fast path
-        self.profile: dict | None = None
+        self.profile: p.DeviceProfile | None = None
+        self.profiled = False  # measured once, at the first registration
         self.sampler: StageSampler | None = None  # last stage: per-request sampling state
 
     # ----------------------------------------------------------------------------- sockets
@@ -128,8 +129,8 @@ class Worker:
 
     # ----------------------------------------------------------------------------- lifecycle
     def register(self) -> None:
-        if self.profile is None:
-            self.profile = self.measure()
+        if not self.profiled:
+            self.profile, self.profiled = self.measure(), True
         profile = self.profile
         self.to_scheduler(
             p.Register(
@@ -143,9 +144,9 @@ class Worker:
             )
         )
 
-    def measure(self) -> dict:
+    def measure(self) -> p.DeviceProfile | None:
         if not self.config.profile:
-            return {}
+            return None
         from workers.profiler import measure_device
 
         profile = measure_device(
@@ -154,7 +155,7 @@ class Worker:
             seconds_budget=self.config.profile_seconds,
             slowdown=self.config.slowdown,
         )
-        return profile.to_json()
+        return profile
 
     def run(self) -> None:
         self.register()
