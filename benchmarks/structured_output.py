@@ -23,8 +23,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.checkpoints import make_checkpoint
-from tests.e2e.served import ServedModel
+from tests.support.checkpoints import make_checkpoint
+from tests.support.served import ServedModel
 
 
 def decode_rate(url: str, model: str, tokens: int, extra: dict) -> tuple[float, int]:

@@ -15,8 +15,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.checkpoints import make_checkpoint
-from tests.e2e.served import ServedModel
+from tests.support.checkpoints import make_checkpoint
+from tests.support.served import ServedModel
 
 TOOL_TEMPLATE = (
     "{% if tools %}<|im_start|>system\n# Tools\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}"
