@@ -22,6 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 # Options we do not implement, with the value that means "off".
 _NEUTRAL: dict[str, Any] = {
     "suffix": "",  # no chat template of our families has a fill-in-the-middle form
+    # vLLM sampling options not implemented: a 400 rather than silently ignored
+    "use_beam_search": False,
+    "length_penalty": 1.0,
+    "include_stop_str_in_output": False,
+    "bad_words": [],
+    "allowed_token_ids": [],
+    "truncate_prompt_tokens": 0,
+    "guided_whitespace_pattern": "",
 }
 MAX_STOP_STRINGS = 64  # OpenAI's 4 is not a server's limit (lm-eval adds its own)
 MAX_CHOICES = 64  # n and best_of

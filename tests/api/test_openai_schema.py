@@ -35,7 +35,8 @@ def test_completion_prompt_forms() -> None:
     ("max_tokens", 0), ("max_tokens", -1), ("stop", [str(i) for i in range(65)]), ("logprobs", 21),
     ("presence_penalty", 2.5), ("frequency_penalty", -3), ("logit_bias", {"x": 5}), ("logit_bias", {"1": 101}),
     ("best_of", 0), ("suffix", "x"), ("stream_options", {"include_usage": True}), ("seed", 2**64),
-    ("min_p", 1.5), ("repetition_penalty", 0), ("min_tokens", -1),
+    ("min_p", 1.5), ("repetition_penalty", 0), ("min_tokens", -1), ("use_beam_search", True),
+    ("include_stop_str_in_output", True), ("allowed_token_ids", [1]), ("guided_whitespace_pattern", " "),
 ])
 def test_completion_rejects(field: str, value: object) -> None:
     with pytest.raises(ValidationError) as info:
