@@ -1,9 +1,12 @@
-"""POST /v1/completions and /v1/chat/completions: requests in, GenerationRequests to the engine.
+"""What /v1/completions and /v1/chat/completions share: requests in, GenerationRequests to the engine.
 
 Parts:
-- `build_openai_router(engine)`: the two routes, streamed (SSE) and not.
-- `build_generation_request(...)`: ids + OpenAI options -> `GenerationRequest` (context checks,
-  `max_new_tokens`, sampling, eos ids, logprobs).
+- `build_openai_router(engine)`: the two routes (api/openai_completions.py, api/openai_chat.py).
+- `check_prompt(...)`, `build_generation_requests(...)`: ids + OpenAI options -> one
+  `GenerationRequest` per choice (context checks, `max_new_tokens`, api/openai_options.py
+  sampling, a seed per choice); `pick_best` keeps best_of's n best.
+- `respond(...)`, `merged(...)`: every choice run at once; streamed, their outputs interleave
+  as they come (each tagged with its choice), else the whole body at the end.
 - `EventStreamResponse`: an SSE response that watches for the client going away and then closes
   the event generator (and with it the engine's generator, which aborts the request).
 - `sse(data)`: one `data: ...\\n\\n` event; a failure mid-stream is sent as `data: {"error": ...}`
@@ -17,8 +20,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -28,25 +29,15 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from api.openai_schema import (
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatDelta,
     ChatLogprobs,
-    ChatMessageOut,
     ChatTokenLogprob,
     ChatTopLogprob,
-    CompletionChoice,
-    CompletionChunk,
-    CompletionChunkChoice,
     CompletionLogprobs,
     CompletionRequest,
-    CompletionResponse,
     Usage,
 )
-from api.server import EngineLike, check_model, error_body, potluck_error_body
+from api.server import EngineLike, error_body, potluck_error_body
 from scheduler.errors import InvalidRequestError, PotluckError, PromptTooLongError
 from scheduler.request import GenerationOutput, GenerationRequest, TokenLogprob
 from scheduler.tokenizer import Tokenizer
