@@ -27,7 +27,7 @@ from api.openai_schema import (ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                ToolCallDelta, ToolCallOut, Usage)
 from api.openai_tools import (ParsedCall, ToolPlan, ToolStreamSplitter, parse_forced_calls, parse_tool_calls, plan_tools,
                               template_messages)
-from api.server import EngineLike, check_model
+from api.contract import EngineLike, check_model
 from scheduler.errors import InvalidRequestError
 from scheduler.request import GenerationOutput
 from scheduler.tokenizer import Tokenizer

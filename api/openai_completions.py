@@ -23,7 +23,7 @@ from api.openai_routes import (CompletionLogprobBuilder, build_generation_reques
                                _lp)
 from api.openai_schema import (CompletionChunk, CompletionChunkChoice, CompletionLogprobs, CompletionOutChoice,
                                CompletionRequest, CompletionResponse, PromptLogprobEntry, Usage)
-from api.server import EngineLike, check_model
+from api.contract import EngineLike, check_model
 from scheduler.request import GenerationOutput, GenerationRequest
 from scheduler.tokenizer import Tokenizer
 

@@ -37,7 +37,7 @@ from api.openai_schema import (
     CompletionRequest,
     Usage,
 )
-from api.server import EngineLike, error_body, potluck_error_body
+from api.contract import EngineLike, error_body, potluck_error_body
 from scheduler.errors import InvalidRequestError, PotluckError, PromptTooLongError
 from scheduler.request import GenerationOutput, GenerationRequest, TokenLogprob
 from scheduler.tokenizer import Tokenizer
