@@ -46,6 +46,7 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler-host", default="127.0.0.1", help="interface for workers to reach the scheduler (0.0.0.0 for `potluck join` from other machines)")
     parser.add_argument("--scheduler-port", type=int, default=0, help="scheduler control port (default: a free one)")
     parser.add_argument("--api-key", default=os.environ.get("POTLUCK_API_KEY"), help="require this bearer key (or POTLUCK_API_KEY)")
+    parser.add_argument("--allowed-origins", nargs="*", default=[], metavar="ORIGIN", help="CORS: browser origins allowed to call the API ('*': any; default: none, no CORS headers)")
     parser.add_argument("--worker-threads", type=int, default=None, help="torch threads per local worker")
     parser.add_argument("--placement", choices=["auto", "solver", "pipeline"], default="auto", help="auto: one pipeline when all workers share a host, else the placement solver")
     parser.add_argument("--placement-objective", choices=["throughput", "latency"], default="throughput")
@@ -156,7 +157,7 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
         if ray_workers is not None:
             ray_workers.stop()
         raise
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=args.api_key, routers=extra_routers(engine), public_paths=PUBLIC_PATHS), host=args.host, port=args.port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=args.api_key, routers=extra_routers(engine), public_paths=PUBLIC_PATHS, allowed_origins=args.allowed_origins), host=args.host, port=args.port, log_level="warning"))
 
     async def announce() -> None:
         while not server.started:

@@ -46,6 +46,7 @@ class SequenceChunk:
     request_id: str
     start_position: int  # tokens of this request already in this stage's KV cache
     num_tokens: int  # new tokens in this chunk (1 for a decode step)
+    all_logits: bool = False  # last stage: logits at every row of the chunk, not only its last (prompt logprobs)
 
 
 class StageBackend(ABC):
@@ -73,7 +74,8 @@ class StageBackend(ABC):
         [sum(num_tokens), hidden_size] in `self.dtype` (bfloat16: uint16 bits), rows grouped by
         chunk in order (read-only: it may be a received frame).
         Returns hidden states [sum(num_tokens), hidden_size] in `self.dtype` (not last stage), or
-        float32 logits [len(chunks), vocab_size] at each chunk's last token (last stage).
+        float32 logits [len(chunks), vocab_size] at each chunk's last token (last stage); a chunk
+        with `all_logits` has a row of logits for each of its tokens instead.
         Raises ValueError for inputs of the wrong shape, dtype or token range (nothing changed).
         Allocates KV blocks for the new tokens; raises KVCacheFull (changing nothing) if short.
         prepared: what `prepare(chunks)` returned for these same chunks, if anything.

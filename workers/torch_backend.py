@@ -15,6 +15,7 @@ tensor it returns one on the backend's device (in-process callers: the profiler,
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 import warnings
@@ -140,6 +141,8 @@ class TorchStageBackend(StageBackend):
         else:
             self.kv_cache.allocate(chunks)
             plan = self._plan(chunks)
+        if self.is_last and any(c.all_logits for c in chunks):
+            plan = dataclasses.replace(plan, last_rows=_logit_rows(chunks, self.device))
         if self.is_first:
             inputs = inputs.to(self.device, torch.int64)
         else:
@@ -215,3 +218,12 @@ PLUGIN = BackendPlugin(
     priority=10,
     description="PyTorch: CPU (oneDNN/MKL), CUDA, MPS",
 )
+def _logit_rows(chunks: Sequence[SequenceChunk], device: torch.device) -> torch.Tensor:
+    """Rows whose logits the last stage returns: every row of an `all_logits` chunk, else its last."""
+    rows: list[int] = []
+    start = 0
+    for chunk in chunks:
+        end = start + chunk.num_tokens
+        rows.extend(range(start, end) if chunk.all_logits else (end - 1,))
+        start = end
+    return torch.tensor(rows, dtype=torch.int64, device=device)

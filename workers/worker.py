@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ from workers.device_memory import usable_memory_bytes
 from workers.expected_step import ExpectedStep, expect_next
 from workers.heartbeat import HEARTBEAT_INTERVAL_S, heartbeat_loop
 from workers.ring_close import close_ring
-from workers.sampling import sample
+from workers.request_sampler import StageSampler
 from workers.thread_affinity import ComputeThreads, find_compute_threads, pin_compute_threads
 
 log = logging.getLogger("potluck.worker")
@@ -101,6 +101,7 @@ class Worker:
         self.expected_steps_run = 0  # steps that took that fast path
         self.profile: p.DeviceProfile | None = None
         self.profiled = False  # measured once, at the first registration
+        self.sampler: StageSampler | None = None  # last stage: per-request sampling state
 
     # ----------------------------------------------------------------------------- sockets
     def _peer(self, address: str) -> zmq.Socket:
@@ -245,6 +246,7 @@ class Worker:
             )
             return
         self.epoch = message.epoch
+        self.sampler = StageSampler(message.model_dir, self.backend.vocab_size)
         if self.compute_threads is not None:
             pinned = pin_compute_threads(self.compute_threads)
             log.info("pinned threads to cores (thread id: core): %s", pinned)
@@ -309,6 +311,8 @@ class Worker:
         for request_id in gone:
             if self.requests.pop(request_id, None) is not None and self.backend is not None:
                 self.backend.free(request_id)
+            if self.sampler is not None:
+                self.sampler.forget(request_id)
         if gone:
             self.pending = [item for item in self.pending if item.request_id not in gone]
 
@@ -327,6 +331,10 @@ class Worker:
         if not batch:
             return
         chunks = [SequenceChunk(item.request_id, item.start_position, item.num_tokens) for item in batch]
+        if backend.is_last and self.sampler is not None:  # prompt logprobs need every row's logits
+            wants = self.sampler.wants_all_logits
+            chunks = [replace(c, all_logits=True) if wants(self.requests[c.request_id].start.sampling, c.start_position,
+                                                           c.num_tokens) else c for c in chunks]
         if not backend.can_allocate(chunks):
             batch, chunks = self._fit_kv(batch, chunks)
             if not batch:
@@ -451,7 +459,10 @@ class Worker:
     def emit_tokens(self, chunks: Sequence[SequenceChunk], logits: np.ndarray) -> None:
         states = [self.requests[chunk.request_id] for chunk in chunks]
         indices = [state.start.first_token_index + state.num_generated for state in states]
-        sampled = sample(torch.from_numpy(logits), [state.start.sampling for state in states], indices)
+        rows = [chunk.num_tokens if chunk.all_logits else 1 for chunk in chunks]
+        assert self.sampler is not None
+        sampled = self.sampler.sample([c.request_id for c in chunks], [s.start.sampling for s in states], indices,
+                                      torch.from_numpy(logits), rows)
         ring = close_ring(states, indices, sampled, self.worker_id)
         # the next step's inputs first: the first stage waits on them, the scheduler only streams
         for address, message in ring.next_tokens.items():
