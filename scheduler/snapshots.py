@@ -3,7 +3,8 @@ the dashboard and `potluck status`.
 
 Parts:
 - `worker_snapshot(worker)`: address, device, measured profile, layers, live load.
-- `cluster_snapshot(engine)`: model, plan (ranges, pipelines, predictions, bound), every worker.
+- `cluster_snapshot(engine)`: model, plan (ranges, pipelines, predictions, bound), every worker,
+  the workers that failed to start and why.
 - `requests_snapshot(states)`: requests in flight with their route and tokens so far.
 """
 
@@ -82,6 +83,8 @@ def cluster_snapshot(engine: Engine) -> dict:
             "solve_time_s": plan.solve_time_s,
         },
         "workers": [worker_snapshot(cluster.workers[wid]) for wid in sorted(cluster.workers)],
+        "failed_workers": [{"id": f.worker_id, "reason": f.reason, "at_unix_s": f.at_unix_s}
+                           for f in sorted(cluster.failures.values(), key=lambda f: f.worker_id)],
         "running_requests": len({state.request.request_id for state in engine.requests.values()}),
         "waiting_requests": len(engine.admission),
         "tokens_generated": engine.tokens_generated,
