@@ -120,9 +120,6 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
     from api.worker_watch import watch_local_workers
 
     dtype = args.dtype
-    check_model_dir(model_dir, serving=True)
-    check_port_free(args.host, args.port, "HTTP port")
-    check_port_free(args.scheduler_host, args.scheduler_port, "scheduler port")
     facts = read_model_facts(model_dir, dtype)
     tokenizer = Tokenizer.from_model_dir(model_dir)
     local_count = args.local_workers if args.local_workers is not None else (0 if args.ray else 1)
@@ -256,6 +253,9 @@ def _run(args: argparse.Namespace) -> int:
             print(describe_demo(model_dir, args.local_workers), flush=True)
         else:
             model_dir = Path(args.model).resolve()
+        check_model_dir(model_dir, serving=True)  # before the heavy imports of `serve`: fails in a second
+        check_port_free(args.host, args.port, "HTTP port")
+        check_port_free(args.scheduler_host, args.scheduler_port, "scheduler port")
         import asyncio
 
         asyncio.run(serve(model_dir, args))
@@ -268,6 +268,8 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "profile":
         from workers.profiler import main as profile_main
 
+        if args.model is not None:
+            check_model_dir(Path(args.model), serving=True)
         if args.json:
             from api.profile_entry import run_profile_json
 

@@ -21,12 +21,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from typing import TYPE_CHECKING, Any
+
 from api.startup import ExitCode, StartupError, check_model_dir
-from placement.io import devices_from_json, format_placement_table, placement_to_json
-from placement.problem import DeviceSpec, InfeasiblePlacementError, LinkSpec, PlacementProblem
-from placement.solver import solve_placement
-from scheduler.planner import model_spec
-from workers.protocol import ModelFacts
+
+if TYPE_CHECKING:  # OR-Tools and torch load after the files were checked (a mistake answers at once)
+    from placement.problem import DeviceSpec, LinkSpec
+    from workers.protocol import ModelFacts
 
 # Hook for GGUF checkpoints: (model_dir, dtype) -> facts, or None when the directory holds no GGUF
 # file. Branch `gguf` sets it to a reader of the GGUF headers' tensor sizes.
@@ -56,13 +57,22 @@ def plan_model_facts(model_dir: Path, dtype: str = "auto", quantization: str = "
     return facts, f"config.json alone ({weights})"
 
 
-def read_devices(path: str, layer_weight_bytes: int) -> tuple[tuple[DeviceSpec, ...], tuple[LinkSpec, ...]]:
+def load_devices_json(path: str) -> Any:
     try:
         obj = json.loads(Path(path).read_text())
     except OSError as exc:
         raise StartupError(f"cannot read devices from {path}: {exc.strerror or exc}", ExitCode.DEVICES_FILE) from None
     except ValueError as exc:
         raise StartupError(f"cannot read devices from {path}: not valid JSON ({exc})", ExitCode.DEVICES_FILE) from None
+    if not isinstance(obj, dict):
+        raise StartupError(f'cannot read devices from {path}: the file holds a JSON {type(obj).__name__}; '
+                           'write {"devices": [...]} (see examples/devices.json)', ExitCode.DEVICES_FILE)
+    return obj
+
+
+def read_devices(path: str, obj: Any, layer_weight_bytes: int) -> tuple[tuple[DeviceSpec, ...], tuple[LinkSpec, ...]]:
+    from placement.io import devices_from_json
+
     if isinstance(obj, dict) and isinstance(obj.get("devices"), list):
         for entry in obj["devices"]:  # timings of another model's layer do not apply here
             timed = entry.get("timed_layer_weight_bytes") if isinstance(entry, dict) else None
@@ -79,10 +89,16 @@ def read_devices(path: str, layer_weight_bytes: int) -> tuple[tuple[DeviceSpec, 
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    from placement.io import format_placement_table, placement_to_json
+    from placement.problem import InfeasiblePlacementError, PlacementProblem
+    from placement.solver import solve_placement
+    from scheduler.planner import model_spec
+
     model_dir = Path(args.model)
+    devices_json = load_devices_json(args.devices)
     check_model_dir(model_dir, serving=False)
     facts, source = plan_model_facts(model_dir, args.dtype, args.quantization)
-    devices, links = read_devices(args.devices, max(facts.layer_bytes))
+    devices, links = read_devices(args.devices, devices_json, max(facts.layer_bytes))
     problem = PlacementProblem(
         model_spec(facts),
         devices,

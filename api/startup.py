@@ -121,30 +121,34 @@ def _weights_problem(model_dir: Path) -> str | None:
 
 def check_model_dir(model_dir: Path, *, serving: bool) -> None:
     """Raise `StartupError` (exit code MODEL_DIR) when `model_dir` cannot be planned, or with
-    `serving`, cannot be served."""
-    from workers.model_config import ModelConfig  # torch: only once a command runs
-
+    `serving`, cannot be served. File checks first (JSON and sizes only), the config's family
+    last (it loads torch)."""
     config_file = model_dir / "config.json"
     if not model_dir.is_dir():
         raise StartupError(f"{model_dir} is not a directory (--model takes a Hugging Face model directory)", ExitCode.MODEL_DIR)
     if not config_file.is_file():
         raise StartupError(f"{model_dir} is not a Hugging Face model directory (no config.json)", ExitCode.MODEL_DIR)
     try:
-        ModelConfig.from_hf(model_dir)
-    except json.JSONDecodeError as exc:
+        raw = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
         raise StartupError(f"{config_file} is not valid JSON ({exc})", ExitCode.MODEL_DIR) from None
+    if not isinstance(raw, dict):
+        raise StartupError(f"{config_file} holds a JSON {type(raw).__name__}, not a model config", ExitCode.MODEL_DIR)
+    if serving:
+        problem = _weights_problem(model_dir)
+        if problem:
+            raise StartupError(problem, ExitCode.MODEL_DIR)
+        if not (model_dir / "tokenizer.json").is_file():
+            raise StartupError(f"{model_dir} has no tokenizer.json (download it with the model; only fast tokenizers are supported)",
+                               ExitCode.MODEL_DIR)
+    from workers.model_config import ModelConfig  # torch: only once the files are there
+
+    try:
+        ModelConfig.from_dict(raw)
     except (KeyError, TypeError) as exc:
         raise StartupError(f"{config_file} lacks a field potluck needs ({exc})", ExitCode.MODEL_DIR) from None
     except ValueError as exc:  # UnsupportedModelError and bad values
         raise StartupError(f"{config_file}: {exc}", ExitCode.MODEL_DIR) from None
-    if not serving:
-        return
-    problem = _weights_problem(model_dir)
-    if problem:
-        raise StartupError(problem, ExitCode.MODEL_DIR)
-    if not (model_dir / "tokenizer.json").is_file():
-        raise StartupError(f"{model_dir} has no tokenizer.json (download it with the model; only fast tokenizers are supported)",
-                           ExitCode.MODEL_DIR)
 
 
 def check_port_free(host: str, port: int, what: str) -> None:
