@@ -38,7 +38,7 @@ log = logging.getLogger("potluck")
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
-    parser.add_argument("--port", type=port_number, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument("--port", type=port_number, default=os.environ.get("POTLUCK_PORT", "8000"), help="HTTP port (default 8000, or POTLUCK_PORT)")
     parser.add_argument("--local-workers", type=int, default=None, help="worker processes to start on this machine (default 1, or 0 with --ray; 0: wait for `potluck join`)")
     parser.add_argument("--ray", default=None, metavar="ADDRESS", help="also start workers on every node of a Ray cluster: auto (the cluster this machine joined with `ray start`), HOST:PORT, ray://HOST:PORT, or local (a one-machine Ray started here)")
     parser.add_argument("--ray-workers-per-node", type=int, default=None, help="workers per Ray node (default: one per GPU, else one)")
