@@ -117,6 +117,7 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
     from workers.model_facts import read_model_facts
     from workers.__main__ import best_device
 
+    from api.load_history import LoadHistory, load_history_router, run_sampler
     from api.worker_watch import watch_local_workers
 
     dtype = args.dtype
@@ -164,7 +165,9 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
         if ray_workers is not None:
             ray_workers.stop()
         raise
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=args.api_key, routers=extra_routers(engine), public_paths=PUBLIC_PATHS), host=args.host, port=args.port, log_level="warning"))
+    history = LoadHistory()
+    routers = [*extra_routers(engine), load_history_router(history)]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=args.api_key, routers=routers, public_paths=PUBLIC_PATHS), host=args.host, port=args.port, log_level="warning"))
 
     async def announce() -> None:
         while not server.started:
@@ -200,11 +203,12 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
             ray_workers.start()
         announcer = asyncio.create_task(announce())
         watcher = asyncio.create_task(watch_local_workers(engine, workers, stop_serving, others_expected=ray_workers is not None))
+        sampler = asyncio.create_task(run_sampler(engine, history))
         try:
             await server.serve()
         finally:
-            announcer.cancel()
-            watcher.cancel()
+            for task in (announcer, watcher, sampler):
+                task.cancel()
         if fatal:
             raise StartupError(fatal[0], ExitCode.WORKERS_FAILED)
         if not server.started:  # uvicorn could not bind (it logs why and returns)

@@ -77,7 +77,7 @@ def cluster_snapshot(engine: Engine) -> dict:
             "ranges": {wid: list(r) for wid, r in plan.ranges.items()},
             "pipelines": [list(route) for route in plan.pipelines],
             "usable_pipelines": [list(route) for route in cluster.usable_routes()],
-            "predicted_tokens_per_s": plan.predicted_tokens_per_s,
+            "predicted_tokens_per_s": plan.predicted_tokens_per_s or None,  # None: not known
             "predicted_latency_s": plan.predicted_latency_s,
             "upper_bound_tokens_per_s": plan.upper_bound_tokens_per_s,
             "solve_time_s": plan.solve_time_s,
