@@ -38,7 +38,7 @@ from tests.e2e.served import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCH_INDEX_HERE = "https://pypi.org/simple"
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # two fresh installs of torch and potluck
 
 
 def readme_commands() -> dict[str, str]:
