@@ -125,7 +125,7 @@ def check_model_dir(model_dir: Path, *, serving: bool) -> None:
     last (it loads torch)."""
     config_file = model_dir / "config.json"
     if not model_dir.is_dir():
-        raise StartupError(f"{model_dir} is not a directory (--model takes a Hugging Face model directory)", ExitCode.MODEL_DIR)
+        raise StartupError(f"{model_dir} is not a directory (--model takes a Hugging Face model directory with config.json)", ExitCode.MODEL_DIR)
     if not config_file.is_file():
         raise StartupError(f"{model_dir} is not a Hugging Face model directory (no config.json)", ExitCode.MODEL_DIR)
     try:
