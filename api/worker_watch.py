@@ -8,8 +8,8 @@ Parts:
 - `watch_local_workers(engine, workers, on_failed, ...)`: every `poll_s` records local workers
   that ended (exit status, last stderr line) and those whose layers failed to load in the
   cluster's failure record; when some came up, it serves on them (the failed ones leave the plan)
-  and says what is missing; when none can, it calls `on_failed(line)` (serve then exits with
-  `ExitCode.WORKERS_FAILED`).
+  and says what is missing; when none can before any route was usable, it calls `on_failed(line)`
+  (serve then exits with `ExitCode.WORKERS_FAILED`); later deaths are recorded and printed only.
 """
 
 from __future__ import annotations
@@ -79,13 +79,15 @@ async def watch_local_workers(engine: Any, workers: LocalWorkers, on_failed: Cal
         return
     announced: set[str] = set()
     replanned_for: frozenset[str] = frozenset()
+    served = False  # once a route was usable, workers that die later are recorded, never fatal
     while True:
         await asyncio.sleep(poll_s)
+        served = served or bool(engine.cluster.usable_routes())
         if not _record(engine, workers):
             if announced or engine.cluster.usable_routes() or not engine.cluster.failures:
                 continue
         verdict = startup_verdict(local_ids, engine.cluster, others_expected)
-        if verdict.state == "failed":
+        if verdict.state == "failed" and not served:
             on_failed(verdict.line)
             return
         failed_now = set(verdict.failed_ids)
