@@ -182,7 +182,8 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
         auth = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
         body = json.dumps({"model": engine.model_id, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32})
         print(f"potluck: ready with {len(engine.cluster.usable_routes())} pipeline(s) over {len(engine.cluster.workers)} worker(s). "
-              f"Try:\n  curl {url}/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'", flush=True)
+              f"Try:\n  curl {url}/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'\n"
+              f"potluck: the cluster: http://{args.host}:{args.port}/dashboard, or `potluck status --url {url}`", flush=True)
 
     fatal: list[str] = []
 
