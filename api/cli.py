@@ -274,7 +274,7 @@ def _run(args: argparse.Namespace) -> int:
         from workers.profiler import main as profile_main
 
         if args.model is not None:
-            check_model_dir(Path(args.model), serving=True)
+            check_model_dir(Path(args.model), serving=False)
         if args.json:
             from api.profile_entry import run_profile_json
 

@@ -27,7 +27,7 @@ def run_profile_json(args: argparse.Namespace) -> int:
 
     device = args.device or default_device()
     if args.model is not None:
-        check_model_dir(Path(args.model), serving=True)
+        check_model_dir(Path(args.model), serving=False)
     profile = measure_device(device, model_dir=args.model)
     entry = device_entry(profile.to_json(), args.id or default_device_id(device))
     print(json.dumps(devices_document([entry]), indent=2))
