@@ -51,7 +51,7 @@ class LoadHistory:
     def sample(self, engine: Any, now_s: float | None = None) -> LoadSample | None:
         now_s = time.monotonic() if now_s is None else now_s
         ttft_sum, ttft_count = _histogram_sum_count(engine.metrics.ttft)
-        generated = int(engine.tokens_generated)
+        generated = int(engine.workload.tokens_generated)
         last, self._last = self._last, (now_s, generated, ttft_sum, ttft_count)
         if last is None or now_s <= last[0]:
             return None
