@@ -164,6 +164,7 @@ def test_debug_log_level_shows_the_traceback_of_an_unexpected_error(tmp_path: Pa
     assert loud.returncode != 0 and "Traceback" in loud.stderr
 
 
+@pytest.mark.slow
 def test_serve_exits_when_its_only_worker_dies_while_starting(model_dir: Path) -> None:
     """`--device cuda` on CPU-only torch: the worker dies; serve says why in one line and exits 6."""
     pytest.importorskip("torch")
@@ -215,6 +216,7 @@ def test_config_sizes_match_the_safetensors_headers(tmp_path: Path) -> None:
         assert facts_from_config(ModelConfig.from_hf(folder)) == read_model_facts(folder), family
 
 
+@pytest.mark.slow
 def test_profile_json_is_a_devices_file_plan_takes(model_dir: Path, tmp_path: Path) -> None:
     done, _ = potluck("profile", "--json", "--device", "cpu", "--model", str(model_dir), "--id", "this-box")
     assert done.returncode == 0, done.stderr
