@@ -22,6 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+# device index (a `Network`'s order) -> [start_layer, end_layer): placement's ranges inside the solver
+Ranges = dict[int, tuple[int, int]]
+
 SOURCE = "source"
 SINK = "sink"
 DEFAULT_BANDWIDTH_BYTES_PER_S = 1.25e9  # 10 Gbit/s
