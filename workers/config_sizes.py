@@ -53,6 +53,9 @@ def facts_from_config(config: ModelConfig, dtype: str = "auto", quantization: st
     """What placement needs of the model, computed from its config's shapes."""
     if quantization not in QUANTIZATION_BYTES_PER_WEIGHT:
         raise ValueError(f"--quantization takes {', '.join(QUANTIZATION_BYTES_PER_WEIGHT)}, got {quantization!r}")
+    if config.num_experts:  # experts' sizes: not counted here yet (branch `moe` reads them from the headers)
+        raise ValueError(f"{config.model_type}: sizes of mixture-of-experts layers come from the weight files' "
+                         "headers; planning from config.json alone covers dense models only")
     served = config.dtype if dtype == "auto" else parse_dtype(dtype)
     itemsize = served.itemsize
     matrices, vectors = layer_parameter_counts(config)
