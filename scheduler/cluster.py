@@ -6,6 +6,9 @@ Parts:
 - `LayerPlan`: the ranges the planner chose and the pipelines (routes) they form.
 - `Cluster`: the registry. Pure state, no sockets: the engine feeds it messages and asks it which
   routes are usable now.
+- `WorkerFailure`: a worker that failed to start or to load its layers, and why (kept in
+  `Cluster.failures` until a worker of that id registers again; `/cluster` and `potluck status`
+  list them).
 
 A route is usable while every worker on it is alive and has *loaded* the range the plan gave it.
 """
@@ -53,6 +56,13 @@ class WorkerState:
 
 
 @dataclass(frozen=True)
+class WorkerFailure:
+    worker_id: str
+    reason: str  # one line
+    at_unix_s: float
+
+
+@dataclass(frozen=True)
 class LayerPlan:
     epoch: int
     ranges: dict[str, tuple[int, int]]  # worker id -> [start_layer, end_layer)
@@ -72,6 +82,12 @@ class Cluster:
     workers: dict[str, WorkerState] = field(default_factory=dict)
     plan: LayerPlan | None = None
     epoch: int = 0
+    failures: dict[str, WorkerFailure] = field(default_factory=dict)
+
+    def record_failure(self, worker_id: str, reason: str) -> WorkerFailure:
+        failure = WorkerFailure(worker_id, reason, time.time())
+        self.failures[worker_id] = failure
+        return failure
 
     def register(self, message: p.Register, now_s: float | None = None) -> WorkerState:
         now_s = time.monotonic() if now_s is None else now_s
@@ -88,6 +104,7 @@ class Cluster:
             last_seen_s=now_s,
         )
         self.workers[message.worker_id] = state
+        self.failures.pop(message.worker_id, None)
         return state
 
     def remove(self, worker_id: str) -> WorkerState | None:

@@ -13,11 +13,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch and the worker load only when a worker runs (`potluck --help` stays fast)
+    from workers.worker import WorkerConfig
 
-from workers.worker import WorkerConfig, run_worker
+log = logging.getLogger("potluck.worker")
 
 
 def build_arg_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -46,6 +49,8 @@ def build_arg_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def best_device() -> str:
+    import torch
+
     if torch.cuda.is_available():
         return "cuda"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -65,6 +70,7 @@ def scheduler_address(value: str) -> str:
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     from workers.backend_plugins import resolve_backend
+    from workers.worker import WorkerConfig
 
     plugin = resolve_backend(getattr(args, "backend", None) or "auto")
     device = args.device or (best_device() if plugin.name == "torch" else plugin.default_device())
@@ -91,6 +97,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=os.environ.get("POTLUCK_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
     args = build_arg_parser().parse_args(argv)
+    from workers.worker import run_worker
+
     try:
         config = config_from_args(args)
     except (LookupError, ValueError) as exc:
@@ -99,6 +107,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_worker(config)
     except KeyboardInterrupt:
         pass
+    except Exception as exc:  # one line (its last line is what `potluck serve` reports), traceback at debug
+        log.debug("worker failed", exc_info=True)
+        print(f"potluck worker {args.worker_id or ''}: {type(exc).__name__}: {exc}".replace("  ", " "), file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
