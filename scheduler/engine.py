@@ -67,6 +67,7 @@ class EngineConfig:
     # prompt tokens per output token placement plans for until MIN_MIX_REQUESTS have finished
     # (then: what they had); scheduler/planner.py
     prompt_tokens_per_output_token: float = DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN
+    prefix_caching: bool = True  # workers reuse the KV of cached prompt prefixes (workers/kv_cache.py)
 
 
 @dataclass
@@ -322,6 +323,7 @@ class Engine:
                 dtype=self.config.dtype,
                 kv_budget_bytes=kv_budget_bytes(self.config.model, worker, *new_range, self.planner_config),
                 num_stages_hint=stages,
+                prefix_caching=self.config.prefix_caching,
             ),
         )
 
@@ -446,6 +448,7 @@ class Engine:
         state = RequestState(request, asyncio.Queue())
         detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.stop, request.skip_special_tokens)
         timer = self.metrics.on_start(num_prompt)
+        num_cached = 0
         try:
             await self._acquire_route(state)
             while True:
@@ -469,6 +472,8 @@ class Engine:
                     state.queued_prefill_tokens = 0
                     if len(self.admission):
                         self._routes_changed()  # shorter queues: a held request may go
+                if output.index == 0:
+                    num_cached = min(output.num_cached_tokens, num_prompt)
                 state.generated.append(output.token_id)
                 self.tokens_generated += 1
                 self.metrics.on_token(timer)
@@ -495,6 +500,7 @@ class Engine:
                     finish_reason=finish_reason,
                     num_prompt_tokens=num_prompt,
                     num_generated_tokens=len(state.generated),
+                    num_cached_tokens=num_cached,
                 )
                 if finish_reason is not None:
                     return

@@ -18,7 +18,8 @@ Parts:
   `potluck:stage_kv_capacity_tokens`, `potluck:stage_tokens_processed_total`,
   `potluck:stage_step_time_seconds`, `potluck:stage_in_flight_requests`,
   `potluck:stage_running_requests`, `potluck:stage_start_layer`, `potluck:stage_end_layer`
-  (-1 while a worker holds no layers).
+  (-1 while a worker holds no layers), and vLLM's prefix-cache counters per stage:
+  `potluck:prefix_cache_queries` (prompt tokens looked up), `potluck:prefix_cache_hits` (found).
 """
 
 from __future__ import annotations
@@ -147,6 +148,8 @@ class EngineCollector(Collector):
         stage_running = GaugeMetricFamily("potluck:stage_running_requests", "Requests each stage reports running.", labels=labels)
         start = GaugeMetricFamily("potluck:stage_start_layer", "First layer each stage holds (-1: none).", labels=labels)
         end = GaugeMetricFamily("potluck:stage_end_layer", "End (exclusive) of each stage's layers (-1: none).", labels=labels)
+        queries = CounterMetricFamily("potluck:prefix_cache_queries", "Prompt tokens each stage looked up in its prefix cache.", labels=labels)
+        hits = CounterMetricFamily("potluck:prefix_cache_hits", "Prompt tokens each stage found in its prefix cache.", labels=labels)
         for w in sorted(workers, key=lambda w: w.worker_id):
             key = [w.worker_id, w.device]
             heartbeat = w.heartbeat
@@ -161,4 +164,6 @@ class EngineCollector(Collector):
             layers = w.loaded or w.assigned
             start.add_metric(key, layers[0] if layers else -1)
             end.add_metric(key, layers[1] if layers else -1)
-        yield from (kv, kv_cap, processed, step, in_flight, stage_running, start, end)
+            queries.add_metric(key, heartbeat.prefix_cache_queries_tokens if heartbeat else 0)
+            hits.add_metric(key, heartbeat.prefix_cache_hits_tokens if heartbeat else 0)
+        yield from (kv, kv_cap, processed, step, in_flight, stage_running, start, end, queries, hits)

@@ -40,3 +40,4 @@ class GenerationOutput:
     finish_reason: str | None = None  # None while running; "stop" or "length" at the end
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0  # so far, including this step
+    num_cached_tokens: int = 0  # prompt tokens whose KV the prefix cache held (known from the first token)

@@ -62,6 +62,9 @@ class RequestStart:
     scheduler_address: str
     sampling: SamplingParams
     first_token_index: int = 0  # index of the first token this run generates (>0 after recovery)
+    # hash chain of the prompt's full KV blocks (workers/kv_cache.py `block_hashes`), set by the
+    # first stage: later stages find the cached prefix the first stage reused by them
+    block_hashes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ class TokenOutput:
     finish_reason: str | None = None  # "stop" (eos) or "length"
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    num_cached_tokens: int = 0  # on a run's first token: prompt tokens its prefill reused from the cache
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,8 @@ class Heartbeat:
     step_time_ewma_s: float
     tokens_processed: int
     data_address: str = ""  # lets a scheduler that evicted this worker ask it to register again
+    prefix_cache_queries_tokens: int = 0  # prompt tokens looked up in the prefix cache (cumulative)
+    prefix_cache_hits_tokens: int = 0  # of them, found cached (cumulative)
 
 
 @dataclass(frozen=True)
@@ -174,6 +180,7 @@ class AssignLayers:
     dtype: str = "auto"
     kv_budget_bytes: int = 256 * 2**20
     num_stages_hint: int = 1  # stages in this worker's pipelines (sizes decode microbatches)
+    prefix_caching: bool = True  # keep full KV blocks of prompts and reuse them (workers/kv_cache.py)
 
 
 @dataclass(frozen=True)
@@ -224,6 +231,15 @@ class NextTokens:
     tokens: tuple[NextToken, ...]
 
 
+@dataclass(frozen=True)
+class PrefixMiss:
+    """To the first stage: a later stage holds only `cached_tokens` of the prefix the first stage
+    reused (evicted meanwhile); prefill the prompt again reusing at most that many."""
+
+    request_id: str
+    cached_tokens: int
+
+
 MESSAGE_TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (
@@ -240,6 +256,7 @@ MESSAGE_TYPES: dict[str, type] = {
         Shutdown,
         Activations,
         NextTokens,
+        PrefixMiss,
     )
 }
 
@@ -257,4 +274,5 @@ Message = (
     | Shutdown
     | Activations
     | NextTokens
+    | PrefixMiss
 )
