@@ -34,6 +34,7 @@ from scheduler.load import load_snapshot
 from scheduler.metrics import EngineMetrics
 from scheduler.planner import (DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN, MIN_MIX_REQUESTS, PlannerConfig,
                                kv_budget_bytes, plan_layers)
+from scheduler.prefix_index import PrefixIndex, prompt_hashes
 from scheduler.request import GenerationOutput, GenerationRequest, TokenLogprob
 from scheduler.routing import MAX_QUEUE_WAIT_S, RouteRequest, choose_route
 from scheduler.tokenizer import Tokenizer
@@ -114,6 +115,7 @@ class Engine:
         self.finished_prompt_tokens = 0
         self.finished_output_tokens = 0
         self.metrics = EngineMetrics(self)  # Prometheus series (scheduler/metrics.py)
+        self.prefix_index = PrefixIndex()  # which stages hold which prefixes (cache-aware routing)
 
     # ------------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -235,6 +237,7 @@ class Engine:
     def _lose(self, worker_id: str, reason: str) -> None:
         log.warning("worker %s lost: %s", worker_id, reason)
         self.cluster.remove(worker_id)
+        self.prefix_index.forget(worker_id)
         sock = self.sockets.pop(worker_id, None)
         if sock is not None:
             sock.close(linger=0)
@@ -303,6 +306,7 @@ class Engine:
     def _assign(self, worker: WorkerState, new_range: tuple[int, int] | None, plan: LayerPlan) -> None:
         held = worker.assigned is not None
         worker.assigned = new_range
+        self.prefix_index.forget(worker.worker_id)  # new layers, empty cache
         worker.loaded = None
         worker.assigned_epoch = plan.epoch
         for state in list(self.requests.values()):
@@ -337,9 +341,11 @@ class Engine:
         room; None while every path is full or would queue the prompt past MAX_QUEUE_WAIT_S
         (scheduler/routing.py)."""
         request = state.request
+        tokens = request.prompt_token_ids + tuple(state.generated)
         route_request = RouteRequest(
-            num_prompt_tokens=len(request.prompt_token_ids) + len(state.generated),
+            num_prompt_tokens=len(tokens),
             max_new_tokens=request.sampling.max_new_tokens - len(state.generated),
+            cached_tokens=self.prefix_index.lookup(prompt_hashes(tokens), len(tokens)) if self.config.prefix_caching else {},
         )
         snapshot = load_snapshot(self.cluster, self.config.model.activation_bytes_per_token)
         choice = choose_route(snapshot, route_request, max_queue_wait_s=self.config.max_queue_wait_s)
@@ -360,6 +366,9 @@ class Engine:
         sampling = replace(request.sampling, max_new_tokens=request.sampling.max_new_tokens - done)
         start = p.RequestStart(self.cluster.addresses(route), self.control_address, sampling, first_token_index=done)
         self.requests[state.wire_id] = state
+        if self.config.prefix_caching:
+            capacity_blocks = {w: self.cluster.workers[w].kv_capacity_tokens // self.prefix_index.block_size for w in route}
+            self.prefix_index.record(capacity_blocks, prompt_hashes(request.prompt_token_ids + tuple(state.generated)))
         self._send(route[0], p.StartRequest(state.wire_id, request.prompt_token_ids + tuple(state.generated), start))
 
     def _end_attempt(self, state: RequestState) -> None:
