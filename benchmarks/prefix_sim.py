@@ -15,7 +15,8 @@ Parts:
   engine's own code; blind: the router sees no cache, the workers still cache). A request
   reuses what every stage of its route holds (a stage holding less makes the first stage prefill
   again: workers/prompt_start.py). ``hit_rate``: prompt tokens reused / prompt tokens.
-- ``two_pipelines()``: a fast pipeline (2 x A100) and a slower one (2 x RTX 4090), one site.
+- ``two_pipelines()``: a fast pipeline (2 x A100) and a slower one (2 x L40S: 0.44x the memory
+  bandwidth, 0.9x the FLOP/s), one site.
 - ``run(load, ...)``: the same trace for both policies at ``load`` x the saturation (all turns at
   once, cache-aware);
   ``main`` prints hit rate, p50/p99 TTFT and the aware/blind ratios.
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--seed", type=int, nargs="+", default=[0, 1, 2])
     args = ap.parse_args(argv)
-    print(f"two pipelines (2 x A100, 2 x RTX 4090), {args.conversations} conversations x {args.turns} turns, "
+    print(f"two pipelines (2 x A100, 2 x L40S), {args.conversations} conversations x {args.turns} turns, "
           f"load {args.load:.0%} of the saturation\n")
     print("| seed | routing | prefix hit rate | p50 TTFT s | p99 TTFT s | p50 e2e s | output tok/s |")
     print("|---|---|---|---|---|---|---|")

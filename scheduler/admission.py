@@ -5,6 +5,7 @@ Parts:
 - ``Outcome``: ``"admitted"`` (route it now), ``"queued"`` (told it waits, at ``position``),
   ``"rejected"`` (HTTP 429 with ``Retry-After: retry_after_s``).
 - ``AdmissionDecision``: the outcome, the queue position and the Retry-After for a rejection.
+- ``DEFAULT_MAX_WAITING``, ``DEFAULT_ROUTE_WAIT_S``: the engine's and CLI's defaults.
 - ``AdmissionQueue``: the policy's changing state. ``offer`` decides for a new request;
   ``release`` pops, in FIFO order, the waiting requests that can now be routed (stops at the
   first that cannot: no overtaking, so a large request is not starved by small ones);
@@ -22,6 +23,11 @@ from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
 T = TypeVar("T", bound=Hashable)
+# Defaults that queue a burst instead of refusing it (as vLLM does): 1024 may wait, each up to
+# 300 s (`--max-waiting-requests`, `--max-queue-wait-s`); a request runs only once its route's
+# KV holds its prompt + max new tokens, so the queue, not the workers, absorbs a burst.
+DEFAULT_MAX_WAITING = 1024
+DEFAULT_ROUTE_WAIT_S = 300.0
 Outcome = Literal["admitted", "queued", "rejected"]
 
 

@@ -28,7 +28,7 @@ import zmq.asyncio
 from scheduler.cluster import Cluster, LayerPlan, WorkerState
 from scheduler.detokenizer import IncrementalDetokenizer
 from scheduler import snapshots
-from scheduler.admission import AdmissionQueue
+from scheduler.admission import DEFAULT_MAX_WAITING, DEFAULT_ROUTE_WAIT_S, AdmissionQueue
 from scheduler.errors import GenerationFailedError, NoCapacityError, OverloadedError, PromptTooLongError
 from scheduler.load import load_snapshot
 from scheduler.metrics import EngineMetrics
@@ -36,7 +36,7 @@ from scheduler.planner import (DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN, MIN_MIX_R
                                kv_budget_bytes, plan_layers)
 from scheduler.prefix_index import PrefixIndex, prompt_hashes
 from scheduler.request import GenerationOutput, GenerationRequest, TokenLogprob
-from scheduler.routing import MAX_QUEUE_WAIT_S, RouteRequest, choose_route
+from scheduler.routing import KV_BLOCK_TOKENS, MAX_QUEUE_WAIT_S, RouteRequest, choose_route, kv_block_tokens
 from scheduler.tokenizer import Tokenizer
 from workers import codec
 from workers import protocol as p
@@ -58,9 +58,9 @@ class EngineConfig:
     max_concurrent_sequences: int = 16  # KV reserve is sized for this many full-length sequences
     heartbeat_timeout_s: float = 5.0
     token_timeout_s: float = 120.0  # no token for this long: the request fails
-    route_wait_s: float = 30.0  # how long a request waits for layers being loaded or a path with room
+    route_wait_s: float = DEFAULT_ROUTE_WAIT_S  # how long a request waits for layers being loaded or a path with room
     max_restarts: int = 8
-    max_waiting: int = 64  # admission queue bound: beyond it, HTTP 429
+    max_waiting: int = DEFAULT_MAX_WAITING  # admission queue bound: beyond it, HTTP 429
     max_queue_wait_s: float = MAX_QUEUE_WAIT_S  # late binding (scheduler/routing.py); inf: off
     retry_after_s: float = 2.0
     placement: str = "auto"  # auto | solver | pipeline (scheduler/planner.py)
@@ -345,6 +345,7 @@ class Engine:
         route_request = RouteRequest(
             num_prompt_tokens=len(tokens),
             max_new_tokens=request.sampling.max_new_tokens - len(state.generated),
+            kv_block_tokens=KV_BLOCK_TOKENS,
             cached_tokens=self.prefix_index.lookup(prompt_hashes(tokens), len(tokens)) if self.config.prefix_caching else {},
         )
         snapshot = load_snapshot(self.cluster, self.config.model.activation_bytes_per_token)
@@ -356,7 +357,7 @@ class Engine:
         state.route = route
         done = len(state.generated)
         state.queued_prefill_tokens = len(request.prompt_token_ids) + done
-        state.reserved_kv_tokens = state.queued_prefill_tokens + request.sampling.max_new_tokens - done
+        state.reserved_kv_tokens = kv_block_tokens(state.queued_prefill_tokens + request.sampling.max_new_tokens - done)
         for worker_id in route:
             worker = self.cluster.workers[worker_id]
             worker.in_flight += 1
@@ -389,6 +390,7 @@ class Engine:
         if state.wire_id not in self.requests:
             return
         self._end_attempt(state)
+        self.metrics.on_restart(reason)
         state.attempt += 1
         if state.attempt > self.config.max_restarts:
             state.queue.put_nowait(GenerationFailedError(f"request failed {state.attempt} times; last: {reason}"))

@@ -11,7 +11,8 @@ Parts:
   `potluck:e2e_request_latency_seconds`, `potluck:request_prompt_tokens`,
   `potluck:request_generation_tokens`; counters `potluck:prompt_tokens_total`,
   `potluck:generation_tokens_total`, `potluck:request_success_total{finished_reason}`,
-  `potluck:request_aborted_total`.
+  `potluck:request_aborted_total`, `potluck:request_restarts_total{cause}` (a request moved to a
+  new route: `worker_lost`, `reassigned`, `kv_full` (vLLM's preemption), `failed`).
 - `EngineCollector`: gauges read from the engine at scrape time: `potluck:num_requests_running`,
   `potluck:num_requests_waiting`, `potluck:workers{state}`, `potluck:pipelines{kind}` and per
   worker (`stage` = worker id, `device` = its device): `potluck:kv_cache_usage_perc`,
@@ -39,6 +40,7 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+RESTART_CAUSES = ("worker_lost", "reassigned", "kv_full", "failed")
 WORKER_STATES = ("ready", "loading", "draining", "idle", "error")
 
 
@@ -78,6 +80,10 @@ class EngineMetrics:
             self.request_success.labels(reason)
         self.request_aborted = Counter("potluck:request_aborted", "Requests that ended without a finish reason "
                                        "(client gone, failure, no capacity).", registry=r)
+        self.request_restarts = Counter("potluck:request_restarts", "Requests started again on a new route, by cause "
+                                        "(kv_full is a preemption: the stage could not grow it).", ["cause"], registry=r)
+        for cause in RESTART_CAUSES:
+            self.request_restarts.labels(cause)
         self.active = 0  # requests inside generate(): running (holding a route) or waiting for one
         r.register(EngineCollector(engine, self))
 
@@ -105,6 +111,11 @@ class EngineMetrics:
         self.request_prompt.observe(timer.num_prompt_tokens)
         self.request_generation.observe(timer.num_tokens)
         self.request_success.labels(finish_reason).inc()
+
+    def on_restart(self, reason: str) -> None:
+        cause = ("kv_full" if "KV cache is full" in reason else "worker_lost" if " lost" in reason
+                 else "reassigned" if "re-assigned" in reason else "failed")
+        self.request_restarts.labels(cause).inc()
 
     def on_end(self, timer: RequestTimer) -> None:
         self.active -= 1

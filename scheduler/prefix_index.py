@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 
-BLOCK_SIZE_TOKENS = 16  # workers' KV block (workers/backend.py StageConfig.kv_block_size_tokens)
+from scheduler.routing import KV_BLOCK_TOKENS as BLOCK_SIZE_TOKENS
 DEFAULT_CAPACITY_BLOCKS = 1 << 16  # a stage whose KV capacity is not known yet
 
 

@@ -65,16 +65,28 @@ class LoadSnapshot:
     pipelines: tuple[tuple[str, ...], ...] = ()
 
 
+KV_BLOCK_TOKENS = 16  # workers' KV block (workers/backend.py StageConfig.kv_block_size_tokens)
+
+
+def kv_block_tokens(num_tokens: int, block_tokens: int = KV_BLOCK_TOKENS) -> int:
+    """`num_tokens` rounded up to whole KV blocks: what a worker allocates for them. Reserving
+    less let a burst of short requests past a stage's KV (up to 15 tokens a request too few) and
+    running requests failed with "KV cache is full" and restarted."""
+    return -(-num_tokens // block_tokens) * block_tokens
+
+
 @dataclass(frozen=True)
 class RouteRequest:
     num_prompt_tokens: int
     max_new_tokens: int
     # prompt tokens each stage holds in its prefix cache (scheduler/prefix_index.py): not prefilled there
     cached_tokens: Mapping[str, int] = field(default_factory=dict)
+    kv_block_tokens: int = 1  # stages allocate KV in blocks of this many tokens
 
     @property
     def kv_tokens(self) -> int:
-        return self.num_prompt_tokens + self.max_new_tokens
+        """KV a stage must have free: prompt + max new tokens, in whole blocks."""
+        return kv_block_tokens(self.num_prompt_tokens + self.max_new_tokens, self.kv_block_tokens)
 
     def prefill_tokens(self, worker_id: str) -> int:
         """Prompt tokens the stage computes (those its prefix cache does not hold)."""
