@@ -12,7 +12,9 @@ Life of a request on the data plane (route = worker data addresses, stage order)
   last stage --TokenOutputs--> scheduler (streamed to the client)
   last stage --NextTokens--> stage 0 (the ring closes; the next decode step starts)
 The request's metadata (route, sampling) rides along only on its first hop (`ActivationEntry.start`);
-later steps carry just request ids and positions. Prompt token ids go to stage 0 only.
+later steps carry just request ids and positions. Prompt token ids go to stage 0 only; the hash
+chain of their full KV blocks rides on the first hop (`RequestStart.block_hashes`), so each stage
+reuses the prefix the first stage reused from its own cache, or answers `PrefixMiss`.
 """
 
 from __future__ import annotations

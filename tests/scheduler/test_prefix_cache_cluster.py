@@ -36,9 +36,12 @@ def make_engine(model_dir: Path, num_workers: int, **overrides) -> Engine:
     return Engine(replace(config, **overrides), Tokenizer.from_model_dir(model_dir))
 
 
-async def generate(engine: Engine, name: str, prompt: tuple[int, ...], new_tokens: int) -> tuple[tuple[int, ...], int]:
-    """(greedy tokens, prompt tokens the cache held)."""
+async def generate(engine: Engine, name: str, prompt: tuple[int, ...], new_tokens: int,
+                   seed: int | None = None) -> tuple[tuple[int, ...], int]:
+    """(tokens: greedy, or sampled with `seed`; prompt tokens the cache held)."""
     sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    if seed is not None:
+        sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, temperature=0.9, seed=seed)
     tokens: list[int] = []
     cached = 0
     async for output in engine.generate(GenerationRequest(f"{name}-{time.monotonic_ns()}", prompt, sampling)):
@@ -73,7 +76,8 @@ async def run_concurrently(num_workers: int, model_dir: Path, **overrides) -> tu
     try:
         await all_ready(engine, num_workers)
         results = await asyncio.wait_for(
-            asyncio.gather(*(generate(engine, f"r{i}", prompt, 6) for i, prompt in enumerate(PROMPTS))), timeout=120
+            asyncio.gather(*(generate(engine, f"r{i}", prompt, 6, seed=i if i % 2 else None)
+                             for i, prompt in enumerate(PROMPTS))), timeout=120
         )
         return results, await stage_counts(engine, sum(map(len, PROMPTS)))
     finally:
@@ -85,7 +89,8 @@ async def run_concurrently(num_workers: int, model_dir: Path, **overrides) -> tu
 def test_a_prefix_shared_by_8_concurrent_requests_is_prefilled_once_per_stage(model_dir: Path, num_workers: int) -> None:
     cached, counts = asyncio.run(run_concurrently(num_workers, model_dir))
     plain, plain_counts = asyncio.run(run_concurrently(num_workers, model_dir, prefix_caching=False))
-    assert [tokens for tokens, _ in cached] == [tokens for tokens, _ in plain]  # the same greedy text
+    # the same text, greedy (even requests) and sampled with a seed (odd ones)
+    assert [tokens for tokens, _ in cached] == [tokens for tokens, _ in plain]
     assert len(counts) == num_workers
     for queries, hits in counts.values():  # the first request prefilled the 64 shared tokens, 7 reused them
         assert (queries, hits) == (8 * 68, 7 * 64)
