@@ -18,7 +18,7 @@ from api.local_workers import LocalWorkers
 from scheduler.engine import Engine, EngineConfig
 from scheduler.request import GenerationRequest
 from scheduler.tokenizer import Tokenizer
-from tests.checkpoints import make_checkpoint
+from tests.support.checkpoints import make_checkpoint
 from workers.model_facts import read_model_facts
 from workers.protocol import SamplingParams
 
@@ -110,9 +110,9 @@ def test_a_worker_loss_with_cached_prefixes_gives_the_undisturbed_text(model_dir
             await all_ready(engine, 3)
             undisturbed = [await generate(engine, f"u{i}", prompt, 40) for i, prompt in enumerate(PROMPTS)]
             assert [n for _, n in undisturbed] == [0] + [64] * 7
-            start = engine.tokens_generated
+            start = engine.workload.tokens_generated
             tasks = [asyncio.create_task(generate(engine, f"d{i}", p, 40)) for i, p in enumerate(PROMPTS)]
-            while engine.tokens_generated < start + 8 * 10:  # about 10 tokens into every stream
+            while engine.workload.tokens_generated < start + 8 * 10:  # about 10 tokens into every stream
                 await asyncio.sleep(0.01)
             middle = next(w for w in engine.cluster.workers.values() if w.loaded and 0 < w.loaded[0])
             os.kill(middle.pid, signal.SIGKILL)
