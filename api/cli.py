@@ -116,8 +116,10 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
         raise ValueError(f"--local-workers must be >= 0, got {local_count}")
     if not args.late_binding_s >= 0:
         raise ValueError(f"--late-binding-s must be >= 0 (inf: off), got {args.late_binding_s}")
-    if args.max_waiting_requests < 0 or not args.max_queue_wait_s > 0:
-        raise ValueError(f"--max-waiting-requests must be >= 0 and --max-queue-wait-s > 0, got {args.max_waiting_requests} and {args.max_queue_wait_s}")
+    if args.max_waiting_requests < 0:
+        raise ValueError(f"--max-waiting-requests must be >= 0, got {args.max_waiting_requests}")
+    if not args.max_queue_wait_s > 0:
+        raise ValueError(f"--max-queue-wait-s must be > 0 (seconds a request may wait for room), got {args.max_queue_wait_s}")
     if not 0 <= args.prompt_tokens_per_output_token < float("inf"):
         raise ValueError(f"--prompt-tokens-per-output-token must be finite and >= 0, got {args.prompt_tokens_per_output_token}")
     profile_dir = None if args.no_profile else str(model_dir)

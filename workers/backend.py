@@ -87,9 +87,6 @@ class StageBackend(ABC):
         """Tokens `cache_prompt` would reuse now (0 without prefix caching)."""
         return 0
 
-    def forget_unfinished(self, request_id: str) -> None:
-        """A forward that held the request failed: its published blocks were never computed."""
-
     def prefix_cache_counts(self) -> tuple[int, int]:
         """(prompt tokens looked up, tokens found) since the layers were loaded."""
         return 0, 0

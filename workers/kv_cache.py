@@ -10,9 +10,8 @@ Parts:
   and publishes the hashes of its full prompt blocks (so a request later in the same batch shares
   them: every layer writes the batch's K/V before any attention reads them). Blocks are
   reference-counted; a block no request holds keeps its KV and its hash (evictable, LRU order)
-  until a new block is needed and the free list is empty. `forget_unfinished` unpublishes what
-  a failed step did not compute. `prefix_queries_tokens` / `prefix_hits_tokens` count prompt
-  tokens asked for and found.
+  until a new block is needed and the free list is empty. `prefix_queries_tokens` /
+  `prefix_hits_tokens` count prompt tokens asked for and found.
 - `block_hashes(token_ids, block_size)`: the hash chain of a sequence's full blocks (block i's
   hash covers tokens [0, (i + 1) x block_size)).
 
@@ -194,12 +193,6 @@ class BlockKVCache:
         self.prefix_queries_tokens += num_prompt_tokens
         self.prefix_hits_tokens += hit_tokens
         return hit_tokens
-
-    def forget_unfinished(self, request_id: str) -> None:
-        """The request's step failed: unpublish the hashed blocks only it holds (never computed)."""
-        for block in self.block_tables.get(request_id, ()):
-            if self._refs[block] == 1 and block in self._hash_of:
-                del self._by_hash[self._hash_of.pop(block)]
 
     def free(self, request_id: str) -> None:
         """Release the request's blocks (no-op for an unknown id): hashed ones stay cached."""

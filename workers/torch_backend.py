@@ -137,9 +137,6 @@ class TorchStageBackend(StageBackend):
             return 0
         return self.kv_cache.cached_prefix_tokens(block_hashes, num_prompt_tokens)
 
-    def forget_unfinished(self, request_id: str) -> None:
-        self.kv_cache.forget_unfinished(request_id)
-
     def prefix_cache_counts(self) -> tuple[int, int]:
         return self.kv_cache.prefix_queries_tokens, self.kv_cache.prefix_hits_tokens
 

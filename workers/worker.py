@@ -10,7 +10,9 @@ Parts:
 The loop (`run`) is: receive everything pending -> take a batch (workers/batching.py) -> forward
 -> send. A request joins or leaves the batch between steps (continuous batching). The first stage
 sizes decode microbatches so that every stage of the pipeline has one to work on (no pipeline
-bubble), or on one machine holds the ring's decodes until they can run as one batch. After a
+bubble), or on one machine holds the ring's decodes until they can run as one batch. A prompt's
+first chunk at a stage reuses the stage's cached prefix first (workers/prompt_start.py; a later
+stage lacking it answers `PrefixMiss` and the first stage prefills again). After a
 step that held every request of the stage, with nothing else waiting, the next decode step is
 made ready, and the message that brings exactly its inputs runs it at once, skipping decode,
 batching and planning (workers/expected_step.py); the last stage's outputs are built by
