@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from api.startup import ExitCode, OneLineParser, StartupError, check_model_dir, check_port_free, port_number, port_or_zero
+from scheduler.planner import DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN, MIN_MIX_REQUESTS
+from scheduler.admission import DEFAULT_MAX_WAITING, DEFAULT_ROUTE_WAIT_S
+from scheduler.routing import MAX_QUEUE_WAIT_S
 
 if TYPE_CHECKING:  # Ray is optional: imported only with --ray
     from api.ray_launcher import RayWorkers
@@ -56,7 +59,10 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--placement", choices=["auto", "solver", "pipeline"], default="auto", help="auto: one pipeline when all workers share a host, else the placement solver")
     parser.add_argument("--placement-objective", choices=["throughput", "latency"], default="throughput")
     parser.add_argument("--heartbeat-timeout-s", type=float, default=5.0, help="a worker silent this long is declared lost")
-    parser.add_argument("--max-queue-wait-s", type=float, default=MAX_QUEUE_WAIT_S, help=f"a request whose best path would queue its prompt longer than this waits for a path to free up (default {MAX_QUEUE_WAIT_S:g}; inf: off)")
+    parser.add_argument("--late-binding-s", type=float, default=MAX_QUEUE_WAIT_S, help=f"a request whose best path would queue its prompt longer than this waits for a path to free up (default {MAX_QUEUE_WAIT_S:g}; inf: off)")
+    parser.add_argument("--max-waiting-requests", type=int, default=DEFAULT_MAX_WAITING, help=f"requests that may wait for room at once; the next gets HTTP 429 (default {DEFAULT_MAX_WAITING})")
+    parser.add_argument("--max-queue-wait-s", type=float, default=DEFAULT_ROUTE_WAIT_S, help=f"a request waiting for room longer than this gets HTTP 429 (default {DEFAULT_ROUTE_WAIT_S:g})")
+    parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false", help="workers do not reuse the KV of shared prompt prefixes")
     parser.add_argument("--prompt-tokens-per-output-token", type=float, default=DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN,
                         help=f"workload mix placement balances prefill and decode for, until {MIN_MIX_REQUESTS} requests have "
                              f"finished and their own mix is used (default {DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN:g}; 0: decode only)")
@@ -134,8 +140,12 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
         local_count = len(local_backends)
     if local_count < 0:
         raise ValueError(f"--local-workers must be >= 0, got {local_count}")
-    if not args.max_queue_wait_s >= 0:
-        raise ValueError(f"--max-queue-wait-s must be >= 0 (inf: off), got {args.max_queue_wait_s}")
+    if not args.late_binding_s >= 0:
+        raise ValueError(f"--late-binding-s must be >= 0 (inf: off), got {args.late_binding_s}")
+    if args.max_waiting_requests < 0:
+        raise ValueError(f"--max-waiting-requests must be >= 0, got {args.max_waiting_requests}")
+    if not args.max_queue_wait_s > 0:
+        raise ValueError(f"--max-queue-wait-s must be > 0 (seconds a request may wait for room), got {args.max_queue_wait_s}")
     if not 0 <= args.prompt_tokens_per_output_token < float("inf"):
         raise ValueError(f"--prompt-tokens-per-output-token must be finite and >= 0, got {args.prompt_tokens_per_output_token}")
     profile_dir = None if args.no_profile else str(model_dir)
@@ -164,7 +174,10 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
                 placement=args.placement,
                 placement_objective=args.placement_objective,
                 heartbeat_timeout_s=args.heartbeat_timeout_s,
-                max_queue_wait_s=args.max_queue_wait_s,
+                max_queue_wait_s=args.late_binding_s,
+                max_waiting=args.max_waiting_requests,
+                route_wait_s=args.max_queue_wait_s,
+                prefix_caching=args.prefix_caching,
                 prompt_tokens_per_output_token=args.prompt_tokens_per_output_token,
             ),
             tokenizer,

@@ -35,6 +35,7 @@ from api.openai_schema import (
     ChatTopLogprob,
     CompletionLogprobs,
     CompletionRequest,
+    PromptTokensDetails,
     Usage,
 )
 from api.contract import EngineLike, error_body, potluck_error_body
@@ -205,7 +206,9 @@ async def collect(first: GenerationOutput | None, outputs: AsyncIterator[Generat
 
 def usage(num_prompt: int, steps: Sequence[GenerationOutput]) -> Usage:
     generated = max((s.num_generated_tokens for s in steps), default=0) or sum(len(s.token_ids) for s in steps)
-    return Usage(prompt_tokens=num_prompt, completion_tokens=generated, total_tokens=num_prompt + generated)
+    cached = max((s.num_cached_tokens for s in steps), default=0)
+    return Usage(prompt_tokens=num_prompt, completion_tokens=generated, total_tokens=num_prompt + generated,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 def _lp(value: float) -> float:

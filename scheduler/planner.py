@@ -67,12 +67,13 @@ def kv_budget_bytes(model: ModelFacts, worker: WorkerState, start_layer: int, en
 
 
 def assignment(model_dir: str, dtype: str, model: ModelFacts, worker: WorkerState, layers: tuple[int, int],
-               plan: LayerPlan, config: PlannerConfig) -> AssignLayers:
+               plan: LayerPlan, config: PlannerConfig, prefix_caching: bool = True) -> AssignLayers:
     """Load `layers` ([start_layer, end_layer)) of `plan`; the stage count hints at microbatching
     (co-located stages share one machine's bandwidth, so they do not split batches)."""
     stages = 1 if plan.co_located else max((len(r) for r in plan.pipelines if worker.worker_id in r), default=1)
     return AssignLayers(epoch=plan.epoch, model_dir=model_dir, start_layer=layers[0], end_layer=layers[1], dtype=dtype,
-                        kv_budget_bytes=kv_budget_bytes(model, worker, *layers, config), num_stages_hint=stages)
+                        kv_budget_bytes=kv_budget_bytes(model, worker, *layers, config), num_stages_hint=stages,
+                        prefix_caching=prefix_caching)
 
 
 def proportional_ranges(num_layers: int, weights: Sequence[float]) -> list[tuple[int, int]]:

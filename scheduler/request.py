@@ -59,6 +59,8 @@ class GenerationOutput:
     # with the first token when asked for: (logprob, top (id, logprob)...) of prompt tokens 1..N-1
     prompt_logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]], ...] = ()
 
+    num_cached_tokens: int = 0  # prompt tokens whose KV the prefix cache held (known from the first token)
+
 
 def resumed_sampling(sampling: SamplingParams, generated: tuple[int, ...]) -> SamplingParams:
     """`sampling` for a run that starts after `generated` (its prompt is the prompt + them)."""

@@ -69,6 +69,8 @@ def worker_snapshot(worker: WorkerState) -> dict:
         "queued_items": heartbeat.queued_items if heartbeat else 0,
         "step_time_ewma_s": heartbeat.step_time_ewma_s if heartbeat else 0.0,
         "tokens_processed": heartbeat.tokens_processed if heartbeat else 0,
+        "prefix_cache_queries_tokens": heartbeat.prefix_cache_queries_tokens if heartbeat else 0,
+        "prefix_cache_hits_tokens": heartbeat.prefix_cache_hits_tokens if heartbeat else 0,
         "seconds_since_heartbeat": round(time.monotonic() - worker.last_seen_s, 3),
     }
 

@@ -4,7 +4,8 @@ Parts:
 - `StageConfig`: which layers of which model, on which device, with how much KV memory.
 - `SequenceChunk`: one request's slice of a batch (its new tokens and where they start).
 - `StageBackend`: runs layers [start_layer, end_layer) for a batch of chunks, owns the KV cache;
-  may prepare a step it is told to expect (`prepare`), so that running it later does less.
+  may prepare a step it is told to expect (`prepare`), so that running it later does less;
+  may reuse the KV of cached prompt prefixes (`cache_prompt`, keyed by block hash chains).
 - `KVCacheFull`: raised when a batch needs more KV blocks than are free (nothing is changed then).
 - `load_backend(config, backend)`: builds the backend `backend` names for a config, through its
   plugin (workers/backend_plugins.py: entry-point group `potluck.backends`).
@@ -39,6 +40,7 @@ class StageConfig:
     kv_budget_bytes: int = 256 * 2**20
     kv_block_size_tokens: int = 16
     quantization: str | None = None  # None | int8 | int4: quantize linear weights (a backend may refuse)
+    prefix_caching: bool = True  # keep full prompt blocks and reuse them (workers/kv_cache.py)
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,24 @@ class StageBackend(ABC):
         Allocates KV blocks for the new tokens; raises KVCacheFull (changing nothing) if short.
         prepared: what `prepare(chunks)` returned for these same chunks, if anything.
         """
+
+    def cache_prompt(
+        self, request_id: str, block_hashes: Sequence[int], num_prompt_tokens: int, want_tokens: int | None = None
+    ) -> int:
+        """Start a request's prompt: reuse the KV of its longest cached prefix (whole blocks, at most
+        `want_tokens`, never the block of the last prompt token) and hold room for the rest, whose
+        full blocks become reusable at once (a later chunk of the same batch may share them).
+        Returns the tokens reused; the prompt's forward then starts there. Raises KVCacheFull
+        (nothing changed) when the rest does not fit. Default: no prefix caching (0, nothing held)."""
+        return 0
+
+    def cached_prefix_tokens(self, block_hashes: Sequence[int], num_prompt_tokens: int) -> int:
+        """Tokens `cache_prompt` would reuse now (0 without prefix caching)."""
+        return 0
+
+    def prefix_cache_counts(self) -> tuple[int, int]:
+        """(prompt tokens looked up, tokens found) since the layers were loaded."""
+        return 0, 0
 
     def prepare(self, chunks: Sequence[SequenceChunk]) -> object | None:
         """Do ahead of time what a later `forward(chunks, ..., prepared=result)` would do first

@@ -53,6 +53,7 @@ def heartbeat_loop(worker: Beating) -> None:
                 worker.running = False
                 return
             backend = worker.backend
+            queries_tokens, hits_tokens = backend.prefix_cache_counts() if backend else (0, 0)
             message = p.Heartbeat(
                 worker_id=worker.worker_id,
                 epoch=worker.epoch,
@@ -63,6 +64,8 @@ def heartbeat_loop(worker: Beating) -> None:
                 step_time_ewma_s=worker.step_time_ewma_s,
                 tokens_processed=worker.tokens_processed,
                 data_address=worker.data_address,
+                prefix_cache_queries_tokens=queries_tokens,
+                prefix_cache_hits_tokens=hits_tokens,
             )
             try:
                 sock.send_multipart(codec.encode(message), flags=zmq.NOBLOCK)

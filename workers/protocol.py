@@ -12,7 +12,9 @@ Life of a request on the data plane (route = worker data addresses, stage order)
   last stage --TokenOutputs--> scheduler (streamed to the client)
   last stage --NextTokens--> stage 0 (the ring closes; the next decode step starts)
 The request's metadata (route, sampling) rides along only on its first hop (`ActivationEntry.start`);
-later steps carry just request ids and positions. Prompt token ids go to stage 0 only.
+later steps carry just request ids and positions. Prompt token ids go to stage 0 only; the hash
+chain of their full KV blocks rides on the first hop (`RequestStart.block_hashes`), so each stage
+reuses the prefix the first stage reused from its own cache, or answers `PrefixMiss`.
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ class RequestStart:
     scheduler_address: str
     sampling: SamplingParams
     first_token_index: int = 0  # index of the first token this run generates (>0 after recovery)
+    # hash chain of the prompt's full KV blocks (workers/kv_cache.py `block_hashes`), set by the
+    # first stage: later stages find the cached prefix the first stage reused by them
+    block_hashes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ class TokenOutput:
     # with the request's first token, when `prompt_logprobs` was asked for: one entry per prompt
     # token after the first, (logprob, ((token id, logprob) top alternatives...))
     prompt_logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]], ...] = ()
+    num_cached_tokens: int = 0  # on a run's first token: prompt tokens its prefill reused from the cache
 
 
 @dataclass(frozen=True)
@@ -170,6 +176,8 @@ class Heartbeat:
     step_time_ewma_s: float
     tokens_processed: int
     data_address: str = ""  # lets a scheduler that evicted this worker ask it to register again
+    prefix_cache_queries_tokens: int = 0  # prompt tokens looked up in the prefix cache (cumulative)
+    prefix_cache_hits_tokens: int = 0  # of them, found cached (cumulative)
 
 
 @dataclass(frozen=True)
@@ -198,6 +206,7 @@ class AssignLayers:
     dtype: str = "auto"
     kv_budget_bytes: int = 256 * 2**20
     num_stages_hint: int = 1  # stages in this worker's pipelines (sizes decode microbatches)
+    prefix_caching: bool = True  # keep full KV blocks of prompts and reuse them (workers/kv_cache.py)
 
 
 @dataclass(frozen=True)
@@ -248,6 +257,15 @@ class NextTokens:
     tokens: tuple[NextToken, ...]
 
 
+@dataclass(frozen=True)
+class PrefixMiss:
+    """To the first stage: a later stage holds only `cached_tokens` of the prefix the first stage
+    reused (evicted meanwhile); prefill the prompt again reusing at most that many."""
+
+    request_id: str
+    cached_tokens: int
+
+
 MESSAGE_TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (
@@ -264,6 +282,7 @@ MESSAGE_TYPES: dict[str, type] = {
         Shutdown,
         Activations,
         NextTokens,
+        PrefixMiss,
     )
 }
 
@@ -281,4 +300,5 @@ Message = (
     | Shutdown
     | Activations
     | NextTokens
+    | PrefixMiss
 )

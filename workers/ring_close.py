@@ -46,7 +46,8 @@ def close_ring(
         elif state.num_generated >= sampling.max_new_tokens:
             reason = "length"
         outputs.setdefault(state.start.scheduler_address, []).append(
-            p.TokenOutput(state.request_id, index, token.token_id, reason, token.logprob, token.top_logprobs, prompt_part)
+            p.TokenOutput(state.request_id, index, token.token_id, reason, token.logprob, token.top_logprobs, prompt_part,
+                          num_cached_tokens=state.cached_tokens if state.num_generated == 1 else 0)
         )
         next_tokens.setdefault(state.start.route[0], []).append(
             p.NextToken(state.request_id, token.token_id, state.position, finished=reason is not None)

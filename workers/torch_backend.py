@@ -4,7 +4,8 @@ Parts:
 - `resolve_dtype(name, config)`: "auto" -> the checkpoint's dtype, else float32/bfloat16/float16.
 - `TorchStageBackend`: loads only its stage's tensors (workers/checkpoint.py), builds a
   `StageModel` (workers/stage_model.py) and a `BlockKVCache` (workers/kv_cache.py) sized from
-  `kv_budget_bytes`, and runs batched steps under `torch.inference_mode()`.
+  `kv_budget_bytes`, and runs batched steps under `torch.inference_mode()`; prompts reuse the
+  cache's prefix blocks (`cache_prompt`) unless `StageConfig.prefix_caching` is off.
 - `to_torch(array, dtype)` / `to_numpy(tensor)`: the boundary's numpy arrays (bf16 as uint16 bits)
   and torch tensors, both ways without copies on CPU.
 - `PLUGIN`: how the entry point `potluck.backends: torch` registers it (devices: cuda:N, mps, cpu).
@@ -173,6 +174,22 @@ class TorchStageBackend(StageBackend):
             self.kv_cache.block_size,
             self._rope,
         )
+
+    def cache_prompt(
+        self, request_id: str, block_hashes: Sequence[int], num_prompt_tokens: int, want_tokens: int | None = None
+    ) -> int:
+        """See StageBackend.cache_prompt (off: allocates the prompt, reuses nothing)."""
+        if not self.config.prefix_caching:
+            block_hashes, want_tokens = (), 0
+        return self.kv_cache.cache_prompt(request_id, block_hashes, num_prompt_tokens, want_tokens)
+
+    def cached_prefix_tokens(self, block_hashes: Sequence[int], num_prompt_tokens: int) -> int:
+        if not self.config.prefix_caching:
+            return 0
+        return self.kv_cache.cached_prefix_tokens(block_hashes, num_prompt_tokens)
+
+    def prefix_cache_counts(self) -> tuple[int, int]:
+        return self.kv_cache.prefix_queries_tokens, self.kv_cache.prefix_hits_tokens
 
     def can_allocate(self, chunks: Sequence[SequenceChunk]) -> bool:
         return self.kv_cache.can_allocate(chunks)

@@ -10,7 +10,9 @@ Parts:
 The loop (`run`) is: receive everything pending -> take a batch (workers/batching.py) -> forward
 -> send. A request joins or leaves the batch between steps (continuous batching). The first stage
 sizes decode microbatches so that every stage of the pipeline has one to work on (no pipeline
-bubble), or on one machine holds the ring's decodes until they can run as one batch. After a
+bubble), or on one machine holds the ring's decodes until they can run as one batch. A prompt's
+first chunk at a stage reuses the stage's cached prefix first (workers/prompt_start.py; a later
+stage lacking it answers `PrefixMiss` and the first stage prefills again). After a
 step that held every request of the stage, with nothing else waiting, the next decode step is
 made ready, and the message that brings exactly its inputs runs it at once, skipping decode,
 batching and planning (workers/expected_step.py); the last stage's outputs are built by
@@ -41,6 +43,8 @@ from workers.batching import MAX_PREFILL_TOKENS_PER_STEP, StageRequest, WorkItem
 from workers.device_memory import usable_memory_bytes
 from workers.expected_step import ExpectedStep, expect_next
 from workers.heartbeat import HEARTBEAT_INTERVAL_S, heartbeat_loop
+from workers.kv_cache import block_hashes
+from workers.prompt_start import start_prompts
 from workers.ring_close import close_ring
 from workers.request_sampler import StageSampler
 from workers.thread_affinity import ComputeThreads, find_compute_threads, pin_compute_threads
@@ -202,6 +206,8 @@ class Worker:
                 self.on_activations(message)
             case p.NextTokens():
                 self.on_next_tokens(message)
+            case p.PrefixMiss():
+                self.on_prefix_miss(message)
             case p.StartRequest():
                 self.on_start(message)
             case p.ReleaseRequests():
@@ -236,6 +242,7 @@ class Worker:
                     dtype=message.dtype,
                     device=self.config.device,
                     kv_budget_bytes=message.kv_budget_bytes,
+                    prefix_caching=message.prefix_caching,
                 ),
                 self.config.backend,
             )
@@ -268,9 +275,13 @@ class Worker:
             raise p.ProtocolError("StartRequest needs a first stage and at least one token")
         if message.request_id in self.requests:
             raise p.ProtocolError(f"request {message.request_id} already started")
-        self.requests[message.request_id] = self._new_request(message.request_id, message.start)
-        tokens = np.array(message.token_ids, dtype=np.int64)
-        self.pending.append(WorkItem(message.request_id, 0, tokens, forward_start=message.start))
+        start = message.start
+        if backend.config.prefix_caching:  # later stages find the cached prefix by these hashes
+            start = replace(start, block_hashes=block_hashes(message.token_ids, backend.config.kv_block_size_tokens))
+        state = self._new_request(message.request_id, start)
+        state.prompt = np.array(message.token_ids, dtype=np.int64)
+        self.requests[message.request_id] = state
+        self.pending.append(WorkItem(message.request_id, 0, state.prompt, forward_start=start, is_prompt_start=True))
 
     def on_activations(self, message: p.Activations) -> None:
         backend = self._require_backend()
@@ -285,13 +296,18 @@ class Worker:
             rows = hidden[row : row + entry.num_tokens]
             row += entry.num_tokens
             state = self.requests.get(entry.request_id)
-            if entry.start is not None and state is None and entry.start_position == 0:
+            if entry.start is not None:  # the first hop (again after a prefix miss further on)
+                if state is not None:
+                    self._forget(entry.request_id)
                 state = self._new_request(entry.request_id, entry.start)
+                state.position = entry.start_position  # what the first stage reused of its cache
                 self.requests[entry.request_id] = state
-            if state is None or state.position != entry.start_position:
+            elif state is None or state.position != entry.start_position:
                 log.debug("dropped stale activations for %s", entry.request_id)
                 continue
-            self.pending.append(WorkItem(entry.request_id, entry.start_position, rows, entry.start))
+            self.pending.append(
+                WorkItem(entry.request_id, entry.start_position, rows, entry.start, is_prompt_start=entry.start is not None)
+            )
 
     def on_next_tokens(self, message: p.NextTokens) -> None:
         for token in message.tokens:
@@ -303,6 +319,28 @@ class Worker:
                 continue
             inputs = np.array([token.token_id], dtype=np.int64)
             self.pending.append(WorkItem(token.request_id, token.position, inputs))
+
+    def on_prefix_miss(self, message: p.PrefixMiss) -> None:
+        """First stage: a later stage lacks part of the prefix reused here; prefill it again."""
+        state = self.requests.get(message.request_id)
+        if state is None or state.prompt is None or state.num_generated:
+            return
+        log.info("prefix miss for %s: prefilling again, reusing at most %d tokens", message.request_id, message.cached_tokens)
+        self._forget(message.request_id)
+        state.position = 0
+        self.requests[message.request_id] = state
+        self.pending.append(
+            WorkItem(message.request_id, 0, state.prompt, forward_start=state.start, is_prompt_start=True,
+                     prefix_cap_tokens=message.cached_tokens)
+        )  # fmt: skip
+
+    def _forget(self, request_id: str) -> None:
+        """Drop the request's state, KV and pending work here (no message sent)."""
+        self.expected = None
+        self.requests.pop(request_id, None)
+        if self.backend is not None:
+            self.backend.free(request_id)
+        self.pending = [item for item in self.pending if item.request_id != request_id]
 
     def release(self, request_ids: Sequence[str]) -> None:
         gone = set(request_ids)
@@ -328,6 +366,15 @@ class Worker:
             self.pending, self.requests, is_first=backend.is_first, num_stages_hint=self.num_stages_hint,
             now_s=time.monotonic(),
         )  # fmt: skip
+        if any(item.is_prompt_start for item in batch):  # prefix caching (workers/prompt_start.py)
+            starts = start_prompts(batch, self.requests, backend)
+            for item, held_tokens in starts.misses:
+                state = self.requests[item.request_id]
+                self._forget(item.request_id)
+                self.send(state.start.route[0], p.PrefixMiss(item.request_id, held_tokens))
+            for item in starts.never_fit:
+                self.fail(item.request_id, f"KV cache is full on {self.worker_id}")
+            batch = starts.run
         if not batch:
             return
         chunks = [SequenceChunk(item.request_id, item.start_position, item.num_tokens) for item in batch]

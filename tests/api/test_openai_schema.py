@@ -87,4 +87,5 @@ def test_chunk_shapes() -> None:
     end = ChatCompletionChunk(id="c", created=1, model="m", choices=[ChatChunkChoice(delta=ChatDelta(), finish_reason="stop")])
     assert json.loads(end.model_dump_json())["choices"][0]["delta"] == {}
     usage = ChatCompletionChunk(id="c", created=1, model="m", choices=[], usage=Usage(prompt_tokens=2, completion_tokens=3, total_tokens=5))
-    assert json.loads(usage.model_dump_json())["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    assert json.loads(usage.model_dump_json())["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5,
+                                                            "prompt_tokens_details": None}
