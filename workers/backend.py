@@ -33,6 +33,7 @@ class StageConfig:
     device: str = "cpu"  # cpu | cuda | cuda:N | mps
     kv_budget_bytes: int = 256 * 2**20
     kv_block_size_tokens: int = 16
+    quantization: str = "none"  # none | int8 | int4: weight-only, for safetensors checkpoints
 
 
 @dataclass(frozen=True)

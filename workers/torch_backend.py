@@ -2,7 +2,8 @@
 
 Parts:
 - `resolve_dtype(name, config)`: "auto" -> the checkpoint's dtype, else float32/bfloat16/float16.
-- `TorchStageBackend`: loads only its stage's tensors (workers/checkpoint.py), builds a
+- `TorchStageBackend`: loads only its stage's tensors (workers/checkpoint.py; a GGUF through
+  workers/gguf_file.py, kept quantized; `quantization` int8/int4 quantizes while reading), builds a
   `StageModel` (workers/stage_model.py) and a `BlockKVCache` (workers/kv_cache.py) sized from
   `kv_budget_bytes`, and runs batched steps under `torch.inference_mode()`.
 
@@ -18,8 +19,10 @@ import torch
 
 from workers.backend import KVCacheFull, SequenceChunk, StageBackend, StageConfig
 from workers.checkpoint import load_stage_tensors
+from workers.gguf_file import GGUFModel, is_gguf, load_gguf_stage_tensors
 from workers.kv_cache import BlockKVCache
 from workers.model_config import ModelConfig, parse_dtype
+from workers.quantization import quantizer
 from workers.stage_model import BatchPlan, RopeTable, StageModel, build_batch_plan
 
 
@@ -38,9 +41,34 @@ def resolve_dtype(name: str, config: ModelConfig) -> torch.dtype:
 
 
 class TorchStageBackend(StageBackend):
+    def _read_tensors(self, config: StageConfig, mc: ModelConfig) -> dict:
+        """This stage's tensors: from a GGUF (kept quantized) or safetensors (quantized while
+        read when `config.quantization` says so). Quantized weights run on CPU only."""
+        quantized = is_gguf(config.model_dir) or config.quantization != "none"
+        if quantized and self.device.type != "cpu":
+            raise ValueError(f"quantized weights (GGUF, --quantization) run on cpu only, not {self.device}")
+        if is_gguf(config.model_dir):
+            if config.quantization != "none":
+                raise ValueError("--quantization applies to safetensors checkpoints; a GGUF is already quantized")
+            self.gguf_model = GGUFModel(config.model_dir)
+            return load_gguf_stage_tensors(
+                self.gguf_model, config.start_layer, config.end_layer, mc.num_hidden_layers,
+                mc.tie_word_embeddings, self.dtype,
+            )
+        return load_stage_tensors(
+            config.model_dir,
+            config.start_layer,
+            config.end_layer,
+            mc.num_hidden_layers,
+            mc.tie_word_embeddings,
+            dtype=self.dtype,
+            device=str(self.device),
+            convert=quantizer(config.quantization),
+        )
+
     def __init__(self, config: StageConfig, model_config: ModelConfig | None = None) -> None:
         self.config = config
-        self.model_config = model_config or ModelConfig.from_hf(config.model_dir)
+        self.model_config = model_config or ModelConfig.from_path(config.model_dir)
         mc = self.model_config
         if not 0 <= config.start_layer < config.end_layer <= mc.num_hidden_layers:
             raise ValueError(
@@ -52,15 +80,7 @@ class TorchStageBackend(StageBackend):
         self.vocab_size = mc.vocab_size
         self.dtype = resolve_dtype(config.dtype, mc)
         self.device = torch.device(config.device)
-        tensors = load_stage_tensors(
-            config.model_dir,
-            config.start_layer,
-            config.end_layer,
-            mc.num_hidden_layers,
-            mc.tie_word_embeddings,
-            dtype=self.dtype,
-            device=str(self.device),
-        )
+        tensors = self._read_tensors(config, mc)
         self._loaded_names = frozenset(tensors)
         self.model = StageModel.from_tensors(mc, config.start_layer, config.end_layer, tensors)
         del tensors
