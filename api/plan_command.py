@@ -21,7 +21,7 @@ from workers.model_facts import read_model_facts
 
 def run_plan(args: argparse.Namespace) -> int:
     model_dir = Path(args.model)
-    if not (model_dir / "config.json").is_file():
+    if not (model_dir / "config.json").is_file() and not (model_dir.suffix == ".gguf" and model_dir.is_file()):
         print(f"potluck plan: {model_dir} is not a Hugging Face model directory (no config.json)", file=sys.stderr)
         return 2
     try:
@@ -33,7 +33,7 @@ def run_plan(args: argparse.Namespace) -> int:
         print(f"potluck plan: {args.devices} lists no devices", file=sys.stderr)
         return 2
     problem = PlacementProblem(
-        model_spec(read_model_facts(model_dir)),
+        model_spec(read_model_facts(model_dir, quantization=getattr(args, "quantization", "none"))),
         devices,
         links,
         kv_reserve_tokens=args.context_tokens * args.concurrency,

@@ -51,6 +51,7 @@ class EngineConfig:
     control_host: str = "127.0.0.1"
     control_port: int = 0  # 0: a free port
     dtype: str = "auto"
+    quantization: str = "none"  # none | int8 | int4 (safetensors only; a GGUF is quantized already)
     min_workers: int = 1  # plan once this many workers have registered
     local_workers: int = 0  # workers started with this scheduler: requests wait for them to join
     max_model_len: int | None = None  # default: the model's max_position_embeddings
@@ -322,6 +323,7 @@ class Engine:
                 dtype=self.config.dtype,
                 kv_budget_bytes=kv_budget_bytes(self.config.model, worker, *new_range, self.planner_config),
                 num_stages_hint=stages,
+                quantization=self.config.quantization,
             ),
         )
 

@@ -11,6 +11,7 @@ Parts:
   (the real quantized bytes per layer, from the header), and `read_tensor_bytes(info)` which copies
   exactly one tensor's byte range out of a memory map and records `(file, start, end)` in
   `bytes_read` (tests assert a stage read only its own tensors).
+- `open_gguf(path)`: a `GGUFModel` parsed once per process and path.
 - `hf_name(gguf_name)` / `gguf_name(hf_name)`: the tensor-name mapping. Per-expert MoE tensors
   (`blk.N.ffn_*_exps`) map to `model.layers.N.mlp.experts.*_proj.weight` stacked [experts, out, in];
   each expert's 2-D slice takes the same quantized kernel as a dense weight.
@@ -22,6 +23,7 @@ Parts:
 
 from __future__ import annotations
 
+import functools
 import mmap
 import re
 from dataclasses import dataclass
@@ -237,6 +239,13 @@ class GGUFModel:
             heads = int(self._arch("attention.head_count"))
             return int(self._arch("attention.head_count_kv", heads))
         return None
+
+
+@functools.lru_cache(maxsize=4)
+def open_gguf(path: str | Path) -> GGUFModel:
+    """The parsed headers of `path`, once per process (a worker reads them for its config and
+    again for its tensors; `gguf.GGUFReader` parses every metadata array, tokens included)."""
+    return GGUFModel(path)
 
 
 def unpermute_rows(num_rows: int, num_heads: int) -> np.ndarray:

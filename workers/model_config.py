@@ -115,9 +115,9 @@ class ModelConfig:
     def from_path(cls, path: str | Path) -> ModelConfig:
         """A Hugging Face model directory or a GGUF file (the first part of a split one)."""
         if str(path).endswith(".gguf"):
-            from workers.gguf_file import GGUFModel
+            from workers.gguf_file import open_gguf
 
-            return cls.from_dict(*GGUFModel(path).hf_config())
+            return cls.from_dict(*open_gguf(str(Path(path).resolve())).hf_config())
         return cls.from_hf(path)
 
     @classmethod

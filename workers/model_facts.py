@@ -21,9 +21,9 @@ def read_model_facts(model_dir: str | Path, dtype: str = "auto", quantization: s
     config = ModelConfig.from_path(model_dir)
     served = config.dtype if dtype == "auto" else parse_dtype(dtype)
     if str(model_dir).endswith(".gguf"):
-        from workers.gguf_file import GGUFModel
+        from workers.gguf_file import open_gguf
 
-        sizes = GGUFModel(model_dir).layer_sizes()
+        sizes = open_gguf(str(Path(model_dir).resolve())).layer_sizes()
         scale = 1.0  # quantized tensors run as they are stored, whatever the compute dtype
     else:
         sizes = quantized_layer_bytes(model_dir, quantization, served)

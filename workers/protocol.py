@@ -174,6 +174,7 @@ class AssignLayers:
     dtype: str = "auto"
     kv_budget_bytes: int = 256 * 2**20
     num_stages_hint: int = 1  # stages in this worker's pipelines (sizes decode microbatches)
+    quantization: str = "none"  # none | int8 | int4: weight-only, quantized while loading
 
 
 @dataclass(frozen=True)

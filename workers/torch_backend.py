@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from workers.backend import KVCacheFull, SequenceChunk, StageBackend, StageConfig
 from workers.checkpoint import load_stage_tensors
-from workers.gguf_file import GGUFModel, is_gguf, load_gguf_stage_tensors
+from workers.gguf_file import is_gguf, load_gguf_stage_tensors, open_gguf
 from workers.kv_cache import BlockKVCache
 from workers.model_config import ModelConfig, parse_dtype
 from workers.quantization import quantizer
@@ -50,11 +51,14 @@ class TorchStageBackend(StageBackend):
         if is_gguf(config.model_dir):
             if config.quantization != "none":
                 raise ValueError("--quantization applies to safetensors checkpoints; a GGUF is already quantized")
-            self.gguf_model = GGUFModel(config.model_dir)
-            return load_gguf_stage_tensors(
-                self.gguf_model, config.start_layer, config.end_layer, mc.num_hidden_layers,
+            model = open_gguf(str(Path(config.model_dir).resolve()))
+            first_read = len(model.bytes_read)
+            tensors = load_gguf_stage_tensors(
+                model, config.start_layer, config.end_layer, mc.num_hidden_layers,
                 mc.tie_word_embeddings, self.dtype,
             )
+            self.gguf_bytes_read = tuple(model.bytes_read[first_read:])  # (file, start, end) ranges
+            return tensors
         return load_stage_tensors(
             config.model_dir,
             config.start_layer,

@@ -233,6 +233,7 @@ class Worker:
                     dtype=message.dtype,
                     device=self.config.device,
                     kv_budget_bytes=message.kv_budget_bytes,
+                    quantization=message.quantization,
                 )
             )
         except Exception as exc:  # report, stay up, wait for another assignment
