@@ -50,11 +50,13 @@ def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
     return result
 
 
-def write_gguf(model_dir: Path, path: Path, quant: str) -> Path:
+def write_gguf(model_dir: Path, path: Path, quant: str, split_max_tensors: int = 0) -> Path:
+    """Write `model_dir` as a GGUF at `path`; with `split_max_tensors`, as a split GGUF whose
+    parts gguf names `<stem>-0000i-of-0000N.gguf` (the first part's path is returned)."""
     config = json.loads((model_dir / "config.json").read_text())
     arch = config["model_type"]
     tensors = load_file(str(model_dir / "model.safetensors"))
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
@@ -92,4 +94,6 @@ def write_gguf(model_dir: Path, path: Path, quant: str) -> Path:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    if split_max_tensors:
+        return sorted(path.parent.glob(f"{path.stem}-00001-of-*.gguf"))[0]
     return path
