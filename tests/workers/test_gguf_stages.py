@@ -55,6 +55,7 @@ def _reference(path: Path) -> tuple[list[int], torch.Tensor]:
     return generated[0, len(PROMPT) :].tolist(), logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant", QUANTS)
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_gguf_stages_match_transformers(gguf_files, family, quant):
@@ -105,6 +106,7 @@ def test_unsupported_type_names_the_tensor():
         codes_from_gguf(np.zeros(84, dtype=np.uint8), "Q2_K", (1, 256), "blk.0.ffn_up.weight")
 
 
+@pytest.mark.slow
 def test_split_gguf_reads_like_one_file(checkpoint_factory, tmp_path):
     model_dir = checkpoint_factory("llama", tie_word_embeddings=False, **SIZES)
     whole = write_gguf(model_dir, tmp_path / "whole.gguf", "Q8_0")

@@ -40,6 +40,7 @@ def _dequantized_copy(model_dir: Path, target: Path, quantization: str) -> Path:
     return target
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_quantized_stages_match_transformers_on_dequantized_weights(checkpoint_factory, tmp_path, family, quantization):
