@@ -16,8 +16,7 @@ Parts:
   (`blk.N.ffn_*_exps`) map to `model.layers.N.mlp.experts.*_proj.weight` stacked [experts, out, in];
   each expert's 2-D slice takes the same quantized kernel as a dense weight.
 - `load_gguf_stage_tensors(model, start_layer, end_layer, ...)`: one stage's tensors, HF-named:
-  dense ones as tensors, quantized linear weights as `GroupCodes`, a quantized embedding table as
-  `QuantizedRows`; an unsupported type is an error naming the tensor before anything is read.
+  dense ones as tensors, quantized ones as `QuantizedRows` (file bytes); an unsupported type is an error naming the tensor before anything is read.
 - `LLAMA_PERMUTED`: architectures whose q/k rows llama.cpp's converter permuted (undone at load).
 """
 
@@ -39,10 +38,8 @@ from workers.checkpoint import CheckpointSizes, stage_tensor_names
 from workers.quantized_linear import (
     DENSE_GGUF_TYPES,
     SUPPORTED_GGUF_TYPES,
-    GroupCodes,
     QuantizedRows,
     UnsupportedQuantizationError,
-    codes_from_gguf,
 )
 
 _SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -262,12 +259,12 @@ def load_gguf_stage_tensors(
     num_layers: int,
     tie_word_embeddings: bool,
     dtype: torch.dtype,
-) -> dict[str, torch.Tensor | GroupCodes | QuantizedRows]:
+) -> dict[str, torch.Tensor | QuantizedRows]:
     """Read only stage [start_layer, end_layer)'s tensors (HF names, as `load_stage_tensors`).
 
-    F32 / F16 / BF16 tensors come back as `dtype` tensors; quantized linear weights as
-    `GroupCodes` (packed for the kernel when the stage is built); a quantized embedding table as
-    `QuantizedRows` (its file bytes). llama.cpp's q/k row permutation is undone here. Every type
+    F32 / F16 / BF16 tensors come back as `dtype` tensors; quantized ones as `QuantizedRows`
+    (their file bytes: an embedding table stays so, a linear weight's codes are read and packed
+    for the kernel when its layer is built). llama.cpp's q/k row permutation is undone here. Every type
     is checked before anything is read: an unsupported one is an error naming the tensor.
     """
     names = stage_tensor_names(set(model.tensors), start_layer, end_layer, num_layers, tie_word_embeddings)
@@ -278,7 +275,7 @@ def load_gguf_stage_tensors(
                 f"tensor {info.gguf_name} ({name}) has GGUF type {info.type_name}, which potluck cannot "
                 f"run (supported: {', '.join(DENSE_GGUF_TYPES + SUPPORTED_GGUF_TYPES)})"
             )
-    tensors: dict[str, torch.Tensor | GroupCodes | QuantizedRows] = {}
+    tensors: dict[str, torch.Tensor | QuantizedRows] = {}
     for name in names:
         info = model.tensors[name]
         raw = model.read_tensor_bytes(info)
@@ -288,13 +285,10 @@ def load_gguf_stage_tensors(
             array = gguf.quants.dequantize(raw.view(_NUMPY_DTYPES[info.type_name]), info.quant_type)
             tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).view(info.shape).to(dtype)
             tensors[name] = tensor if order is None else tensor[order].contiguous()
-        elif name.startswith("model.embed_tokens."):
-            tensors[name] = QuantizedRows(raw, info.type_name, info.shape, info.gguf_name)
-        else:
+        else:  # kept as file bytes; a linear weight's codes are read when its layer is built
             if len(info.shape) != 2:
                 raise UnsupportedQuantizationError(f"tensor {info.gguf_name}: {len(info.shape)}-D quantized weights")
-            codes = codes_from_gguf(raw, info.type_name, info.shape, info.gguf_name)
-            tensors[name] = codes if order is None else codes.take_rows(order)
+            tensors[name] = QuantizedRows(raw, info.type_name, info.shape, info.gguf_name, order)
         del raw
     return tensors
 

@@ -19,8 +19,9 @@ Parts:
   two masked halves (codes of the other half set to the kernel's zero point, 8). The weight is
   never expanded to floating point: per step it reads 4 bits (+ 1 bit of bfloat16 scale and zero)
   per weight and plane. Kernel choice: docs/quantized_kernels.md.
-- `QuantizedRows`: a quantized GGUF embedding table kept as its file bytes; `lookup(ids)`
-  dequantizes only the rows a step embeds; `codes()` feeds a tied LM head's `QuantizedLinear`.
+- `QuantizedRows`: a quantized GGUF tensor kept as its file bytes: an embedding table
+  (`lookup(ids)` dequantizes only the rows a step embeds), or a linear weight until its layer is
+  built (`codes()`, also a tied LM head's).
 - `SUPPORTED_GGUF_TYPES`, `DENSE_GGUF_TYPES`, `UnsupportedQuantizationError`.
 """
 
@@ -34,6 +35,7 @@ import torch
 
 KERNEL_GROUP = 32  # the int4 kernel's group size (it takes 32, 64, 128 or 256)
 _ROWS_MULTIPLE = 16  # the int4 packing wants the output dimension a multiple of 16
+_PACK_ROWS = 4096  # rows packed at once (a multiple of the packing's 64-row blocks)
 _CHUNK_BLOCKS = 1 << 15  # blocks dequantized at once while extracting codes (bounds load memory)
 
 # type -> (code bits, group size, [(first byte, end byte, byte value giving code 1)] of each block)
@@ -224,6 +226,24 @@ def _pack_plane(code: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> 
 
 
 def _planes(codes: GroupCodes) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The packed 4-bit planes of one `GroupCodes`, built `_PACK_ROWS` rows at a time (the int32
+    temporaries of a 49152-row LM head took 600 MB at once); the CPU packing is blocked by 64
+    rows, so packs of 64-multiple row ranges concatenate to the pack of the whole."""
+    out = codes.shape[0]
+    if out <= _PACK_ROWS:
+        return _planes_of_rows(codes)
+    pieces = [
+        _planes_of_rows(GroupCodes(codes.codes[r : r + _PACK_ROWS], codes.scale[r : r + _PACK_ROWS],
+                                   codes.offset[r : r + _PACK_ROWS], codes.bits, codes.group_size))
+        for r in range(0, out, _PACK_ROWS)
+    ]
+    return [
+        (torch.cat([piece[i][0] for piece in pieces]), torch.cat([piece[i][1] for piece in pieces], dim=1))
+        for i in range(len(pieces[0]))
+    ]
+
+
+def _planes_of_rows(codes: GroupCodes) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The packed 4-bit planes (and their bfloat16 scales and zeros) of one `GroupCodes`."""
     inn = codes.shape[1]
     if inn % KERNEL_GROUP:
@@ -319,12 +339,17 @@ class QuantizedLinear:
 
 
 class QuantizedRows:
-    """A quantized GGUF embedding table, kept as the file's bytes [rows, bytes per row]."""
+    """A quantized GGUF tensor kept as the file's bytes [rows, bytes per row] until it is used:
+    an embedding table for good, a linear weight until its layer is built (so a loading stage
+    holds its file bytes plus one layer's codes, not every layer's codes at once)."""
 
-    def __init__(self, raw: np.ndarray, type_name: str, shape: tuple[int, int], name: str = "") -> None:
+    def __init__(
+        self, raw: np.ndarray, type_name: str, shape: tuple[int, int], name: str = "", order: torch.Tensor | None = None
+    ) -> None:
         self.type_name, self.shape, self.name = type_name, shape, name
         self.qtype = gguf.GGMLQuantizationType[type_name]
         self.raw = raw.reshape(shape[0], -1)
+        self.order = order  # rows to take (llama q/k: undoing llama.cpp's permutation), or None
 
     @property
     def weight_bytes(self) -> int:
@@ -336,4 +361,5 @@ class QuantizedRows:
         return torch.from_numpy(gguf.quants.dequantize(rows, self.qtype)).to(dtype).view(-1, self.shape[1])
 
     def codes(self) -> GroupCodes:
-        return codes_from_gguf(self.raw, self.type_name, self.shape, self.name)
+        codes = codes_from_gguf(self.raw, self.type_name, self.shape, self.name)
+        return codes if self.order is None else codes.take_rows(self.order)

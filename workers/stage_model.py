@@ -238,6 +238,7 @@ def _linear_weight(weight: torch.Tensor, packed: bool) -> torch.Tensor:
 def _fused_linear(parts: list[torch.Tensor | GroupCodes], packed: bool) -> torch.Tensor | QuantizedLinear:
     """Weights stacked along the output dimension as one linear weight: a `QuantizedLinear` when
     any part is quantized (GGUF, `--quantization`), else as `_linear_weight`."""
+    parts = [p.codes() if isinstance(p, QuantizedRows) else p for p in parts]
     if any(isinstance(p, GroupCodes) for p in parts):
         return QuantizedLinear(parts)
     return _linear_weight(parts[0] if len(parts) == 1 else torch.cat(parts), packed)

@@ -41,6 +41,17 @@ def resolve_dtype(name: str, config: ModelConfig) -> torch.dtype:
     return config.dtype if name == "auto" else parse_dtype(name)
 
 
+def _return_freed_memory() -> None:
+    """Hand the loading temporaries' freed heap back to the OS (glibc keeps it otherwise, and a
+    stage's resident memory would stay at its loading peak)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class TorchStageBackend(StageBackend):
     def _read_tensors(self, config: StageConfig, mc: ModelConfig) -> dict:
         """This stage's tensors: from a GGUF (kept quantized) or safetensors (quantized while
@@ -88,6 +99,7 @@ class TorchStageBackend(StageBackend):
         self._loaded_names = frozenset(tensors)
         self.model = StageModel.from_tensors(mc, config.start_layer, config.end_layer, tensors)
         del tensors
+        _return_freed_memory()
         self.model.eval()
         self.kv_cache = BlockKVCache(
             num_layers=config.end_layer - config.start_layer,

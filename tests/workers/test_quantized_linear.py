@@ -64,3 +64,12 @@ def test_fused_parts_of_different_types_run_as_one_linear():
     expected = x @ torch.cat([a.dequantize(), b.dequantize(), dense]).t()
     assert fused.out_features == 64
     assert float((fused(x) - expected).abs().max() / expected.abs().max()) < 2**-7
+
+
+def test_packing_by_row_ranges_equals_packing_at_once(monkeypatch):
+    codes = quantize_weight(torch.randn(200, 64), 8)  # 200 rows: 64-row ranges and a padded tail
+    whole = QuantizedLinear(codes)
+    monkeypatch.setattr(ql, "_PACK_ROWS", 64)
+    ranged = QuantizedLinear(codes)
+    for (p1, s1), (p2, s2) in zip(whole.segments[0][0], ranged.segments[0][0]):
+        assert torch.equal(p1, p2) and torch.equal(s1, s2)
