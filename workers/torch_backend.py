@@ -41,6 +41,18 @@ def resolve_dtype(name: str, config: ModelConfig) -> torch.dtype:
     return config.dtype if name == "auto" else parse_dtype(name)
 
 
+def _large_allocations_mapped() -> None:
+    """Serve every allocation of 1 MiB or more with its own mapping (glibc's M_MMAP_THRESHOLD),
+    freed to the OS at once. glibc otherwise raises the threshold after the first large frees and
+    packing a tied LM head's planes (many ~10 MB temporaries) grew the heap by ~270 MB."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _return_freed_memory() -> None:
     """Hand the loading temporaries' freed heap back to the OS (glibc keeps it otherwise, and a
     stage's resident memory would stay at its loading peak)."""
@@ -57,6 +69,8 @@ class TorchStageBackend(StageBackend):
         """This stage's tensors: from a GGUF (kept quantized) or safetensors (quantized while
         read when `config.quantization` says so). Quantized weights run on CPU only."""
         quantized = is_gguf(config.model_dir) or config.quantization != "none"
+        if quantized:
+            _large_allocations_mapped()
         if quantized and self.device.type != "cpu":
             raise ValueError(f"quantized weights (GGUF, --quantization) run on cpu only, not {self.device}")
         if is_gguf(config.model_dir):
