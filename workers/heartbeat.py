@@ -3,6 +3,7 @@ that long loads or steps never look like death.
 
 Parts:
 - `HEARTBEAT_INTERVAL_S`: how often.
+- `Beating`: what it reads of the worker (so this module never imports workers/worker.py).
 - `heartbeat_loop(worker)`: sends a `Heartbeat` (requests, queued work, KV free/capacity, step time,
   tokens processed) every interval while `worker.running`; stops the worker when its parent
   process (local workers) is gone.
@@ -13,22 +14,35 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import zmq
 
 from workers import codec
 from workers import protocol as p
 
-if TYPE_CHECKING:
-    from workers.worker import Worker
-
 log = logging.getLogger("potluck.worker")
 
 HEARTBEAT_INTERVAL_S = 0.5
 
 
-def heartbeat_loop(worker: Worker) -> None:
+class Beating(Protocol):
+    """What the heartbeat reads of a worker (workers/worker.py's `Worker` fits it)."""
+
+    context: zmq.Context
+    config: Any  # scheduler_address, parent_pid
+    running: bool
+    backend: Any  # kv_free_tokens(), kv_capacity_tokens(); None while no layers are loaded
+    worker_id: str
+    epoch: int
+    requests: dict
+    pending: Any
+    step_time_ewma_s: float
+    tokens_processed: int
+    data_address: str
+
+
+def heartbeat_loop(worker: Beating) -> None:
     sock = worker.context.socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(worker.config.scheduler_address)
