@@ -8,6 +8,7 @@ Parts:
 - `plan`: solves layer placement for a model and a devices file, prints the placement.
 - `profile`: measures this machine's device and prints the profile as JSON.
 - `status`: prints a running cluster as a table.
+- `backends`: lists the installed worker backends and the devices each sees (workers/backend_plugins.py).
 """
 
 from __future__ import annotations
@@ -41,10 +42,12 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--quantization", default="none", choices=["none", "int8", "int4"], help="weight-only group-wise quantization of a safetensors checkpoint, done by each worker for its own layers while loading (a GGUF is served as quantized in the file)")
     parser.add_argument("--device", default=None, help="device of the local workers (default: best available)")
+    parser.add_argument("--local-backends", default=None, metavar="NAME,NAME,...", help="one backend per local worker, in pipeline order (e.g. torch,mlx,torch; its length sets the worker count; --device then applies to torch workers)")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     parser.add_argument("--scheduler-host", default="127.0.0.1", help="interface for workers to reach the scheduler (0.0.0.0 for `potluck join` from other machines)")
     parser.add_argument("--scheduler-port", type=int, default=0, help="scheduler control port (default: a free one)")
     parser.add_argument("--api-key", default=os.environ.get("POTLUCK_API_KEY"), help="require this bearer key (or POTLUCK_API_KEY)")
+    parser.add_argument("--allowed-origins", nargs="*", default=[], metavar="ORIGIN", help="CORS: browser origins allowed to call the API ('*': any; default: none, no CORS headers)")
     parser.add_argument("--worker-threads", type=int, default=None, help="torch threads per local worker")
     parser.add_argument("--placement", choices=["auto", "solver", "pipeline"], default="auto", help="auto: one pipeline when all workers share a host, else the placement solver")
     parser.add_argument("--placement-objective", choices=["throughput", "latency"], default="throughput")
@@ -93,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="print a running cluster as a table")
     status.add_argument("--url", default="http://127.0.0.1:8000", help="the API's base URL")
     status.add_argument("--api-key", default=os.environ.get("POTLUCK_API_KEY"))
+
+    commands.add_parser("backends", help="list the installed worker backends and the devices each sees")
     return parser
 
 
@@ -113,6 +118,9 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
     facts = read_model_facts(model_dir, dtype, args.quantization)
     tokenizer = Tokenizer.from_model_dir(model_dir)
     local_count = args.local_workers if args.local_workers is not None else (0 if args.ray else 1)
+    local_backends = _local_backends(args.local_backends, args.local_workers)
+    if local_backends:
+        local_count = len(local_backends)
     if local_count < 0:
         raise ValueError(f"--local-workers must be >= 0, got {local_count}")
     if not args.max_queue_wait_s >= 0:
@@ -120,7 +128,7 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
     if not 0 <= args.prompt_tokens_per_output_token < float("inf"):
         raise ValueError(f"--prompt-tokens-per-output-token must be finite and >= 0, got {args.prompt_tokens_per_output_token}")
     profile_dir = None if args.no_profile else str(model_dir)
-    workers = LocalWorkers("", local_count, args.device or best_device(), args.worker_threads, profile_model_dir=profile_dir)
+    workers = LocalWorkers("", local_count, args.device or best_device(), args.worker_threads, profile_model_dir=profile_dir, backends=local_backends)
     ray_workers = _connect_ray(args, profile_dir) if args.ray else None
     if ray_workers is not None:
         print(f"potluck: Ray cluster at {ray_workers.gcs_address}; more machines join it with `ray start --address={ray_workers.gcs_address}`", flush=True)
@@ -155,7 +163,7 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
         if ray_workers is not None:
             ray_workers.stop()
         raise
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=args.api_key, routers=extra_routers(engine), public_paths=PUBLIC_PATHS), host=args.host, port=args.port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=args.api_key, routers=extra_routers(engine), public_paths=PUBLIC_PATHS, allowed_origins=args.allowed_origins), host=args.host, port=args.port, log_level="warning"))
 
     async def announce() -> None:
         while not server.started:
@@ -208,6 +216,23 @@ def _connect_ray(args: argparse.Namespace, profile_dir: str | None) -> RayWorker
     return ray_workers
 
 
+def _local_backends(value: str | None, local_workers: int | None) -> tuple[str, ...]:
+    """--local-backends "torch,mlx,torch" -> ("torch", "mlx", "torch"), each one installed."""
+    if value is None:
+        return ()
+    from workers.backend_plugins import get_plugin
+
+    names = tuple(name.strip() for name in value.split(","))
+    if not all(names):
+        raise ValueError(f"--local-backends takes comma-separated backend names, got {value!r}")
+    if local_workers is not None and local_workers != len(names):
+        raise ValueError(f"--local-workers {local_workers} disagrees with the {len(names)} names of --local-backends")
+    for name in dict.fromkeys(names):
+        if not get_plugin(name).devices():
+            raise ValueError(f"backend {name!r} sees no device on this machine")
+    return names
+
+
 def run_join(args: argparse.Namespace) -> None:
     from workers.__main__ import config_from_args
     from workers.worker import run_worker
@@ -253,9 +278,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from api.status_command import run_status
 
             return run_status(args)
+        elif args.command == "backends":
+            from workers.backend_plugins import describe_backends
+
+            print("\n".join(describe_backends()) or "no backends installed")
     except KeyboardInterrupt:
         return 130
-    except ValueError as exc:
+    except (ValueError, LookupError) as exc:
         print(f"potluck: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,7 +1,8 @@
 """Worker processes started on this machine by `potluck serve --local-workers N`.
 
 Parts:
-- `LocalWorkers`: starts N `python -m workers` processes pointed at the scheduler, shares
+- `LocalWorkers`: starts N `python -m workers` processes pointed at the scheduler (each on its own
+  backend when `backends` names one per worker: `--local-backends torch,mlx,torch`), shares
   this machine's cores and memory among them, and stops every one of them (terminate, then kill).
 - `worker_environment(base)`: their environment (a bounded OpenMP spin, `OMP_SPIN_COUNT`).
 - `worker_command(...)`: the `python -m workers` command line (also what api/ray_launcher.py runs);
@@ -43,6 +44,7 @@ def worker_command(
     *,
     parent_pid: int | None,
     device: str | None = None,
+    backend: str | None = None,
     threads: int | None = None,
     memory_bytes: int | None = None,
     host: str | None = None,
@@ -54,6 +56,8 @@ def worker_command(
     command = [sys.executable, "-m", "workers", "--scheduler", scheduler_address, "--worker-id", worker_id]
     if parent_pid:  # the worker stops when this process is gone
         command += ["--parent-pid", str(parent_pid)]
+    if backend:
+        command += ["--backend", backend]
     if device:
         command += ["--device", device]
     if threads:
@@ -98,6 +102,7 @@ class LocalWorkers:
     id_prefix: str = "local"
     profile_model_dir: str | None = None  # measure the device (and one layer of this model) at join
     profile_seconds: float = 1.0
+    backends: Sequence[str] = ()  # one backend name per worker (empty: the worker's default); sets count
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     def start(self) -> None:
@@ -108,12 +113,17 @@ class LocalWorkers:
         memory = self.memory_bytes_per_worker
         if memory is None and self.device == "cpu":
             memory = cpu_memory_share_bytes(self.count)
+        if self.backends:
+            self.count = len(self.backends)
         for index in range(self.count):
+            backend = self.backends[index] if self.backends else None
             command = worker_command(
                 self.scheduler_address,
                 f"{self.id_prefix}-{index}",
                 parent_pid=os.getpid(),
-                device=self.device,
+                # another backend picks its own device (mlx: gpu on a Mac); --device is torch's
+                device=self.device if backend in (None, "torch") else None,
+                backend=backend,
                 threads=threads,
                 memory_bytes=memory,
                 profile_model_dir=self.profile_model_dir,

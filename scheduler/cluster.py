@@ -41,6 +41,7 @@ class WorkerState:
     draining: bool = False
     error: str | None = None
     prefill_tokens_per_step: int = 0  # the worker's chunked-prefill budget (0: not reported)
+    backend: str = "torch"  # what runs its layers (Register.backend); placement sees one more device
 
     @property
     def is_ready(self) -> bool:
@@ -82,6 +83,7 @@ class Cluster:
             profile=message.profile,
             pid=message.pid,
             prefill_tokens_per_step=message.prefill_tokens_per_step,
+            backend=message.backend,
             registered_at_s=now_s,
             last_seen_s=now_s,
         )

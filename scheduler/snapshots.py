@@ -51,6 +51,7 @@ def worker_snapshot(worker: WorkerState) -> dict:
         "id": worker.worker_id,
         "address": worker.data_address,
         "device": worker.device,
+        "backend": worker.backend,
         "pid": worker.pid,  # on its own machine
         "memory_bytes": worker.memory_bytes,
         "profile": worker.profile.to_json() if worker.profile is not None else {},
