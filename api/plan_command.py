@@ -96,8 +96,15 @@ def run_plan(args: argparse.Namespace) -> int:
 
     model_dir = Path(args.model)
     devices_json = load_devices_json(args.devices)
-    check_model_dir(model_dir, serving=False)
-    facts, source = plan_model_facts(model_dir, args.dtype, args.quantization)
+    if model_dir.suffix == ".gguf":  # a GGUF file: the bytes of every tensor as stored (its header)
+        if not model_dir.is_file():
+            raise StartupError(f"{model_dir} is not a file", ExitCode.MODEL_DIR)
+        from workers.model_facts import read_model_facts
+
+        facts, source = read_model_facts(model_dir, args.dtype), "GGUF header"
+    else:
+        check_model_dir(model_dir, serving=False)
+        facts, source = plan_model_facts(model_dir, args.dtype, args.quantization)
     devices, links = read_devices(args.devices, devices_json, max(facts.layer_bytes))
     problem = PlacementProblem(
         model_spec(facts),

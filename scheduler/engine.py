@@ -56,6 +56,7 @@ class EngineConfig:
     control_host: str = "127.0.0.1"
     control_port: int = 0  # 0: a free port
     dtype: str = "auto"
+    quantization: str = "none"  # none | int8 | int4 (safetensors only; a GGUF is quantized already)
     min_workers: int = 1  # plan once this many workers have registered
     local_workers: int = 0  # workers started with this scheduler: requests wait for them to join
     max_model_len: int | None = None  # default: the model's max_position_embeddings
@@ -398,8 +399,9 @@ class Engine:
             if held:
                 self._send(worker.worker_id, p.UnloadLayers(plan.epoch))
             return
-        self._send(worker.worker_id, assignment(self.config.model_dir, self.config.dtype, self.config.model,
-                                                worker, new_range, plan, self.planner_config, self.config.prefix_caching))
+        message = assignment(self.config.model_dir, self.config.dtype, self.config.model, worker, new_range, plan,
+                             self.planner_config, self.config.prefix_caching)
+        self._send(worker.worker_id, replace(message, quantization=self.config.quantization))
 
     # ------------------------------------------------------------------------------- snapshots
     def worker_snapshot(self, worker_id: str) -> dict:

@@ -129,7 +129,7 @@ def measure_layer_timings(model_dir: str, device: str, *, dtype: str = "auto", s
     from workers.torch_backend import TorchStageBackend, resolve_dtype
     import numpy as np
 
-    mc = ModelConfig.from_hf(model_dir)
+    mc = ModelConfig.from_path(model_dir)
     layer = 1 if mc.num_layers > 2 else 0
     limit = max(1, mc.max_position_embeddings - 1)
     contexts = tuple(sorted({min(c, limit) for c in context_lengths}))

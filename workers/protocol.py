@@ -207,6 +207,7 @@ class AssignLayers:
     kv_budget_bytes: int = 256 * 2**20
     num_stages_hint: int = 1  # stages in this worker's pipelines (sizes decode microbatches)
     prefix_caching: bool = True  # keep full KV blocks of prompts and reuse them (workers/kv_cache.py)
+    quantization: str = "none"  # none | int8 | int4: weight-only, quantized while loading
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Parts:
 - `resolve_dtype(name, config)`: "auto" -> the checkpoint's dtype, else float32/bfloat16/float16.
-- `TorchStageBackend`: loads only its stage's tensors (workers/checkpoint.py), builds a
+- `TorchStageBackend`: loads only its stage's tensors (workers/checkpoint.py; a GGUF through
+  workers/gguf_file.py, kept quantized; `quantization` int8/int4 quantizes while reading), builds a
   `StageModel` (workers/stage_model.py) and a `BlockKVCache` (workers/kv_cache.py) sized from
   `kv_budget_bytes`, and runs batched steps under `torch.inference_mode()`; prompts reuse the
   cache's prefix blocks (`cache_prompt`) unless `StageConfig.prefix_caching` is off.
@@ -20,6 +21,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,9 +29,11 @@ import torch
 from workers.backend import KVCacheFull, SequenceChunk, StageBackend, StageConfig
 from workers.backend_plugins import BackendPlugin
 from workers.checkpoint import load_stage_tensors
+from workers.gguf_file import is_gguf, load_gguf_stage_tensors, open_gguf
 from workers.device_profile import DeviceProfile
 from workers.kv_cache import BlockKVCache
 from workers.model_config import ModelConfig, parse_dtype
+from workers.quantization import quantizer
 from workers.stage_model import BatchPlan, RopeTable, StageModel, build_batch_plan
 
 
@@ -67,25 +71,51 @@ def resolve_dtype(name: str, config: ModelConfig) -> torch.dtype:
     return config.dtype if name == "auto" else parse_dtype(name)
 
 
+def _large_allocations_mapped() -> None:
+    """Serve every allocation of 1 MiB or more with its own mapping (glibc's M_MMAP_THRESHOLD),
+    freed to the OS at once. glibc otherwise raises the threshold after the first large frees and
+    packing a tied LM head's planes (many ~10 MB temporaries) grew the heap by ~270 MB."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _return_freed_memory() -> None:
+    """Hand the loading temporaries' freed heap back to the OS (glibc keeps it otherwise, and a
+    stage's resident memory would stay at its loading peak)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class TorchStageBackend(StageBackend):
-    def __init__(self, config: StageConfig, model_config: ModelConfig | None = None) -> None:
-        self.config = config
-        self.model_config = model_config or ModelConfig.from_hf(config.model_dir)
-        mc = self.model_config
-        if not 0 <= config.start_layer < config.end_layer <= mc.num_hidden_layers:
-            raise ValueError(
-                f"layer range [{config.start_layer}, {config.end_layer}) outside the model's "
-                f"{mc.num_hidden_layers} layers"
+    def _read_tensors(self, config: StageConfig, mc: ModelConfig) -> dict:
+        """This stage's tensors: from a GGUF (kept quantized) or safetensors (quantized while
+        read when `config.quantization` says so). Quantized weights run on CPU only."""
+        quantization = config.quantization or "none"
+        quantized = is_gguf(config.model_dir) or quantization != "none"
+        if quantized:
+            _large_allocations_mapped()
+        if quantized and self.device.type != "cpu":
+            raise ValueError(f"quantized weights (GGUF, --quantization) run on cpu only, not {self.device}")
+        if is_gguf(config.model_dir):
+            if quantization != "none":
+                raise ValueError("--quantization applies to safetensors checkpoints; a GGUF is already quantized")
+            model = open_gguf(str(Path(config.model_dir).resolve()))
+            first_read = len(model.bytes_read)
+            tensors = load_gguf_stage_tensors(
+                model, config.start_layer, config.end_layer, mc.num_hidden_layers,
+                mc.tie_word_embeddings, self.torch_dtype,
             )
-        if config.quantization:
-            raise ValueError(f"the torch backend does not quantize weights ({config.quantization} asked); serve unquantized or use mlx")
-        self.num_layers = mc.num_hidden_layers
-        self.hidden_size = mc.hidden_size
-        self.vocab_size = mc.vocab_size
-        self.torch_dtype = resolve_dtype(config.dtype, mc)
-        self.dtype = _WIRE_NAMES[self.torch_dtype]
-        self.device = torch.device(config.device)
-        tensors = load_stage_tensors(
+            self.gguf_bytes_read = tuple(model.bytes_read[first_read:])  # (file, start, end) ranges
+            return tensors
+        return load_stage_tensors(
             config.model_dir,
             config.start_layer,
             config.end_layer,
@@ -93,10 +123,29 @@ class TorchStageBackend(StageBackend):
             mc.tie_word_embeddings,
             dtype=self.torch_dtype,
             device=str(self.device),
+            convert=quantizer(quantization),
         )
+
+    def __init__(self, config: StageConfig, model_config: ModelConfig | None = None) -> None:
+        self.config = config
+        self.model_config = model_config or ModelConfig.from_path(config.model_dir)
+        mc = self.model_config
+        if not 0 <= config.start_layer < config.end_layer <= mc.num_hidden_layers:
+            raise ValueError(
+                f"layer range [{config.start_layer}, {config.end_layer}) outside the model's "
+                f"{mc.num_hidden_layers} layers"
+            )
+        self.num_layers = mc.num_hidden_layers
+        self.hidden_size = mc.hidden_size
+        self.vocab_size = mc.vocab_size
+        self.torch_dtype = resolve_dtype(config.dtype, mc)
+        self.dtype = _WIRE_NAMES[self.torch_dtype]
+        self.device = torch.device(config.device)
+        tensors = self._read_tensors(config, mc)
         self._loaded_names = frozenset(tensors)
         self.model = StageModel.from_tensors(mc, config.start_layer, config.end_layer, tensors)
         del tensors
+        _return_freed_memory()
         self.model.eval()
         self.kv_cache = BlockKVCache(
             num_layers=config.end_layer - config.start_layer,

@@ -243,6 +243,7 @@ class Worker:
                     device=self.config.device,
                     kv_budget_bytes=message.kv_budget_bytes,
                     prefix_caching=message.prefix_caching,
+                    quantization=None if message.quantization == "none" else message.quantization,
                 ),
                 self.config.backend,
             )

@@ -104,9 +104,10 @@ def run_demo_command(command: str, clone: Path, env: dict[str, str], log_path: P
                 assert time.monotonic() < deadline, log_path.read_text()[-4000:]
                 time.sleep(1)
             output = log_path.read_text()
-            assert "random" in output and f"http://127.0.0.1:{port}/v1" in output  # what it serves and why
+            assert "SmolLM2" in output and f"http://127.0.0.1:{port}/v1" in output  # what it serves and why
             assert (clone / ".venv" / "bin" / "potluck").exists()
-            body = {"model": "demo-model", "prompt": "Hello", "max_tokens": 4}
+            model = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=60).json()["data"][0]["id"]
+            body = {"model": model, "prompt": "Hello", "max_tokens": 4}
             reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120)
             assert reply.status_code == 200, reply.text
         finally:
