@@ -8,12 +8,12 @@ Parts:
 - `plan`: solves layer placement for a model and a devices file, prints the placement.
 - `profile`: measures this machine's device and prints the profile as JSON.
 - `status`: prints a running cluster as a table.
+- `backends`: lists the installed worker backends and the devices each sees (workers/backend_plugins.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -22,28 +22,36 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from scheduler.planner import DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN, MIN_MIX_REQUESTS
-from scheduler.routing import MAX_QUEUE_WAIT_S
+from api.startup import ExitCode, OneLineParser, StartupError, check_model_dir, check_port_free, port_number, port_or_zero
 
 if TYPE_CHECKING:  # Ray is optional: imported only with --ray
     from api.ray_launcher import RayWorkers
+
+# Imports stay inside the commands so that `potluck --help` answers at once (no torch, OR-Tools or
+# FastAPI); these defaults are the scheduler's own (tests/api/test_cli.py checks they agree).
+MAX_QUEUE_WAIT_S = 4.0  # scheduler.routing.MAX_QUEUE_WAIT_S
+DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN = 4.0  # scheduler.planner.DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN
+MIN_MIX_REQUESTS = 32  # scheduler.planner.MIN_MIX_REQUESTS
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 log = logging.getLogger("potluck")
 
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument("--port", type=port_number, default=os.environ.get("POTLUCK_PORT", "8000"), help="HTTP port (default 8000, or POTLUCK_PORT)")
     parser.add_argument("--local-workers", type=int, default=None, help="worker processes to start on this machine (default 1, or 0 with --ray; 0: wait for `potluck join`)")
     parser.add_argument("--ray", default=None, metavar="ADDRESS", help="also start workers on every node of a Ray cluster: auto (the cluster this machine joined with `ray start`), HOST:PORT, ray://HOST:PORT, or local (a one-machine Ray started here)")
     parser.add_argument("--ray-workers-per-node", type=int, default=None, help="workers per Ray node (default: one per GPU, else one)")
     parser.add_argument("--served-model-name", default=None, help="model id clients use (default: the directory's name)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default=None, help="device of the local workers (default: best available)")
+    parser.add_argument("--local-backends", default=None, metavar="NAME,NAME,...", help="one backend per local worker, in pipeline order (e.g. torch,mlx,torch; its length sets the worker count; --device then applies to torch workers)")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     parser.add_argument("--scheduler-host", default="127.0.0.1", help="interface for workers to reach the scheduler (0.0.0.0 for `potluck join` from other machines)")
-    parser.add_argument("--scheduler-port", type=int, default=0, help="scheduler control port (default: a free one)")
+    parser.add_argument("--scheduler-port", type=port_or_zero, default=0, help="scheduler control port (default: a free one)")
     parser.add_argument("--api-key", default=os.environ.get("POTLUCK_API_KEY"), help="require this bearer key (or POTLUCK_API_KEY)")
+    parser.add_argument("--allowed-origins", nargs="*", default=[], metavar="ORIGIN", help="CORS: browser origins allowed to call the API ('*': any; default: none, no CORS headers)")
     parser.add_argument("--worker-threads", type=int, default=None, help="torch threads per local worker")
     parser.add_argument("--placement", choices=["auto", "solver", "pipeline"], default="auto", help="auto: one pipeline when all workers share a host, else the placement solver")
     parser.add_argument("--placement-objective", choices=["throughput", "latency"], default="throughput")
@@ -56,8 +64,9 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="potluck", description="Pool mismatched machines into one LLM server.")
-    parser.add_argument("--log-level", default=os.environ.get("POTLUCK_LOG_LEVEL", "INFO"))
+    parser = OneLineParser(prog="potluck", description="Pool mismatched machines into one LLM server.")
+    parser.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default=os.environ.get("POTLUCK_LOG_LEVEL", "warning").lower(),
+                        help="warning (default): quiet; info: what the scheduler and workers do; debug: also tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the scheduler and the OpenAI API")
@@ -69,14 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_arguments(demo)
     demo.set_defaults(local_workers=3)
 
-    from workers.__main__ import build_arg_parser as worker_arguments
+    from workers.__main__ import build_arg_parser as worker_arguments  # argparse only: no torch
 
     join = commands.add_parser("join", help="run a worker that joins a scheduler", parents=[worker_arguments(add_help=False)])
     join.set_defaults(host="0.0.0.0", profile=True)
 
-    plan = commands.add_parser("plan", help="solve layer placement for a model and devices")
-    plan.add_argument("--model", required=True, help="local Hugging Face model directory")
-    plan.add_argument("--devices", required=True, help="devices JSON file")
+    plan = commands.add_parser("plan", help="will it fit, and how fast: layer placement for a model and devices")
+    plan.add_argument("--model", required=True, help="Hugging Face model directory; config.json alone is enough")
+    plan.add_argument("--devices", required=True, help="devices JSON file (see examples/devices.json; `potluck profile --json` writes one)")
+    plan.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="served dtype (default: the config's)")
+    plan.add_argument("--quantization", default="none", choices=["none", "int8", "int4"], help="weights of the decoder layers (sizes from config.json)")
     plan.add_argument("--time-limit", type=float, default=10.0, help="solver time limit in seconds")
     plan.add_argument("--context-tokens", type=int, default=4096, help="KV reserve: context length")
     plan.add_argument("--concurrency", type=int, default=4, help="KV reserve: concurrent sequences")
@@ -86,14 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     profile = commands.add_parser("profile", help="measure this machine and print its profile as JSON")
     profile.add_argument("--device", default=None)
     profile.add_argument("--model", default=None, help="also time one layer of this model")
+    profile.add_argument("--json", action="store_true", help="print a devices.json `potluck plan --devices` takes as is")
+    profile.add_argument("--id", default=None, help="device id in the --json entry (default: HOSTNAME-DEVICE)")
 
     status = commands.add_parser("status", help="print a running cluster as a table")
-    status.add_argument("--url", default="http://127.0.0.1:8000", help="the API's base URL")
+    status.add_argument("--url", default="http://127.0.0.1:8000", help="the API's URL (base or .../v1)")
     status.add_argument("--api-key", default=os.environ.get("POTLUCK_API_KEY"))
+    status.add_argument("--devices-json", action="store_true", help="print the cluster's devices as a devices.json for `potluck plan`")
+
+    commands.add_parser("backends", help="list the installed worker backends and the devices each sees")
     return parser
 
 
 async def serve(model_dir: Path, args: argparse.Namespace) -> None:
+    import asyncio
+
     import uvicorn
 
     from api.cluster_routes import PUBLIC_PATHS, extra_routers
@@ -104,10 +122,16 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
     from workers.model_facts import read_model_facts
     from workers.__main__ import best_device
 
+    from api.load_history import LoadHistory, load_history_router, run_sampler
+    from api.worker_watch import watch_local_workers
+
     dtype = args.dtype
     facts = read_model_facts(model_dir, dtype)
     tokenizer = Tokenizer.from_model_dir(model_dir)
     local_count = args.local_workers if args.local_workers is not None else (0 if args.ray else 1)
+    local_backends = _local_backends(args.local_backends, args.local_workers)
+    if local_backends:
+        local_count = len(local_backends)
     if local_count < 0:
         raise ValueError(f"--local-workers must be >= 0, got {local_count}")
     if not args.max_queue_wait_s >= 0:
@@ -115,7 +139,7 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
     if not 0 <= args.prompt_tokens_per_output_token < float("inf"):
         raise ValueError(f"--prompt-tokens-per-output-token must be finite and >= 0, got {args.prompt_tokens_per_output_token}")
     profile_dir = None if args.no_profile else str(model_dir)
-    workers = LocalWorkers("", local_count, args.device or best_device(), args.worker_threads, profile_model_dir=profile_dir)
+    workers = LocalWorkers("", local_count, args.device or best_device(), args.worker_threads, profile_model_dir=profile_dir, backends=local_backends)
     ray_workers = _connect_ray(args, profile_dir) if args.ray else None
     if ray_workers is not None:
         print(f"potluck: Ray cluster at {ray_workers.gcs_address}; more machines join it with `ray start --address={ray_workers.gcs_address}`", flush=True)
@@ -149,7 +173,9 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
         if ray_workers is not None:
             ray_workers.stop()
         raise
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=args.api_key, routers=extra_routers(engine), public_paths=PUBLIC_PATHS), host=args.host, port=args.port, log_level="warning"))
+    history = LoadHistory()
+    routers = [*extra_routers(engine), load_history_router(history)]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=args.api_key, routers=routers, public_paths=PUBLIC_PATHS, allowed_origins=args.allowed_origins), host=args.host, port=args.port, log_level="warning"))
 
     async def announce() -> None:
         while not server.started:
@@ -163,20 +189,39 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
             return
         auth = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
         body = json.dumps({"model": engine.model_id, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32})
-        print(f"potluck: ready with {len(engine.cluster.workers)} worker(s). Try:\n  curl {url}/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'", flush=True)
+        print(f"potluck: ready with {len(engine.cluster.usable_routes())} pipeline(s) over {len(engine.cluster.workers)} worker(s). "
+              f"Try:\n  curl {url}/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'\n"
+              f"potluck: the cluster: http://{args.host}:{args.port}/dashboard, or `potluck status --url {url}`", flush=True)
+
+    fatal: list[str] = []
+
+    def stop_serving(line: str) -> None:  # every local worker died while starting
+        fatal.append(line)
+        server.should_exit = True
 
     try:
-        await engine.start()
+        try:
+            await engine.start()
+        except Exception as exc:  # zmq.ZMQError: the scheduler port was taken in between
+            raise StartupError(f"the scheduler cannot listen on {args.scheduler_host}:{args.scheduler_port}: {exc}",
+                               ExitCode.ADDRESS_IN_USE) from None
         workers.scheduler_address = engine.control_address
         workers.start()
         if ray_workers is not None:
             ray_workers.scheduler_address = engine.control_address
             ray_workers.start()
         announcer = asyncio.create_task(announce())
+        watcher = asyncio.create_task(watch_local_workers(engine, workers, stop_serving, others_expected=ray_workers is not None))
+        sampler = asyncio.create_task(run_sampler(engine, history))
         try:
             await server.serve()
         finally:
-            announcer.cancel()
+            for task in (announcer, watcher, sampler):
+                task.cancel()
+        if fatal:
+            raise StartupError(fatal[0], ExitCode.WORKERS_FAILED)
+        if not server.started:  # uvicorn could not bind (it logs why and returns)
+            raise StartupError(f"cannot listen on {args.host}:{args.port} for HTTP", ExitCode.ADDRESS_IN_USE)
     finally:
         workers.stop()
         if ray_workers is not None:
@@ -202,6 +247,23 @@ def _connect_ray(args: argparse.Namespace, profile_dir: str | None) -> RayWorker
     return ray_workers
 
 
+def _local_backends(value: str | None, local_workers: int | None) -> tuple[str, ...]:
+    """--local-backends "torch,mlx,torch" -> ("torch", "mlx", "torch"), each one installed."""
+    if value is None:
+        return ()
+    from workers.backend_plugins import get_plugin
+
+    names = tuple(name.strip() for name in value.split(","))
+    if not all(names):
+        raise ValueError(f"--local-backends takes comma-separated backend names, got {value!r}")
+    if local_workers is not None and local_workers != len(names):
+        raise ValueError(f"--local-workers {local_workers} disagrees with the {len(names)} names of --local-backends")
+    for name in dict.fromkeys(names):
+        if not get_plugin(name).devices():
+            raise ValueError(f"backend {name!r} sees no device on this machine")
+    return names
+
+
 def run_join(args: argparse.Namespace) -> None:
     from workers.__main__ import config_from_args
     from workers.worker import run_worker
@@ -209,44 +271,75 @@ def run_join(args: argparse.Namespace) -> None:
     run_worker(config_from_args(args))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        if args.command in ("serve", "demo"):
-            if args.command == "demo":
-                from api.demo_model import build_demo_model
+def _run(args: argparse.Namespace) -> int:
+    if args.command in ("serve", "demo"):
+        if args.command == "demo":
+            from api.demo_model import build_demo_model, describe_demo
 
-                model_dir = Path(args.dir).resolve()
-                if not (model_dir / "config.json").exists():
-                    print(f"potluck: building a small random-weight Llama checkpoint in {model_dir}", flush=True)
-                    build_demo_model(model_dir)
-            else:
-                model_dir = Path(args.model).resolve()
-            if not (model_dir / "config.json").is_file():
-                print(f"potluck: {model_dir} is not a Hugging Face model directory (no config.json)", file=sys.stderr)
-                return 2
-            asyncio.run(serve(model_dir, args))
-        elif args.command == "join":
-            run_join(args)
-        elif args.command == "plan":
-            from api.plan_command import run_plan
+            model_dir = Path(args.dir).resolve()
+            if not (model_dir / "config.json").exists():
+                print(f"potluck: building a small random-weight Llama checkpoint in {model_dir}", flush=True)
+                build_demo_model(model_dir)
+            print(describe_demo(model_dir, args.local_workers), flush=True)
+        else:
+            model_dir = Path(args.model).resolve()
+        check_model_dir(model_dir, serving=True)  # before the heavy imports of `serve`: fails in a second
+        check_port_free(args.host, args.port, "HTTP port")
+        check_port_free(args.scheduler_host, args.scheduler_port, "scheduler port")
+        import asyncio
 
-            return run_plan(args)
-        elif args.command == "profile":
-            from workers.profiler import main as profile_main
+        asyncio.run(serve(model_dir, args))
+    elif args.command == "join":
+        run_join(args)
+    elif args.command == "plan":
+        from api.plan_command import run_plan
 
-            return profile_main(args)
-        elif args.command == "status":
-            from api.status_command import run_status
+        return run_plan(args)
+    elif args.command == "profile":
+        from workers.profiler import main as profile_main
 
-            return run_status(args)
-    except KeyboardInterrupt:
-        return 130
-    except ValueError as exc:
-        print(f"potluck: {exc}", file=sys.stderr)
-        return 2
+        if args.model is not None:
+            check_model_dir(Path(args.model), serving=False)
+        if args.json:
+            from api.profile_entry import run_profile_json
+
+            return run_profile_json(args)
+        return profile_main(args)
+    elif args.command == "status":
+        from api.status_command import run_status
+
+        return run_status(args)
+    elif args.command == "backends":
+        from workers.backend_plugins import describe_backends
+
+        print("\n".join(describe_backends()) or "no backends installed")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Every start-up mistake ends as one line on stderr and an `ExitCode` (`api/startup.py`);
+    a traceback only with `--log-level debug`."""
+    args = build_parser().parse_args(argv)
+    level = args.log_level.upper()
+    os.environ["POTLUCK_LOG_LEVEL"] = level  # local workers log at the same level
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        return ExitCode.INTERRUPTED
+    except StartupError as exc:
+        print(f"potluck: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except (ValueError, LookupError) as exc:  # a bad option value (or an unknown backend) found once the command ran
+        if level == "DEBUG":
+            raise
+        print(f"potluck: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    except Exception as exc:
+        if level == "DEBUG":
+            raise
+        print(f"potluck: {type(exc).__name__}: {exc} (--log-level debug shows where)", file=sys.stderr)
+        return ExitCode.FAILED
 
 
 if __name__ == "__main__":

@@ -127,3 +127,19 @@ def build_demo_model(directory: str | Path, spec: DemoModelSpec = DemoModelSpec(
     tensors["lm_head.weight"] = normal(spec.vocab_size, hidden)
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     return directory
+
+
+def describe_demo(directory: str | Path, local_workers: int) -> str:
+    """What `potluck demo` serves and why its answers look as they do (printed before serving)."""
+    config = json.loads((Path(directory) / "config.json").read_text())
+    layers = int(config["num_hidden_layers"])
+    size = Path(directory, "model.safetensors")
+    megabytes = f", {size.stat().st_size / 1e6:.0f} MB" if size.is_file() else ""
+    return (
+        f"potluck demo: serving {Path(directory).name!r}, a {config.get('model_type', 'llama')} model with {layers} layers "
+        f"(hidden size {config['hidden_size']}, vocabulary {config['vocab_size']}{megabytes}) split across "
+        f"{local_workers} local worker processes that pass hidden states to each other over ZeroMQ.\n"
+        "potluck demo: its weights are random (no model is downloaded), so answers are fluent-looking nonsense "
+        "from a tokenizer trained on a few paragraphs: the demo shows the cluster (placement, streaming, "
+        "the dashboard), not a model. Serve a real one with `potluck serve --model DIR`."
+    )

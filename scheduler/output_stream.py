@@ -39,4 +39,5 @@ class OutputStream:
             finish_reason=finish_reason,
             num_prompt_tokens=len(self.request.prompt_token_ids),
             num_generated_tokens=taken.index + 1,
+            prompt_logprobs=output.prompt_logprobs,
         )

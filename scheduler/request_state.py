@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from scheduler.cluster import WorkerState
 from scheduler.errors import GenerationFailedError
-from scheduler.request import GenerationRequest
+from scheduler.request import GenerationRequest, resumed_sampling
 from scheduler.routing import RouteRequest
 from workers import protocol as p
 
@@ -105,7 +105,7 @@ class RequestState:
             worker.requests_routed += 1
             worker.reserved_kv_tokens += self.reserved_kv_tokens
             worker.queued_prefill_tokens += self.queued_prefill_tokens
-        sampling = replace(self.request.sampling, max_new_tokens=remaining_new)
+        sampling = resumed_sampling(self.request.sampling, tuple(self.generated))  # max_new_tokens - done too
         addresses = tuple(workers[worker_id].data_address for worker_id in route)
         start = p.RequestStart(addresses, control_address, sampling, first_token_index=done)
         return p.StartRequest(self.wire_id, self.replay_token_ids, start)

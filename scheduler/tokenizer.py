@@ -298,8 +298,8 @@ class Tokenizer:
 
     @staticmethod
     def _plain_message(message: Mapping[str, Any], keep_parts: bool) -> dict[str, Any]:
-        """Drop None values; content parts become one string unless the template iterates them."""
-        out = {k: v for k, v in message.items() if v is not None}
+        """Drop None values (but `content`, as transformers passes it); content parts become one string unless the template iterates them."""
+        out = {k: v for k, v in message.items() if v is not None or k == "content"}  # content: None stays (tool calls)
         content = out.get("content")
         if isinstance(content, list) and not keep_parts:
             texts = []

@@ -54,6 +54,20 @@ class SamplingParams:
     eos_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     num_top_logprobs: int | None = None  # None: no logprobs; 0: only the sampled token's
+    # added by the agents work (issue 15); workers/sampling.py applies them in this order:
+    # logit_bias, penalties, min_tokens, grammar mask, then temperature / top-k / top-p / min-p
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # over prompt + output (vLLM), 1.0: off
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    min_tokens: int = 0  # eos and stop_token_ids are masked until this many tokens are out
+    stop_token_ids: tuple[int, ...] = ()  # end with finish_reason "stop" (like eos)
+    grammar_kind: str = ""  # "": free; json_schema | json_object | regex | choice | ebnf (workers/grammar.py)
+    grammar: str = ""  # the schema (JSON text), regex, choices (JSON list) or EBNF
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's logprob + top k
+    prompt_token_ids: tuple[int, ...] = ()  # set when the last stage needs the prompt (logprobs, penalty)
+    output_token_ids: tuple[int, ...] = ()  # tokens generated before this run (recovery replay)
 
 
 @dataclass(frozen=True)
@@ -90,6 +104,9 @@ class TokenOutput:
     finish_reason: str | None = None  # "stop" (eos) or "length"
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    # with the request's first token, when `prompt_logprobs` was asked for: one entry per prompt
+    # token after the first, (logprob, ((token id, logprob) top alternatives...))
+    prompt_logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -108,6 +125,10 @@ class ModelFacts:
     kv_bytes_per_token_per_layer: int
     activation_bytes_per_token: int
     eos_token_ids: tuple[int, ...] = ()
+    # MoE: per layer, the bytes of its routed experts (part of layer_bytes; () for a dense model)
+    expert_bytes: tuple[int, ...] = ()
+    num_experts: int = 0
+    experts_per_token: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,6 +145,7 @@ class Register:
     pid: int = 0
     protocol_version: int = PROTOCOL_VERSION
     prefill_tokens_per_step: int = 0  # prompt tokens one step takes at most (0: not said)
+    backend: str = "torch"  # the backend that runs its layers (workers/backend_plugins.py)
 
 
 @dataclass(frozen=True)

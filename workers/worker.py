@@ -27,21 +27,22 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import zmq
 
 from workers import codec
 from workers import protocol as p
 from workers.backend import SequenceChunk, StageBackend, StageConfig, load_backend
+from workers.host_arrays import array_to_payload, payload_to_array
 from workers.batching import MAX_PREFILL_TOKENS_PER_STEP, StageRequest, WorkItem, take_batch
 from workers.device_memory import usable_memory_bytes
 from workers.expected_step import ExpectedStep, expect_next
 from workers.heartbeat import HEARTBEAT_INTERVAL_S, heartbeat_loop
 from workers.ring_close import close_ring
-from workers.sampling import sample
-from workers.tensor_frames import payload_to_tensor, tensor_to_payload
+from workers.request_sampler import StageSampler
 from workers.thread_affinity import ComputeThreads, find_compute_threads, pin_compute_threads
 
 log = logging.getLogger("potluck.worker")
@@ -56,6 +57,7 @@ class WorkerConfig:
     listen_port: int = 0  # 0: a free port
     advertise_host: str | None = None  # address peers use to reach us (default: listen_host)
     device: str = "cpu"
+    backend: str = "torch"  # the installed backend that runs the layers (workers/backend_plugins.py)
     memory_bytes: int | None = None  # usable for weights + KV (default: measured)
     worker_id: str | None = None
     num_threads: int | None = None
@@ -99,6 +101,7 @@ class Worker:
         self.expected_steps_run = 0  # steps that took that fast path
         self.profile: p.DeviceProfile | None = None
         self.profiled = False  # measured once, at the first registration
+        self.sampler: StageSampler | None = None  # last stage: per-request sampling state
 
     # ----------------------------------------------------------------------------- sockets
     def _peer(self, address: str) -> zmq.Socket:
@@ -140,21 +143,20 @@ class Worker:
                 profile=profile,
                 pid=os.getpid(),
                 prefill_tokens_per_step=MAX_PREFILL_TOKENS_PER_STEP,
+                backend=self.config.backend,
             )
         )
 
     def measure(self) -> p.DeviceProfile | None:
         if not self.config.profile:
             return None
-        from workers.profiler import measure_device
+        from workers.backend_plugins import get_plugin
 
-        profile = measure_device(
-            self.config.device,
-            model_dir=self.config.profile_model_dir,
-            seconds_budget=self.config.profile_seconds,
-            slowdown=self.config.slowdown,
-        )
-        return profile
+        measure = get_plugin(self.config.backend).profile  # each backend measures itself
+        if measure is None:
+            return None
+        profile = measure(self.config.device, self.config.profile_model_dir, self.config.profile_seconds, self.config.slowdown)
+        return profile if isinstance(profile, p.DeviceProfile) else p.DeviceProfile.from_json(profile)
 
     def run(self) -> None:
         self.register()
@@ -234,7 +236,8 @@ class Worker:
                     dtype=message.dtype,
                     device=self.config.device,
                     kv_budget_bytes=message.kv_budget_bytes,
-                )
+                ),
+                self.config.backend,
             )
         except Exception as exc:  # report, stay up, wait for another assignment
             log.exception("loading layers failed")
@@ -243,6 +246,7 @@ class Worker:
             )
             return
         self.epoch = message.epoch
+        self.sampler = StageSampler(message.model_dir, self.backend.vocab_size)
         if self.compute_threads is not None:
             pinned = pin_compute_threads(self.compute_threads)
             log.info("pinned threads to cores (thread id: core): %s", pinned)
@@ -265,14 +269,16 @@ class Worker:
         if message.request_id in self.requests:
             raise p.ProtocolError(f"request {message.request_id} already started")
         self.requests[message.request_id] = self._new_request(message.request_id, message.start)
-        tokens = torch.tensor(message.token_ids, dtype=torch.long)
+        tokens = np.array(message.token_ids, dtype=np.int64)
         self.pending.append(WorkItem(message.request_id, 0, tokens, forward_start=message.start))
 
     def on_activations(self, message: p.Activations) -> None:
         backend = self._require_backend()
-        hidden = payload_to_tensor(message.hidden)  # [sum(num_tokens), hidden_size]
+        hidden = payload_to_array(message.hidden)  # [sum(num_tokens), hidden_size]
+        if message.hidden.dtype != backend.dtype:
+            raise p.ProtocolError(f"activations in {message.hidden.dtype}, this stage runs {backend.dtype}")
         total = sum(entry.num_tokens for entry in message.entries)
-        if hidden.dim() != 2 or hidden.shape[0] != total or hidden.shape[1] != backend.hidden_size:
+        if hidden.ndim != 2 or hidden.shape[0] != total or hidden.shape[1] != backend.hidden_size:
             raise p.ProtocolError(f"activations of shape {tuple(hidden.shape)} do not match entries")
         row = 0
         for entry in message.entries:
@@ -295,7 +301,7 @@ class Worker:
             if token.finished:
                 self.release((token.request_id,))
                 continue
-            inputs = torch.tensor([token.token_id], dtype=torch.long)
+            inputs = np.array([token.token_id], dtype=np.int64)
             self.pending.append(WorkItem(token.request_id, token.position, inputs))
 
     def release(self, request_ids: Sequence[str]) -> None:
@@ -305,6 +311,8 @@ class Worker:
         for request_id in gone:
             if self.requests.pop(request_id, None) is not None and self.backend is not None:
                 self.backend.free(request_id)
+            if self.sampler is not None:
+                self.sampler.forget(request_id)
         if gone:
             self.pending = [item for item in self.pending if item.request_id not in gone]
 
@@ -323,13 +331,17 @@ class Worker:
         if not batch:
             return
         chunks = [SequenceChunk(item.request_id, item.start_position, item.num_tokens) for item in batch]
+        if backend.is_last and self.sampler is not None:  # prompt logprobs need every row's logits
+            wants = self.sampler.wants_all_logits
+            chunks = [replace(c, all_logits=True) if wants(self.requests[c.request_id].start.sampling, c.start_position,
+                                                           c.num_tokens) else c for c in chunks]
         if not backend.can_allocate(chunks):
             batch, chunks = self._fit_kv(batch, chunks)
             if not batch:
                 return
         taken = {id(item) for item in batch}
         self.pending = [item for item in self.pending if id(item) not in taken]
-        inputs = batch[0].inputs if len(batch) == 1 else torch.cat([item.inputs for item in batch])
+        inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([item.inputs for item in batch])
         self.run_batch(chunks, inputs, [item.forward_start for item in batch])
 
     def run_expected(self, frames: list) -> bool:
@@ -345,7 +357,7 @@ class Worker:
     def run_batch(
         self,
         chunks: Sequence[SequenceChunk],
-        inputs: torch.Tensor,
+        inputs: np.ndarray,
         starts: Sequence[p.RequestStart | None],
         expected: ExpectedStep | None = None,
     ) -> None:
@@ -364,7 +376,7 @@ class Worker:
         if backend.is_last:
             self.emit_tokens(chunks, outputs)
         elif expected is not None and expected.send_header is not None:
-            frames = [expected.send_header, tensor_to_payload(outputs).data]
+            frames = [expected.send_header, array_to_payload(outputs, backend.dtype).data]
             self.send_frames(expected.send_address, frames, "Activations")
         else:
             self.forward_activations(chunks, starts, outputs)
@@ -429,9 +441,9 @@ class Worker:
         return StageRequest(request_id, start, None if backend.is_last else route[index + 1])
 
     def forward_activations(
-        self, chunks: Sequence[SequenceChunk], starts: Sequence[p.RequestStart | None], hidden: torch.Tensor
+        self, chunks: Sequence[SequenceChunk], starts: Sequence[p.RequestStart | None], hidden: np.ndarray
     ) -> None:
-        groups: dict[str, tuple[list[p.ActivationEntry], list[torch.Tensor]]] = {}
+        groups: dict[str, tuple[list[p.ActivationEntry], list[np.ndarray]]] = {}
         row = 0
         for chunk, start in zip(chunks, starts):
             rows = hidden[row : row + chunk.num_tokens]
@@ -441,13 +453,16 @@ class Worker:
             entries.append(p.ActivationEntry(chunk.request_id, chunk.start_position, chunk.num_tokens, start))
             tensors.append(rows)
         for address, (entries, tensors) in groups.items():
-            stacked = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
-            self.send(address, p.Activations(tuple(entries), tensor_to_payload(stacked)))
+            stacked = tensors[0] if len(tensors) == 1 else np.concatenate(tensors)
+            self.send(address, p.Activations(tuple(entries), array_to_payload(stacked, self._require_backend().dtype)))
 
-    def emit_tokens(self, chunks: Sequence[SequenceChunk], logits: torch.Tensor) -> None:
+    def emit_tokens(self, chunks: Sequence[SequenceChunk], logits: np.ndarray) -> None:
         states = [self.requests[chunk.request_id] for chunk in chunks]
         indices = [state.start.first_token_index + state.num_generated for state in states]
-        sampled = sample(logits, [state.start.sampling for state in states], indices)
+        rows = [chunk.num_tokens if chunk.all_logits else 1 for chunk in chunks]
+        assert self.sampler is not None
+        sampled = self.sampler.sample([c.request_id for c in chunks], [s.start.sampling for s in states], indices,
+                                      torch.from_numpy(logits), rows)
         ring = close_ring(states, indices, sampled, self.worker_id)
         # the next step's inputs first: the first stage waits on them, the scheduler only streams
         for address, message in ring.next_tokens.items():
@@ -463,7 +478,7 @@ class Worker:
 def run_worker(config: WorkerConfig) -> None:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    pin = config.pin_threads and config.device == "cpu"
+    pin = config.pin_threads and config.device == "cpu" and config.backend == "torch"  # torch's OpenMP threads
     worker = Worker(config, find_compute_threads() if pin else None)
     log.info("%s listening on %s, scheduler %s", worker.worker_id, worker.data_address, config.scheduler_address)
     worker.run()
