@@ -23,9 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from api.startup import ExitCode, OneLineParser, StartupError, check_model_dir, check_port_free, port_number, port_or_zero
-from scheduler.planner import DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN, MIN_MIX_REQUESTS
-from scheduler.admission import DEFAULT_MAX_WAITING, DEFAULT_ROUTE_WAIT_S
-from scheduler.routing import MAX_QUEUE_WAIT_S
 
 if TYPE_CHECKING:  # Ray is optional: imported only with --ray
     from api.ray_launcher import RayWorkers
@@ -35,6 +32,8 @@ if TYPE_CHECKING:  # Ray is optional: imported only with --ray
 MAX_QUEUE_WAIT_S = 4.0  # scheduler.routing.MAX_QUEUE_WAIT_S
 DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN = 4.0  # scheduler.planner.DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN
 MIN_MIX_REQUESTS = 32  # scheduler.planner.MIN_MIX_REQUESTS
+DEFAULT_MAX_WAITING = 1024  # scheduler.admission.DEFAULT_MAX_WAITING
+DEFAULT_ROUTE_WAIT_S = 300.0  # scheduler.admission.DEFAULT_ROUTE_WAIT_S
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 log = logging.getLogger("potluck")

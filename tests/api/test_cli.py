@@ -64,10 +64,12 @@ def test_help_imports_no_heavy_library() -> None:
 def test_cli_defaults_are_the_schedulers() -> None:
     from api import cli
     from scheduler.planner import DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN, MIN_MIX_REQUESTS
+    from scheduler.admission import DEFAULT_MAX_WAITING, DEFAULT_ROUTE_WAIT_S
     from scheduler.routing import MAX_QUEUE_WAIT_S
 
     assert (cli.MAX_QUEUE_WAIT_S, cli.DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN, cli.MIN_MIX_REQUESTS) == (
         MAX_QUEUE_WAIT_S, DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN, MIN_MIX_REQUESTS)
+    assert (cli.DEFAULT_MAX_WAITING, cli.DEFAULT_ROUTE_WAIT_S) == (DEFAULT_MAX_WAITING, DEFAULT_ROUTE_WAIT_S)
 
 
 def _config_only(root: Path) -> Path:
