@@ -21,10 +21,10 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from api.openai_options import check_grammar, structured_grammar
-from api.openai_routes import build_generation_requests, chat_logprobs, pick_best, respond, sse, usage
+from api.openai_routes import build_generation_requests, chat_logprobs, pick_best, respond, sse, usage_of_runs
 from api.openai_schema import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                                ChatCompletionResponse, ChatDelta, ChatMessageOut, FunctionCallDelta, FunctionCallOut,
-                               ToolCallDelta, ToolCallOut, Usage)
+                               ToolCallDelta, ToolCallOut)
 from api.openai_tools import (ParsedCall, ToolPlan, ToolStreamSplitter, parse_forced_calls, parse_tool_calls, plan_tools,
                               template_messages)
 from api.contract import EngineLike, check_model
@@ -143,8 +143,7 @@ def chat_route(engine: EngineLike) -> Callable[..., Any]:
                 if finish:
                     yield chunk(index, ChatDelta(), finish_of(finish, calls))
             if body.include_usage:
-                generated = sum(1 for s in seen for _ in s.token_ids)
-                total = Usage(prompt_tokens=n_prompt, completion_tokens=generated, total_tokens=n_prompt + generated)
+                total = usage_of_runs(n_prompt, [seen])
                 yield sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=total).model_dump_json())
 
         def whole(runs: list[list[GenerationOutput]]) -> ChatCompletionResponse:
@@ -172,8 +171,7 @@ def chat_route(engine: EngineLike) -> Callable[..., Any]:
                 elif calls:
                     message.tool_calls = _calls_out(calls)
                 choices.append(ChatChoice(index=index, message=message, logprobs=lp, finish_reason=finish_of(reason, calls)))
-            generated = sum(usage(0, steps).completion_tokens for steps in runs)
-            total = Usage(prompt_tokens=n_prompt, completion_tokens=generated, total_tokens=n_prompt + generated)
+            total = usage_of_runs(n_prompt, runs)
             return ChatCompletionResponse(id=rid, created=created, model=model, choices=choices, usage=total)
 
         return await respond(engine, request, gen_requests, body.stream, events, whole)

@@ -19,10 +19,10 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from api.openai_options import structured_grammar
-from api.openai_routes import (CompletionLogprobBuilder, build_generation_requests, pick_best, respond, sse, usage,
-                               _lp)
+from api.openai_routes import (CompletionLogprobBuilder, build_generation_requests, pick_best, respond, sse,
+                               usage_of_runs, _lp)
 from api.openai_schema import (CompletionChunk, CompletionChunkChoice, CompletionLogprobs, CompletionOutChoice,
-                               CompletionRequest, CompletionResponse, PromptLogprobEntry, Usage)
+                               CompletionRequest, CompletionResponse, PromptLogprobEntry, PromptTokensDetails, Usage)
 from api.contract import EngineLike, check_model
 from scheduler.request import GenerationOutput, GenerationRequest
 from scheduler.tokenizer import Tokenizer
@@ -116,10 +116,8 @@ def completions_route(engine: EngineLike) -> Callable[..., Any]:
                 choice = CompletionChunkChoice(index=sub, text=text, logprobs=lp, finish_reason=step.finish_reason)
                 yield sse(CompletionChunk(id=rid, created=created, model=model, choices=[choice]).model_dump_json())
             if body.include_usage:
-                total = _usage_sum([usage(0, steps_) for steps_ in seen.values()])
-                prompt_tokens = sum(len(ids) for ids in prompts)
-                total = Usage(prompt_tokens=prompt_tokens, completion_tokens=total.completion_tokens,
-                              total_tokens=prompt_tokens + total.completion_tokens)
+                total = _usage_sum([usage_of_runs(len(prompts[p]), [seen.get(sub, []) for sub in range(p * per_prompt, (p + 1) * per_prompt)])
+                                    for p in range(len(prompts))])
                 yield sse(CompletionChunk(id=rid, created=created, model=model, choices=[], usage=total).model_dump_json())
 
         def whole(runs: list[list[GenerationOutput]]) -> CompletionResponse:
@@ -144,9 +142,7 @@ def completions_route(engine: EngineLike) -> Callable[..., Any]:
                         prompt_logprobs=_vllm_prompt_logprobs(tok, prompts[p], entries)
                         if body.prompt_logprobs is not None and j == 0 else None)
                     choices.append(choice)
-                generated = sum(usage(0, steps).completion_tokens for steps in all_runs)
-                usages.append(Usage(prompt_tokens=len(prompts[p]), completion_tokens=generated,
-                                    total_tokens=len(prompts[p]) + generated))
+                usages.append(usage_of_runs(len(prompts[p]), all_runs))
             return CompletionResponse(id=rid, created=created, model=model, choices=choices, usage=_usage_sum(usages))
 
         return await respond(engine, request, gen_requests, body.stream, events, whole)
@@ -158,4 +154,6 @@ def _usage_sum(usages: list[Usage]) -> Usage:
     """OpenAI counts each prompt once and every choice's completion tokens."""
     prompt = sum(u.prompt_tokens for u in usages)
     completion = sum(u.completion_tokens for u in usages)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    cached = sum(u.prompt_tokens_details.cached_tokens for u in usages if u.prompt_tokens_details is not None)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))

@@ -204,6 +204,15 @@ async def collect(first: GenerationOutput | None, outputs: AsyncIterator[Generat
     return steps
 
 
+def usage_of_runs(num_prompt: int, runs: Sequence[Sequence[GenerationOutput]]) -> Usage:
+    """One prompt's usage over its choices: every choice's completion tokens, the prompt once, and
+    the prompt tokens the prefix cache held (the most any choice's run reused)."""
+    generated = sum(usage(0, steps).completion_tokens for steps in runs)
+    cached = max((s.num_cached_tokens for steps in runs for s in steps), default=0)
+    return Usage(prompt_tokens=num_prompt, completion_tokens=generated, total_tokens=num_prompt + generated,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+
 def usage(num_prompt: int, steps: Sequence[GenerationOutput]) -> Usage:
     generated = max((s.num_generated_tokens for s in steps), default=0) or sum(len(s.token_ids) for s in steps)
     cached = max((s.num_cached_tokens for s in steps), default=0)
