@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from scheduler.planner import DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN, MIN_MIX_RE
 from scheduler.routing import MAX_QUEUE_WAIT_S
 
 if TYPE_CHECKING:  # Ray is optional: imported only with --ray
+    from api.local_workers import LocalWorkers
     from api.ray_launcher import RayWorkers
 
 log = logging.getLogger("potluck")
@@ -53,6 +55,7 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"workload mix placement balances prefill and decode for, until {MIN_MIX_REQUESTS} requests have "
                              f"finished and their own mix is used (default {DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN:g}; 0: decode only)")
     parser.add_argument("--no-profile", action="store_true", help="local workers skip measuring their device at join")
+    parser.add_argument("--token", default=os.environ.get("POTLUCK_TOKEN"), help="the cluster token workers join with (or POTLUCK_TOKEN; default: a new one, printed once)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     from workers.__main__ import build_arg_parser as worker_arguments
 
     join = commands.add_parser("join", help="run a worker that joins a scheduler", parents=[worker_arguments(add_help=False)])
-    join.set_defaults(host="0.0.0.0", profile=True)
+    join.set_defaults(host=None, profile=True)  # listen on the interface that reaches the scheduler
 
     plan = commands.add_parser("plan", help="solve layer placement for a model and devices")
     plan.add_argument("--model", required=True, help="local Hugging Face model directory")
@@ -104,7 +107,10 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
     from workers.model_facts import read_model_facts
     from workers.__main__ import best_device
 
+    from workers.curve import check_token, new_token
+
     dtype = args.dtype
+    token = check_token(args.token) if args.token else new_token()
     facts = read_model_facts(model_dir, dtype)
     tokenizer = Tokenizer.from_model_dir(model_dir)
     local_count = args.local_workers if args.local_workers is not None else (0 if args.ray else 1)
@@ -115,7 +121,7 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
     if not 0 <= args.prompt_tokens_per_output_token < float("inf"):
         raise ValueError(f"--prompt-tokens-per-output-token must be finite and >= 0, got {args.prompt_tokens_per_output_token}")
     profile_dir = None if args.no_profile else str(model_dir)
-    workers = LocalWorkers("", local_count, args.device or best_device(), args.worker_threads, profile_model_dir=profile_dir)
+    workers = LocalWorkers("", local_count, args.device or best_device(), args.worker_threads, profile_model_dir=profile_dir, token=token)
     ray_workers = _connect_ray(args, profile_dir) if args.ray else None
     if ray_workers is not None:
         print(f"potluck: Ray cluster at {ray_workers.gcs_address}; more machines join it with `ray start --address={ray_workers.gcs_address}`", flush=True)
@@ -142,6 +148,7 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
                 heartbeat_timeout_s=args.heartbeat_timeout_s,
                 max_queue_wait_s=args.max_queue_wait_s,
                 prompt_tokens_per_output_token=args.prompt_tokens_per_output_token,
+                token=token,
             ),
             tokenizer,
         )
@@ -156,6 +163,9 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
             await asyncio.sleep(0.05)
         url = f"http://{args.host}:{args.port}/v1"
         print(f"potluck: serving {engine.model_id!r} at {url} (scheduler {engine.control_address})", flush=True)
+        if not args.token:  # printed once; pass it back with --token / POTLUCK_TOKEN to reuse it
+            join_host = engine.control_address.removeprefix("tcp://")
+            print(f"potluck: cluster token (keep it secret): {token}\n  join with: POTLUCK_TOKEN={token} potluck join --scheduler {join_host}", flush=True)
         try:
             await engine.wait_ready(timeout_s=600)
         except TimeoutError as exc:
@@ -171,17 +181,28 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
         workers.start()
         if ray_workers is not None:
             ray_workers.scheduler_address = engine.control_address
+            ray_workers.token = token
             ray_workers.start()
         announcer = asyncio.create_task(announce())
+        reviver = asyncio.create_task(_revive_local_workers(workers))
         try:
             await server.serve()
         finally:
             announcer.cancel()
+            reviver.cancel()
     finally:
         workers.stop()
         if ray_workers is not None:
             ray_workers.stop()
         await engine.stop(shutdown_workers=True)
+
+
+async def _revive_local_workers(workers: LocalWorkers, period_s: float = 1.0) -> None:
+    """A local worker process that ended (crashed, killed) starts again and re-joins."""
+    while True:
+        await asyncio.sleep(period_s)
+        for index in workers.restart_exited():
+            log.warning("local worker %d had exited; started it again", index)
 
 
 def _connect_ray(args: argparse.Namespace, profile_dir: str | None) -> RayWorkers:
@@ -211,6 +232,8 @@ def run_join(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM stops like Ctrl-C: the same clean-up (workers told, processes stopped)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command in ("serve", "demo"):

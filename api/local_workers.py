@@ -1,8 +1,9 @@
 """Worker processes started on this machine by `potluck serve --local-workers N`.
 
 Parts:
-- `LocalWorkers`: starts N `python -m workers` processes pointed at the scheduler, shares
-  this machine's cores and memory among them, and stops every one of them (terminate, then kill).
+- `LocalWorkers`: starts N `python -m workers` processes pointed at the scheduler (the cluster token
+  in their environment), shares this machine's cores and memory among them, starts again one that
+  died (`restart_exited`), and stops every one of them (terminate, then kill).
 - `worker_environment(base)`: their environment (a bounded OpenMP spin, `OMP_SPIN_COUNT`).
 - `worker_command(...)`: the `python -m workers` command line (also what api/ray_launcher.py runs);
   `cpu_memory_share_bytes(count)`: the memory each of `count` CPU workers on one machine gets;
@@ -17,6 +18,8 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+from workers.curve import TOKEN_ENV
 
 
 # OpenMP threads that finish a parallel region spin this many rounds (~0.5 ms on the 2-core AMD
@@ -33,10 +36,12 @@ from dataclasses import dataclass, field
 OMP_SPIN_COUNT = 20000
 
 
-def worker_environment(base: Mapping[str, str]) -> dict[str, str]:
+def worker_environment(base: Mapping[str, str], token: str = "") -> dict[str, str]:
     """The environment local workers run with: `base` plus a bounded OpenMP spin, unless `base`
-    already sets a wait policy or spin count."""
+    already sets a wait policy or spin count, and the cluster token (workers/curve.py)."""
     env = dict(base)
+    if token:
+        env[TOKEN_ENV] = token
     if "OMP_WAIT_POLICY" not in env:
         env.setdefault("GOMP_SPINCOUNT", str(OMP_SPIN_COUNT))
     return env
@@ -103,13 +108,15 @@ class LocalWorkers:
     id_prefix: str = "local"
     profile_model_dir: str | None = None  # measure the device (and one layer of this model) at join
     profile_seconds: float = 1.0
+    token: str = field(default="", repr=False)  # the cluster token, given in the environment (not argv)
     processes: list[subprocess.Popen] = field(default_factory=list)
+    commands: list[tuple[list[str], dict[str, str]]] = field(default_factory=list, repr=False)
 
     def start(self) -> None:
         # Co-located stages run one after another on a batch (no microbatches: see LayerPlan), so
         # each may use every core; idle OpenMP threads sleep after a bounded spin (OMP_SPIN_COUNT).
         threads = self.threads_per_worker or (os.cpu_count() or 1)
-        env = worker_environment(os.environ)
+        env = worker_environment(os.environ, self.token)
         memory = self.memory_bytes_per_worker
         if memory is None and self.device == "cpu":
             memory = cpu_memory_share_bytes(self.count)
@@ -126,10 +133,23 @@ class LocalWorkers:
                 extra_args=self.extra_args,
             )
             self.processes.append(subprocess.Popen(command, start_new_session=True, env=env))
+            self.commands.append((command, env))
+
+    def restart_exited(self) -> list[int]:
+        """Start again every worker whose process ended (crashed, killed): it registers again under
+        its id with a new key. Returns their indices."""
+        restarted = []
+        for index, process in enumerate(self.processes):
+            if process.poll() is not None:
+                command, env = self.commands[index]
+                self.processes[index] = subprocess.Popen(command, start_new_session=True, env=env)
+                restarted.append(index)
+        return restarted
 
     def stop(self, timeout_s: float = 5.0) -> None:
         stop_processes(self.processes, timeout_s)
         self.processes.clear()
+        self.commands.clear()
 
     def __enter__(self) -> LocalWorkers:
         self.start()

@@ -122,7 +122,7 @@ class Cluster:
         )
         engine = Engine(config, Tokenizer.from_model_dir(model_dir))
         await engine.start()
-        workers = LocalWorkers(engine.control_address, num_workers, id_prefix=f"w{num_workers}")
+        workers = LocalWorkers(engine.control_address, num_workers, id_prefix=f"w{num_workers}", token=engine.token)
         workers.start()
         return cls(num_workers, engine, workers, model_dir)
 

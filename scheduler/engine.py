@@ -31,13 +31,14 @@ from scheduler import snapshots
 from scheduler.admission import AdmissionQueue
 from scheduler.errors import GenerationFailedError, NoCapacityError, OverloadedError, PromptTooLongError
 from scheduler.load import load_snapshot
+from scheduler.membership import Membership, ghost_requests
 from scheduler.metrics import EngineMetrics
 from scheduler.planner import (DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN, MIN_MIX_REQUESTS, PlannerConfig,
                                kv_budget_bytes, plan_layers)
 from scheduler.request import GenerationOutput, GenerationRequest, TokenLogprob
 from scheduler.routing import MAX_QUEUE_WAIT_S, RouteRequest, choose_route
 from scheduler.tokenizer import Tokenizer
-from workers import codec
+from workers import codec, curve
 from workers import protocol as p
 
 log = logging.getLogger("potluck.scheduler")
@@ -67,6 +68,8 @@ class EngineConfig:
     # prompt tokens per output token placement plans for until MIN_MIX_REQUESTS have finished
     # (then: what they had); scheduler/planner.py
     prompt_tokens_per_output_token: float = DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN
+    token: str | None = None  # the cluster token (None: a new one, `Engine.token`); scheduler/membership.py
+    curve: bool = True  # CurveZMQ on every socket (off only to measure what it costs)
 
 
 @dataclass
@@ -113,11 +116,15 @@ class Engine:
         self.finished_prompt_tokens = 0
         self.finished_output_tokens = 0
         self.metrics = EngineMetrics(self)  # Prometheus series (scheduler/metrics.py)
+        self.membership = Membership(config.token, config.curve)  # token, keys, who may say what
+        self.token = self.membership.token
 
     # ------------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         self.pull = self.async_context.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, 0)
+        self.membership.start(self.async_context)
+        self.membership.secure_server(self.pull)
         host = self.config.control_host
         if self.config.control_port:
             self.pull.bind(f"tcp://{host}:{self.config.control_port}")
@@ -146,6 +153,7 @@ class Engine:
             sock.close(linger=100 if shutdown_workers else 0)
         if self.pull is not None:
             self.pull.close(linger=0)
+        self.membership.stop()
         self.sync_context.term()
         self.async_context.term()
 
@@ -167,9 +175,13 @@ class Engine:
         except zmq.Again:
             log.warning("worker %s is not taking messages", worker_id)
 
-    def _send_once(self, address: str, message: p.Message) -> None:
+    def _send_once(self, address: str, message: p.Message, worker_id: str = "") -> None:
+        key = self.membership.key_at(address, self.cluster.workers) or self.membership.key_of.get(worker_id, "")
+        if self.membership.use_curve and not key:
+            return
         sock = self.sync_context.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 1000)
+        self.membership.secure_client(sock, key)
         sock.connect(address)
         try:
             sock.send_multipart(codec.encode(message), flags=zmq.NOBLOCK)
@@ -182,7 +194,9 @@ class Engine:
         while True:
             frames = await self.pull.recv_multipart(copy=False)
             try:
-                self._handle(codec.decode(frames))
+                message = self.membership.authorise(codec.decode(frames), curve.peer_key(frames[0]), self.requests, self.cluster.workers)
+                if message is not None:
+                    self._handle(message)
             except p.ProtocolError as exc:
                 log.warning("dropped a malformed message: %s", exc)
             except Exception:
@@ -198,9 +212,11 @@ class Engine:
             case p.Heartbeat():
                 if message.worker_id in self.cluster.workers:
                     self.cluster.on_heartbeat(message)
+                    if ghosts := ghost_requests(message, self.requests):  # held, unknown here: free them
+                        self._send(message.worker_id, p.ReleaseRequests(ghosts))
                 elif message.data_address:  # a worker we declared lost is back: take it in again
                     log.info("worker %s is back; asking it to register again", message.worker_id)
-                    self._send_once(message.data_address, p.Reregister("evicted after a silence"))
+                    self._send_once(message.data_address, p.Reregister("evicted after a silence"), message.worker_id)
             case p.Register():
                 self._on_register(message)
             case p.LayersReady():
@@ -225,11 +241,18 @@ class Engine:
         self.cluster.register(message)
         sock = self.sync_context.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
+        self.membership.secure_client(sock, message.public_key)
         sock.connect(message.data_address)
         self.sockets[message.worker_id] = sock
+        self._send_members()
         log.info("worker %s registered from %s (%s, %d bytes)", message.worker_id, message.data_address, message.device, message.memory_bytes)
         if len(self.cluster.workers) >= self.config.min_workers:
             self.replan()
+
+    def _send_members(self) -> None:
+        members = self.membership.members_message(self.cluster.workers)
+        for worker_id in self.cluster.workers:
+            self._send(worker_id, members)
 
     def _lose(self, worker_id: str, reason: str) -> None:
         log.warning("worker %s lost: %s", worker_id, reason)
@@ -237,6 +260,7 @@ class Engine:
         sock = self.sockets.pop(worker_id, None)
         if sock is not None:
             sock.close(linger=0)
+        self._send_members()
         for state in list(self.requests.values()):
             if worker_id in state.route:
                 self._restart(state, reason=f"worker {worker_id} lost")

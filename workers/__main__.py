@@ -4,6 +4,8 @@
 Parts:
 - `build_arg_parser`, `config_from_args`: command line -> `WorkerConfig`.
 - `best_device`: cuda, else mps, else cpu. `scheduler_address`: HOST:PORT -> tcp://HOST:PORT.
+- `address_towards(address)`: the interface `potluck join` listens on by default (the one that
+  reaches the scheduler, not 0.0.0.0). The cluster token comes from `--token` or `POTLUCK_TOKEN`.
 - `main`.
 """
 
@@ -12,10 +14,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 from collections.abc import Sequence
 
 import torch
 
+from workers.curve import TOKEN_ENV, check_token
 from workers.worker import WorkerConfig, run_worker
 
 
@@ -40,6 +44,8 @@ def build_arg_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip measuring the device")
     parser.add_argument("--profile-model", "--model", dest="profile_model", default=None, help="time one layer of this (local) model directory when profiling")
     parser.add_argument("--profile-seconds", type=float, default=2.0, help="time budget of the profile")
+    parser.add_argument("--token", default=None, help=f"the cluster token `potluck serve` printed (default: ${TOKEN_ENV})")
+    parser.add_argument("--no-curve", dest="use_curve", action="store_false", help=argparse.SUPPRESS)  # benchmarks only
     return parser
 
 
@@ -61,10 +67,24 @@ def scheduler_address(value: str) -> str:
     return f"tcp://{host}:{port}"
 
 
+def address_towards(address: str) -> str:
+    """The local interface address this machine reaches `address` (tcp://HOST:PORT) from: where a
+    joining worker listens unless asked otherwise (never every interface by default)."""
+    host, _, port = address.removeprefix("tcp://").rpartition(":")
+    host = host.strip("[]")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, int(port)))  # UDP: no packet is sent, only a route chosen
+            return probe.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    scheduler = scheduler_address(args.scheduler)
     return WorkerConfig(
-        scheduler_address=scheduler_address(args.scheduler),
-        listen_host=args.host,
+        scheduler_address=scheduler,
+        listen_host=args.host or address_towards(scheduler),
         listen_port=args.port,
         advertise_host=args.advertise_host,
         device=args.device or best_device(),
@@ -78,6 +98,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         profile_model_dir=args.profile_model,
         profile_seconds=args.profile_seconds,
         pin_threads=args.pin_threads,
+        token=check_token(args.token or os.environ.get(TOKEN_ENV)),
+        use_curve=args.use_curve,
     )
 
 
@@ -85,7 +107,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=os.environ.get("POTLUCK_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
     args = build_arg_parser().parse_args(argv)
     try:
-        run_worker(config_from_args(args))
+        config = config_from_args(args)
+    except ValueError as exc:
+        raise SystemExit(f"potluck-worker: {exc}") from None
+    try:
+        run_worker(config)
     except KeyboardInterrupt:
         pass
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import zmq
 
-from workers import codec
+from workers import codec, curve
 from workers import protocol as p
 
 if TYPE_CHECKING:
@@ -26,11 +26,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("potluck.worker")
 
 HEARTBEAT_INTERVAL_S = 0.5
+MAX_REPORTED_REQUESTS = 4096  # request ids a heartbeat lists (the scheduler releases ghosts)
 
 
 def heartbeat_loop(worker: Worker) -> None:
     sock = worker.context.socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 0)
+    while worker.running and not worker.admitted.wait(0.1):
+        if worker.config.parent_pid and not _alive(worker.config.parent_pid):
+            break
+    if worker.config.use_curve:  # connected once admitted: a refused handshake is not retried by ZeroMQ
+        curve.make_client(sock, worker.keys, worker.scheduler_key)
     sock.connect(worker.config.scheduler_address)
     try:
         while worker.running:
@@ -38,6 +44,9 @@ def heartbeat_loop(worker: Worker) -> None:
                 log.info("parent %d is gone; stopping", worker.config.parent_pid)
                 worker.running = False
                 return
+            if not worker.admitted.is_set():  # its key is not a member yet: the scheduler would refuse it
+                time.sleep(0.05)
+                continue
             backend = worker.backend
             message = p.Heartbeat(
                 worker_id=worker.worker_id,
@@ -49,6 +58,7 @@ def heartbeat_loop(worker: Worker) -> None:
                 step_time_ewma_s=worker.step_time_ewma_s,
                 tokens_processed=worker.tokens_processed,
                 data_address=worker.data_address,
+                request_ids=tuple(list(worker.requests)[:MAX_REPORTED_REQUESTS]),
             )
             try:
                 sock.send_multipart(codec.encode(message), flags=zmq.NOBLOCK)

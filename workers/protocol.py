@@ -122,6 +122,8 @@ class Register:
     pid: int = 0
     protocol_version: int = PROTOCOL_VERSION
     prefill_tokens_per_step: int = 0  # prompt tokens one step takes at most (0: not said)
+    public_key: str = ""  # the worker's CURVE public key (z85), authorised by `proof`
+    proof: str = ""  # HMAC-SHA256(token, worker id + public key), hex (workers/curve.py)
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ class Heartbeat:
     step_time_ewma_s: float
     tokens_processed: int
     data_address: str = ""  # lets a scheduler that evicted this worker ask it to register again
+    request_ids: tuple[str, ...] = ()  # requests this worker holds: the scheduler releases ghosts
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,14 @@ class Shutdown:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class Members:
+    """Who belongs to the cluster now: each worker's data address and CURVE public key (z85). A
+    worker admits these keys on its data socket and takes messages only from them and the scheduler."""
+
+    members: tuple[tuple[str, str], ...]  # (data address, public key)
+
+
 # ---------------------------------------------------------------------------------------------
 # Worker -> worker
 
@@ -238,6 +249,7 @@ MESSAGE_TYPES: dict[str, type] = {
         ReleaseRequests,
         Reregister,
         Shutdown,
+        Members,
         Activations,
         NextTokens,
     )
@@ -255,6 +267,7 @@ Message = (
     | ReleaseRequests
     | Reregister
     | Shutdown
+    | Members
     | Activations
     | NextTokens
 )

@@ -27,18 +27,19 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import zmq
 
-from workers import codec
+from workers import codec, curve, validation
 from workers import protocol as p
 from workers.backend import SequenceChunk, StageBackend, StageConfig, load_backend
 from workers.batching import MAX_PREFILL_TOKENS_PER_STEP, StageRequest, WorkItem, take_batch
 from workers.device_memory import usable_memory_bytes
 from workers.expected_step import ExpectedStep, expect_next
 from workers.heartbeat import HEARTBEAT_INTERVAL_S, heartbeat_loop
+from workers.log_throttle import LogThrottle
 from workers.ring_close import close_ring
 from workers.sampling import sample
 from workers.tensor_frames import payload_to_tensor, tensor_to_payload
@@ -66,6 +67,13 @@ class WorkerConfig:
     profile_model_dir: str | None = None  # also time one layer of this model when profiling
     profile_seconds: float = 2.0
     pin_threads: bool = True  # CPU device: main thread on one core, OpenMP threads on the others
+    token: str = field(default="", repr=False)  # the cluster token (workers/curve.py)
+    use_curve: bool = True  # CurveZMQ on every socket (off only to measure what it costs)
+
+
+# what only the scheduler may send; workers send each other Activations and NextTokens only
+CONTROL_MESSAGES = (p.StartRequest, p.ReleaseRequests, p.AssignLayers, p.UnloadLayers, p.Reregister, p.Shutdown, p.Members)
+REGISTER_RETRY_S = 5.0
 
 
 class Worker:
@@ -73,9 +81,27 @@ class Worker:
         self.config = config
         self.compute_threads = compute_threads  # pinned once layers are loaded (loading keeps every core)
         self.worker_id = config.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
-        self.context = zmq.Context.instance()
+        self.context = zmq.Context()  # its own: the ZAP gate is one per context
+        # security (workers/curve.py): this worker's own key pair, the cluster's (scheduler's) key,
+        # the members' keys by data address; the gate admits only the scheduler and the members
+        self.token = curve.check_token(config.token)
+        self.keys = curve.KeyPair.generate()
+        self.scheduler_key = curve.scheduler_keys(self.token).public_key
+        self.member_keys: dict[str, str] = {}  # data address -> public key
+        self.member_at: dict[str, str] = {}  # public key -> data address
+        self.scheduler_addresses = {config.scheduler_address}
+        self.admitted = threading.Event()  # the scheduler listed this worker's key as a member
+        self.registered_at_s = 0.0
+        self.expected_source_key: str | None = None  # who sends the expected step's inputs
+        self.throttle = LogThrottle()
+        self.gate: curve.Gate | None = None
         self.pull = self.context.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, 0)
+        if config.use_curve:
+            self.gate = curve.Gate(self.context, "worker")
+            self.gate.start()
+            self.gate.admit(self.scheduler_key)
+            curve.make_server(self.pull, self.keys)
         if config.listen_port:
             self.pull.bind(f"tcp://{config.listen_host}:{config.listen_port}")
             port = config.listen_port
@@ -103,9 +129,14 @@ class Worker:
     def _peer(self, address: str) -> zmq.Socket:
         sock = self.peers.get(address)
         if sock is None:
+            server_key = self.scheduler_key if address in self.scheduler_addresses else self.member_keys.get(address)
+            if server_key is None and self.config.use_curve:
+                raise p.ProtocolError(f"{address} is not a member of the cluster")
             sock = self.context.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 10000)
+            if self.config.use_curve and server_key is not None:
+                curve.make_client(sock, self.keys, server_key)
             sock.connect(address)
             self.peers[address] = sock
         return sock
@@ -120,7 +151,9 @@ class Worker:
         try:
             self._peer(address).send_multipart(frames, copy=copy, flags=zmq.NOBLOCK)
         except zmq.Again:
-            log.warning("peer %s is not taking messages; dropped %s", address, kind)
+            self.throttle.warning(log, f"again {address}", "peer %s is not taking messages; dropped %s", address, kind)
+        except p.ProtocolError as exc:
+            self.throttle.warning(log, f"member {address}", "dropped %s: %s", kind, exc)
 
     def to_scheduler(self, message: p.Message) -> None:
         self.send(self.config.scheduler_address, message)
@@ -130,7 +163,15 @@ class Worker:
         if self.profile is None:
             self.profile = self.measure()
         profile = self.profile
-        self.to_scheduler(
+        self.admitted.clear()
+        self.registered_at_s = time.monotonic()
+        # sent with the join key (the token's): the scheduler admits this worker's own key with it
+        sock = self.context.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 2000)
+        if self.config.use_curve:
+            curve.make_client(sock, curve.join_keys(self.token), self.scheduler_key)
+        sock.connect(self.config.scheduler_address)
+        sock.send_multipart(codec.encode(
             p.Register(
                 worker_id=self.worker_id,
                 data_address=self.data_address,
@@ -139,8 +180,11 @@ class Worker:
                 profile=profile,
                 pid=os.getpid(),
                 prefill_tokens_per_step=MAX_PREFILL_TOKENS_PER_STEP,
+                public_key=self.keys.public_key,
+                proof=curve.registration_proof(self.token, self.worker_id, self.keys.public_key),
             )
-        )
+        ))
+        sock.close()
 
     def measure(self) -> dict:
         if not self.config.profile:
@@ -168,6 +212,10 @@ class Worker:
                     timeout_ms = max(0, math.ceil(1000 * (self.hold_until_s - time.monotonic())))
                 if poller.poll(timeout_ms):
                     self.receive_all()
+                if not self.admitted.is_set() and time.monotonic() - self.registered_at_s > REGISTER_RETRY_S:
+                    self.throttle.warning(log, "not admitted", "the scheduler at %s has not admitted this worker yet "
+                                          "(is the cluster token right?); registering again", self.config.scheduler_address)
+                    self.register()
                 if self.pending and self.backend is not None:
                     self.step()
         finally:
@@ -179,26 +227,54 @@ class Worker:
         for sock in self.peers.values():
             sock.close(linger=0)
         self.pull.close(linger=0)
+        if self.gate is not None:
+            self.gate.stop()
+        self.context.destroy(linger=0)
 
     # ----------------------------------------------------------------------------- receive
     def receive_all(self) -> None:
         while self.pull.get(zmq.EVENTS) & zmq.POLLIN:  # cheaper than a zmq.Again at the end
             frames = self.pull.recv_multipart(copy=False)
-            if self.expected is not None and not self.pending and self.run_expected(frames):
+            sender = curve.peer_key(frames[0]) if self.config.use_curve else None
+            if (self.expected is not None and not self.pending and sender == self.expected_source_key
+                    and self.run_expected(frames)):
                 continue
             try:
-                self.handle(codec.decode(frames))
+                message = codec.decode(frames)
+                self.handle(message, self.sender_address(message, sender))
             except p.ProtocolError as exc:
-                log.warning("dropped a malformed message: %s", exc)
-            except Exception:
-                log.exception("dropped a message that failed")
+                self.throttle.warning(log, str(exc)[:40], "dropped a message: %s", exc)
+            except Exception as exc:
+                self.throttle.warning(log, type(exc).__name__, "dropped a message that failed: %r", exc)
 
-    def handle(self, message: p.Message) -> None:
+    def sender_address(self, message: p.Message, sender_key: str | None) -> str | None:
+        """Who sent `message` (the scheduler: "", a member: its data address; None: CURVE off);
+        ProtocolError when that sender may not send this kind of message."""
+        if not self.config.use_curve:
+            return None
+        if sender_key == self.scheduler_key:
+            if not isinstance(message, CONTROL_MESSAGES):
+                raise p.ProtocolError(f"{type(message).__name__} from the scheduler")
+            return ""
+        address = self.member_at.get(sender_key or "")
+        if address is None or isinstance(message, CONTROL_MESSAGES):
+            raise p.ProtocolError(f"{type(message).__name__} from {'a non-member' if address is None else address}, not the scheduler")
+        return address
+
+    def source_address(self, start: p.RequestStart) -> str:
+        """The stage whose messages feed this one for a request: the one before on its route, or
+        for the first stage the last one (NextTokens)."""
+        index = start.route.index(self.data_address)
+        return start.route[index - 1]
+
+    def handle(self, message: p.Message, sender: str | None = None) -> None:
         match message:
             case p.Activations():
-                self.on_activations(message)
+                self.on_activations(message, sender)
             case p.NextTokens():
-                self.on_next_tokens(message)
+                self.on_next_tokens(message, sender)
+            case p.Members():
+                self.on_members(message)
             case p.StartRequest():
                 self.on_start(message)
             case p.ReleaseRequests():
@@ -220,12 +296,22 @@ class Worker:
             case _:
                 log.warning("unexpected message %s", type(message).__name__)
 
+    def on_members(self, message: p.Members) -> None:
+        members = {address: key for address, key in message.members if key}
+        for address in [a for a, sock in self.peers.items() if members.get(a) != self.member_keys.get(a)]:
+            if address not in self.scheduler_addresses:
+                self.peers.pop(address).close(linger=0)  # gone, or another key: connect afresh
+        self.member_keys = members
+        self.member_at = {key: address for address, key in members.items()}
+        if self.gate is not None:
+            self.gate.replace({self.scheduler_key, *members.values()})
+        if members.get(self.data_address) == self.keys.public_key:
+            self.admitted.set()
+
     def on_assign(self, message: p.AssignLayers) -> None:
-        self.release(tuple(self.requests))
-        self.backend = self.expected = None
-        self.num_stages_hint = max(1, message.num_stages_hint)
+        # the new layers load before the old ones go: a bad assignment leaves this stage serving
         try:
-            self.backend = load_backend(
+            backend = load_backend(
                 StageConfig(
                     model_dir=message.model_dir,
                     start_layer=message.start_layer,
@@ -241,6 +327,9 @@ class Worker:
                 p.LayersReady(self.worker_id, message.epoch, message.start_layer, message.end_layer, error=str(exc))
             )
             return
+        self.release(tuple(self.requests))
+        self.backend, self.expected = backend, None
+        self.num_stages_hint = max(1, message.num_stages_hint)
         self.epoch = message.epoch
         if self.compute_threads is not None:
             pinned = pin_compute_threads(self.compute_threads)
@@ -263,22 +352,38 @@ class Worker:
             raise p.ProtocolError("StartRequest needs a first stage and at least one token")
         if message.request_id in self.requests:
             raise p.ProtocolError(f"request {message.request_id} already started")
+        validation.check_token_ids(message.token_ids, backend.vocab_size)
+        validation.check_start(message.start, self.data_address)
+        self.scheduler_addresses.add(message.start.scheduler_address)
         self.requests[message.request_id] = self._new_request(message.request_id, message.start)
         tokens = torch.tensor(message.token_ids, dtype=torch.long)
         self.pending.append(WorkItem(message.request_id, 0, tokens, forward_start=message.start))
 
-    def on_activations(self, message: p.Activations) -> None:
+    def on_activations(self, message: p.Activations, sender: str | None = None) -> None:
         backend = self._require_backend()
+        validation.check_entries(message.entries)
         hidden = payload_to_tensor(message.hidden)  # [sum(num_tokens), hidden_size]
         total = sum(entry.num_tokens for entry in message.entries)
         if hidden.dim() != 2 or hidden.shape[0] != total or hidden.shape[1] != backend.hidden_size:
             raise p.ProtocolError(f"activations of shape {tuple(hidden.shape)} do not match entries")
+        if hidden.dtype != backend.dtype:
+            raise p.ProtocolError(f"activations in {hidden.dtype}, this stage computes in {backend.dtype}")
+        for entry in message.entries:  # every entry checked before any is taken
+            state = self.requests.get(entry.request_id)
+            start = entry.start if state is None else state.start
+            if state is None and (entry.start is None or entry.start_position != 0):
+                continue  # stale: dropped below
+            if state is None:
+                validation.check_start(entry.start, self.data_address)
+            if sender is not None and self.source_address(start) != sender:
+                raise p.ProtocolError(f"activations of {entry.request_id} from {sender}, not the stage before")
         row = 0
         for entry in message.entries:
             rows = hidden[row : row + entry.num_tokens]
             row += entry.num_tokens
             state = self.requests.get(entry.request_id)
             if entry.start is not None and state is None and entry.start_position == 0:
+                self.scheduler_addresses.add(entry.start.scheduler_address)
                 state = self._new_request(entry.request_id, entry.start)
                 self.requests[entry.request_id] = state
             if state is None or state.position != entry.start_position:
@@ -286,11 +391,17 @@ class Worker:
                 continue
             self.pending.append(WorkItem(entry.request_id, entry.start_position, rows, entry.start))
 
-    def on_next_tokens(self, message: p.NextTokens) -> None:
+    def on_next_tokens(self, message: p.NextTokens, sender: str | None = None) -> None:
+        vocab_size = self._require_backend().vocab_size
         for token in message.tokens:
             state = self.requests.get(token.request_id)
             if state is None or state.position != token.position:
                 continue  # released (finished, stopped or aborted) meanwhile
+            if sender is not None and self.source_address(state.start) != sender:
+                raise p.ProtocolError(f"next tokens of {token.request_id} from {sender}, not the last stage")
+            if not 0 <= token.token_id < vocab_size:
+                self.fail(token.request_id, f"next token {token.token_id} outside the vocabulary")
+                continue
             if token.finished:
                 self.release((token.request_id,))
                 continue
@@ -348,7 +459,23 @@ class Worker:
         starts: Sequence[p.RequestStart | None],
         expected: ExpectedStep | None = None,
     ) -> None:
-        """Forward one batch, send its outputs on, then make the next decode step ready."""
+        """Forward one batch, send its outputs on, then make the next decode step ready. A step that
+        raises fails only its own requests (the reason goes to the scheduler, then the client)."""
+        try:
+            self._run_batch(chunks, inputs, starts, expected)
+        except Exception as exc:
+            self.expected = None
+            self.throttle.warning(log, f"step {type(exc).__name__}", "a step failed: %r", exc)
+            for chunk in chunks:
+                self.fail(chunk.request_id, f"a step failed on {self.worker_id}: {type(exc).__name__}: {exc}"[:500])
+
+    def _run_batch(
+        self,
+        chunks: Sequence[SequenceChunk],
+        inputs: torch.Tensor,
+        starts: Sequence[p.RequestStart | None],
+        expected: ExpectedStep | None = None,
+    ) -> None:
         backend = self._require_backend()
         self.expected = None
         started = time.perf_counter()
@@ -397,6 +524,9 @@ class Worker:
             positions[chunk.request_id] = state.position
             next_addresses.append(state.next_address)
         self.expected = expect_next(backend, positions, next_addresses)
+        if self.config.use_curve:  # the fast path takes its inputs only from the one stage that sends them
+            sources = {self.source_address(self.requests[request_id].start) for request_id in positions}
+            self.expected_source_key = self.member_keys.get(sources.pop()) if len(sources) == 1 else ""
 
     def _fit_kv(self, batch: list[WorkItem], chunks: list[SequenceChunk]) -> tuple[list[WorkItem], list[SequenceChunk]]:
         """Keep the items that fit; fail decodes that cannot grow, leave prefills waiting."""
