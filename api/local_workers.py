@@ -19,7 +19,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from workers.curve import TOKEN_ENV
+from workers.curve import TOKEN_ENV, WORKER_KEY_ENV, KeyPair
 
 
 # OpenMP threads that finish a parallel region spin this many rounds (~0.5 ms on the 2-core AMD
@@ -111,6 +111,7 @@ class LocalWorkers:
     token: str = field(default="", repr=False)  # the cluster token, given in the environment (not argv)
     processes: list[subprocess.Popen] = field(default_factory=list)
     commands: list[tuple[list[str], dict[str, str]]] = field(default_factory=list, repr=False)
+    keys: list[KeyPair] = field(default_factory=list, repr=False)  # each worker's CURVE key pair
 
     def start(self) -> None:
         # Co-located stages run one after another on a batch (no microbatches: see LayerPlan), so
@@ -121,6 +122,8 @@ class LocalWorkers:
         if memory is None and self.device == "cpu":
             memory = cpu_memory_share_bytes(self.count)
         for index in range(self.count):
+            keys = KeyPair.generate()  # kept across restarts: a restarted worker is the same member
+            self.keys.append(keys)
             command = worker_command(
                 self.scheduler_address,
                 f"{self.id_prefix}-{index}",
@@ -132,8 +135,9 @@ class LocalWorkers:
                 profile_seconds=self.profile_seconds,
                 extra_args=self.extra_args,
             )
-            self.processes.append(subprocess.Popen(command, start_new_session=True, env=env))
-            self.commands.append((command, env))
+            worker_env = {**env, WORKER_KEY_ENV: keys.secret_key}
+            self.processes.append(subprocess.Popen(command, start_new_session=True, env=worker_env))
+            self.commands.append((command, worker_env))
 
     def restart_exited(self) -> list[int]:
         """Start again every worker whose process ended (crashed, killed): it registers again under
@@ -150,6 +154,7 @@ class LocalWorkers:
         stop_processes(self.processes, timeout_s)
         self.processes.clear()
         self.commands.clear()
+        self.keys.clear()
 
     def __enter__(self) -> LocalWorkers:
         self.start()

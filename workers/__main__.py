@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from workers.curve import TOKEN_ENV, check_token
+from workers.curve import TOKEN_ENV, WORKER_KEY_ENV, check_token
 from workers.worker import WorkerConfig, run_worker
 
 
@@ -100,6 +100,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         pin_threads=args.pin_threads,
         token=check_token(args.token or os.environ.get(TOKEN_ENV)),
         use_curve=args.use_curve,
+        secret_key=os.environ.get(WORKER_KEY_ENV, ""),
     )
 
 

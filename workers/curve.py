@@ -1,7 +1,7 @@
 """Socket security for every ZeroMQ socket of a cluster: the cluster token, CurveZMQ keys, the ZAP gate.
 
 Parts:
-- `new_token()`, `check_token(token)`, `TOKEN_ENV`: the cluster token (`serve` makes one; `--token` /
+- `new_token()`, `check_token(token)`, `TOKEN_ENV`, `WORKER_KEY_ENV`: the cluster token (`serve` makes one; `--token` /
   `POTLUCK_TOKEN` set or reuse it).
 - `KeyPair`: a CurveZMQ key pair (z85 text); `KeyPair.generate()` (each worker, at join) and
   `scheduler_keys(token)` / `join_keys(token)` (derived from the token: HMAC-SHA256 of a purpose).
@@ -46,6 +46,7 @@ from zmq.utils import z85
 log = logging.getLogger("potluck.security")
 
 TOKEN_ENV = "POTLUCK_TOKEN"
+WORKER_KEY_ENV = "POTLUCK_WORKER_KEY"  # a worker's own secret key (z85): one identity across restarts
 ZAP_DOMAIN = "potluck"
 MIN_TOKEN_CHARS = 16
 
@@ -74,6 +75,15 @@ class KeyPair:
     def generate(cls) -> KeyPair:
         public, secret = zmq.curve_keypair()
         return cls(public.decode("ascii"), secret.decode("ascii"))
+
+    @classmethod
+    def from_secret(cls, secret_key: str) -> KeyPair:
+        """The key pair of a z85 secret key (ValueError if it is not one)."""
+        try:
+            public = zmq.curve_public(secret_key.encode("ascii"))
+        except (zmq.ZMQError, ValueError, UnicodeEncodeError) as exc:
+            raise ValueError(f"{WORKER_KEY_ENV} is not a z85 CURVE secret key: {exc}") from None
+        return cls(public.decode("ascii"), secret_key)
 
     @classmethod
     def from_seed(cls, seed: bytes) -> KeyPair:

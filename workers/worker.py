@@ -69,6 +69,7 @@ class WorkerConfig:
     pin_threads: bool = True  # CPU device: main thread on one core, OpenMP threads on the others
     token: str = field(default="", repr=False)  # the cluster token (workers/curve.py)
     use_curve: bool = True  # CurveZMQ on every socket (off only to measure what it costs)
+    secret_key: str = field(default="", repr=False)  # own CURVE secret key (z85); default: a new one
 
 
 # what only the scheduler may send; workers send each other Activations and NextTokens only
@@ -85,7 +86,7 @@ class Worker:
         # security (workers/curve.py): this worker's own key pair, the cluster's (scheduler's) key,
         # the members' keys by data address; the gate admits only the scheduler and the members
         self.token = curve.check_token(config.token)
-        self.keys = curve.KeyPair.generate()
+        self.keys = curve.KeyPair.from_secret(config.secret_key) if config.secret_key else curve.KeyPair.generate()
         self.scheduler_key = curve.scheduler_keys(self.token).public_key
         self.member_keys: dict[str, str] = {}  # data address -> public key
         self.member_at: dict[str, str] = {}  # public key -> data address
