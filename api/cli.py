@@ -55,6 +55,11 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"workload mix placement balances prefill and decode for, until {MIN_MIX_REQUESTS} requests have "
                              f"finished and their own mix is used (default {DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN:g}; 0: decode only)")
     parser.add_argument("--no-profile", action="store_true", help="local workers skip measuring their device at join")
+    parser.add_argument("--max-connections", type=int, default=1024, help="open HTTP connections at most; more are closed at once (default 1024)")
+    parser.add_argument("--max-request-bytes", type=int, default=8 * 2**20, help="largest HTTP request body; larger ones get 413 (default 8 MiB)")
+    parser.add_argument("--http-header-timeout-s", type=float, default=10.0, help="close a connection that sends no whole request head in this time")
+    parser.add_argument("--http-body-timeout-s", type=float, default=30.0, help="408 for a request body that stalls this long")
+    parser.add_argument("--http-idle-timeout-s", type=float, default=5.0, help="close an idle keep-alive connection after this long")
     parser.add_argument("--token", default=os.environ.get("POTLUCK_TOKEN"), help="the cluster token workers join with (or POTLUCK_TOKEN; default: a new one, printed once)")
 
 
@@ -100,6 +105,7 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
     import uvicorn
 
     from api.cluster_routes import PUBLIC_PATHS, extra_routers
+    from api.http_limits import BodyLimitMiddleware, HttpLimits, uvicorn_options
     from api.local_workers import LocalWorkers
     from api.server import create_app
     from scheduler.engine import Engine, EngineConfig
@@ -156,7 +162,10 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
         if ray_workers is not None:
             ray_workers.stop()
         raise
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=args.api_key, routers=extra_routers(engine), public_paths=PUBLIC_PATHS), host=args.host, port=args.port, log_level="warning"))
+    limits = HttpLimits(args.max_connections, args.max_request_bytes, args.http_header_timeout_s, args.http_body_timeout_s, args.http_idle_timeout_s)
+    app = create_app(engine, api_key=args.api_key, routers=extra_routers(engine), public_paths=PUBLIC_PATHS)
+    app.add_middleware(BodyLimitMiddleware, limits=limits)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", **uvicorn_options(limits)))
 
     async def announce() -> None:
         while not server.started:

@@ -284,7 +284,8 @@ def build_openai_router(engine: EngineLike) -> APIRouter:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(engine, body.model)
         tok = engine.tokenizer
-        prompt_ids = tok.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)  # type: ignore[arg-type]
+        # tokenised off the event loop: a long prompt must not stall every other stream
+        prompt_ids = await asyncio.to_thread(tok.encode, body.prompt) if isinstance(body.prompt, str) else list(body.prompt)  # type: ignore[arg-type]
         rid = f"cmpl-{uuid.uuid4().hex}"
         gen_request = build_generation_request(engine, rid, prompt_ids, body, body.max_tokens, body.logprobs)
         created, model = int(time.time()), engine.model_id
@@ -319,7 +320,8 @@ def build_openai_router(engine: EngineLike) -> APIRouter:
         check_model(engine, body.model)
         tok = engine.tokenizer
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        prompt_ids = tok.encode(tok.apply_chat_template(messages, body.add_generation_prompt), add_special_tokens=False)
+        prompt_ids = await asyncio.to_thread(
+            lambda: tok.encode(tok.apply_chat_template(messages, body.add_generation_prompt), add_special_tokens=False))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         num_top = (body.top_logprobs or 0) if body.logprobs else None
         gen_request = build_generation_request(engine, rid, prompt_ids, body, body.max_new_tokens, num_top)

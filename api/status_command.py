@@ -6,11 +6,13 @@ Parts:
   id, device, state, layer range, a bar along the model's layers, KV used, tokens processed,
   step time, in-flight requests; then the pipelines.
 - `run_status(args) -> int`: prints it; exit 1 when the server is unreachable or refuses.
+- `strip_control_characters(text)`: what is printed has no terminal escape codes (worker names).
 """
 
 from __future__ import annotations
 
 import argparse
+import unicodedata
 import logging
 import sys
 from typing import Any
@@ -101,5 +103,10 @@ def run_status(args: argparse.Namespace) -> int:
     except StatusError as exc:
         print(f"potluck status: {exc}", file=sys.stderr)
         return 1
-    print(format_cluster(cluster))
+    print(strip_control_characters(format_cluster(cluster)))
     return 0
+
+
+def strip_control_characters(text: str) -> str:
+    """`text` without terminal control characters (escape sequences in a worker's name), lines kept."""
+    return "".join(c for c in text if c == "\n" or (c.isprintable() and unicodedata.category(c) != "Cf"))

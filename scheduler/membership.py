@@ -33,6 +33,8 @@ from workers.log_throttle import LogThrottle
 
 log = logging.getLogger("potluck.scheduler")
 
+MAX_WORKER_ID_CHARS = 128
+
 
 class Membership:
     def __init__(self, token: str | None, use_curve: bool = True) -> None:
@@ -99,6 +101,9 @@ class Membership:
         return message
 
     def _admit(self, message: p.Register, sender_key: str | None, workers: Mapping[str, Any]) -> bool:
+        if not (0 < len(message.worker_id) <= MAX_WORKER_ID_CHARS and message.worker_id.isprintable()):
+            self._refuse(f"Register with a worker id that is empty, too long or not printable", sender_key)
+            return False
         if self.use_curve and sender_key != self.join_public_key:
             self._refuse(f"Register for {message.worker_id!r} not over the join key", sender_key)
             return False

@@ -28,6 +28,7 @@ from scheduler.engine import Engine, EngineConfig
 from scheduler.request import GenerationRequest
 from scheduler.tokenizer import Tokenizer
 from tests.checkpoints import make_checkpoint
+from tests.scheduler.loopback_capture import CaptureUnavailable, LoopbackCapture, tcp_streams, zmtp_mechanism
 from workers import codec, curve
 from workers import protocol as p
 from workers.model_facts import read_model_facts
@@ -127,18 +128,42 @@ class LiveEngine:
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveEngine]:
-    model_dir = make_checkpoint(tmp_path_factory.mktemp("attacks") / "llama", "llama", num_hidden_layers=4)
+    root = tmp_path_factory.mktemp("attacks")
+    model_dir = make_checkpoint(root / "llama", "llama", num_hidden_layers=4)
+    capture = LoopbackCapture(root / "loopback.pcap")
+    try:  # loopback traffic from before the first connection (CI runs as root)
+        capture.start()
+        capture_error = ""
+    except CaptureUnavailable as exc:
+        capture_error = str(exc)
     live = LiveEngine(model_dir)
+    live.capture, live.capture_error = capture, capture_error
     try:
         live.wait_ready()
         yield live
     finally:
+        capture.stop()
         live.stop()
 
 
 @pytest.fixture(scope="module")
 def undisturbed(live: LiveEngine) -> list[tuple[int, ...]]:
     return live.generate_all()
+
+
+def test_loopback_traffic_between_potluck_processes_is_curve_only(live: LiveEngine, undisturbed: list) -> None:
+    if live.capture_error:
+        pytest.skip(f"no loopback capture: {live.capture_error}")
+    ports = {int(live.engine.control_address.rsplit(":", 1)[1])}
+    ports |= {int(live.worker(i).data_address.rsplit(":", 1)[1]) for i in range(2)}
+    streams = {key: data for key, data in tcp_streams(live.capture.stop()).items() if ports & set(key)}
+    # scheduler -> 2 workers, 2 workers -> scheduler (register, heartbeats, outputs), stage to stage
+    assert len(streams) >= 10, sorted(streams)
+    mechanisms = {key: zmtp_mechanism(data) for key, data in streams.items()}
+    assert set(mechanisms.values()) == {"CURVE"}, mechanisms
+    for data in streams.values():  # and nothing of the protocol in clear text
+        for word in (b"TokenOutputs", b"Register", b"StartRequest", b"Activations", b"Heartbeat", live.engine.token.encode()):
+            assert word not in data
 
 
 def test_a_rogue_worker_with_a_wrong_token_or_no_key_never_joins(live: LiveEngine, undisturbed: list) -> None:
