@@ -166,6 +166,9 @@ class Worker:
         profile = self.profile
         self.admitted.clear()
         self.registered_at_s = time.monotonic()
+        for address in self.scheduler_addresses:  # a refused connection is not retried: connect afresh
+            if (old := self.peers.pop(address, None)) is not None:
+                old.close(linger=0)
         # sent with the join key (the token's): the scheduler admits this worker's own key with it
         sock = self.context.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 2000)
@@ -214,8 +217,9 @@ class Worker:
                 if poller.poll(timeout_ms):
                     self.receive_all()
                 if not self.admitted.is_set() and time.monotonic() - self.registered_at_s > REGISTER_RETRY_S:
-                    self.throttle.warning(log, "not admitted", "the scheduler at %s has not admitted this worker yet "
-                                          "(is the cluster token right?); registering again", self.config.scheduler_address)
+                    if self.registered_at_s:  # 0: the heartbeat thread asked for a new registration
+                        self.throttle.warning(log, "not admitted", "the scheduler at %s has not admitted this worker yet "
+                                              "(is the cluster token right?); registering again", self.config.scheduler_address)
                     self.register()
                 if self.pending and self.backend is not None:
                     self.step()
