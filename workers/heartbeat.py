@@ -87,7 +87,7 @@ def _connect(worker: Worker) -> tuple[zmq.Socket, zmq.Socket | None]:
     sock.setsockopt(zmq.LINGER, 0)
     monitor = None
     if worker.config.use_curve:
-        curve.make_client(sock, worker.keys, worker.scheduler_key)
+        curve.make_client(sock, worker.members.keys, worker.members.scheduler_key)
         monitor = sock.get_monitor_socket(HANDSHAKE_FAILED)
     sock.connect(worker.config.scheduler_address)
     return sock, monitor

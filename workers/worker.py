@@ -15,6 +15,10 @@ step that held every request of the stage, with nothing else waiting, the next d
 made ready, and the message that brings exactly its inputs runs it at once, skipping decode,
 batching and planning (workers/expected_step.py); the last stage's outputs are built by
 workers/ring_close.py. A malformed or stale message is logged and dropped; the worker stays up.
+Every socket is CURVE (workers/peers.py): a message counts only from its rightful sender (layer
+commands from the scheduler, hidden states from the stage before, next tokens from the last
+stage); every field is checked before compute (workers/validation.py), and a step that raises
+fails only its own requests.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from workers.device_memory import usable_memory_bytes
 from workers.expected_step import ExpectedStep, expect_next
 from workers.heartbeat import HEARTBEAT_INTERVAL_S, heartbeat_loop
 from workers.log_throttle import LogThrottle
+from workers.peers import Peers, source_address
 from workers.ring_close import close_ring
 from workers.sampling import sample
 from workers.tensor_frames import payload_to_tensor, tensor_to_payload
@@ -72,8 +77,6 @@ class WorkerConfig:
     secret_key: str = field(default="", repr=False)  # own CURVE secret key (z85); default: a new one
 
 
-# what only the scheduler may send; workers send each other Activations and NextTokens only
-CONTROL_MESSAGES = (p.StartRequest, p.ReleaseRequests, p.AssignLayers, p.UnloadLayers, p.Reregister, p.Shutdown, p.Members)
 REGISTER_RETRY_S = 5.0
 
 
@@ -83,26 +86,15 @@ class Worker:
         self.compute_threads = compute_threads  # pinned once layers are loaded (loading keeps every core)
         self.worker_id = config.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
         self.context = zmq.Context()  # its own: the ZAP gate is one per context
-        # security (workers/curve.py): this worker's own key pair, the cluster's (scheduler's) key,
-        # the members' keys by data address; the gate admits only the scheduler and the members
-        self.token = curve.check_token(config.token)
-        self.keys = curve.KeyPair.from_secret(config.secret_key) if config.secret_key else curve.KeyPair.generate()
-        self.scheduler_key = curve.scheduler_keys(self.token).public_key
-        self.member_keys: dict[str, str] = {}  # data address -> public key
-        self.member_at: dict[str, str] = {}  # public key -> data address
-        self.scheduler_addresses = {config.scheduler_address}
+        # keys, members, the ZAP gate (workers/peers.py, workers/curve.py)
+        self.members = Peers(self.context, config.token, config.secret_key, config.scheduler_address, config.use_curve)
         self.admitted = threading.Event()  # the scheduler listed this worker's key as a member
         self.registered_at_s = 0.0
         self.expected_source_key: str | None = None  # who sends the expected step's inputs
         self.throttle = LogThrottle()
-        self.gate: curve.Gate | None = None
         self.pull = self.context.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, 0)
-        if config.use_curve:
-            self.gate = curve.Gate(self.context, "worker")
-            self.gate.start()
-            self.gate.admit(self.scheduler_key)
-            curve.make_server(self.pull, self.keys)
+        self.members.secure_server(self.pull)
         if config.listen_port:
             self.pull.bind(f"tcp://{config.listen_host}:{config.listen_port}")
             port = config.listen_port
@@ -130,14 +122,14 @@ class Worker:
     def _peer(self, address: str) -> zmq.Socket:
         sock = self.peers.get(address)
         if sock is None:
-            server_key = self.scheduler_key if address in self.scheduler_addresses else self.member_keys.get(address)
-            if server_key is None and self.config.use_curve:
-                raise p.ProtocolError(f"{address} is not a member of the cluster")
             sock = self.context.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 10000)
-            if self.config.use_curve and server_key is not None:
-                curve.make_client(sock, self.keys, server_key)
+            try:
+                self.members.secure_client(sock, address)
+            except p.ProtocolError:
+                sock.close(linger=0)
+                raise
             sock.connect(address)
             self.peers[address] = sock
         return sock
@@ -166,14 +158,15 @@ class Worker:
         profile = self.profile
         self.admitted.clear()
         self.registered_at_s = time.monotonic()
-        for address in self.scheduler_addresses:  # a refused connection is not retried: connect afresh
+        for address in self.members.scheduler_addresses:  # a refused connection is not retried: connect afresh
             if (old := self.peers.pop(address, None)) is not None:
                 old.close(linger=0)
         # sent with the join key (the token's): the scheduler admits this worker's own key with it
+        join_keys, public_key, proof = self.members.registration(self.worker_id)
         sock = self.context.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 2000)
         if self.config.use_curve:
-            curve.make_client(sock, curve.join_keys(self.token), self.scheduler_key)
+            curve.make_client(sock, join_keys, self.members.scheduler_key)
         sock.connect(self.config.scheduler_address)
         sock.send_multipart(codec.encode(
             p.Register(
@@ -184,8 +177,8 @@ class Worker:
                 profile=profile,
                 pid=os.getpid(),
                 prefill_tokens_per_step=MAX_PREFILL_TOKENS_PER_STEP,
-                public_key=self.keys.public_key,
-                proof=curve.registration_proof(self.token, self.worker_id, self.keys.public_key),
+                public_key=public_key,
+                proof=proof,
             )
         ))
         sock.close()
@@ -232,8 +225,7 @@ class Worker:
         for sock in self.peers.values():
             sock.close(linger=0)
         self.pull.close(linger=0)
-        if self.gate is not None:
-            self.gate.stop()
+        self.members.stop()
         self.context.destroy(linger=0)
 
     # ----------------------------------------------------------------------------- receive
@@ -246,31 +238,11 @@ class Worker:
                 continue
             try:
                 message = codec.decode(frames)
-                self.handle(message, self.sender_address(message, sender))
+                self.handle(message, self.members.sender_address(message, sender))
             except p.ProtocolError as exc:
                 self.throttle.warning(log, str(exc)[:40], "dropped a message: %s", exc)
             except Exception as exc:
                 self.throttle.warning(log, type(exc).__name__, "dropped a message that failed: %r", exc)
-
-    def sender_address(self, message: p.Message, sender_key: str | None) -> str | None:
-        """Who sent `message` (the scheduler: "", a member: its data address; None: CURVE off);
-        ProtocolError when that sender may not send this kind of message."""
-        if not self.config.use_curve:
-            return None
-        if sender_key == self.scheduler_key:
-            if not isinstance(message, CONTROL_MESSAGES):
-                raise p.ProtocolError(f"{type(message).__name__} from the scheduler")
-            return ""
-        address = self.member_at.get(sender_key or "")
-        if address is None or isinstance(message, CONTROL_MESSAGES):
-            raise p.ProtocolError(f"{type(message).__name__} from {'a non-member' if address is None else address}, not the scheduler")
-        return address
-
-    def source_address(self, start: p.RequestStart) -> str:
-        """The stage whose messages feed this one for a request: the one before on its route, or
-        for the first stage the last one (NextTokens)."""
-        index = start.route.index(self.data_address)
-        return start.route[index - 1]
 
     def handle(self, message: p.Message, sender: str | None = None) -> None:
         match message:
@@ -302,15 +274,11 @@ class Worker:
                 log.warning("unexpected message %s", type(message).__name__)
 
     def on_members(self, message: p.Members) -> None:
-        members = {address: key for address, key in message.members if key}
-        for address in [a for a, sock in self.peers.items() if members.get(a) != self.member_keys.get(a)]:
-            if address not in self.scheduler_addresses:
-                self.peers.pop(address).close(linger=0)  # gone, or another key: connect afresh
-        self.member_keys = members
-        self.member_at = {key: address for address, key in members.items()}
-        if self.gate is not None:
-            self.gate.replace({self.scheduler_key, *members.values()})
-        if members.get(self.data_address) == self.keys.public_key:
+        changed, admitted = self.members.update(message, self.data_address)
+        for address in changed:  # gone, or another key: connect afresh
+            if (sock := self.peers.pop(address, None)) is not None:
+                sock.close(linger=0)
+        if admitted:
             self.admitted.set()
 
     def on_assign(self, message: p.AssignLayers) -> None:
@@ -359,7 +327,7 @@ class Worker:
             raise p.ProtocolError(f"request {message.request_id} already started")
         validation.check_token_ids(message.token_ids, backend.vocab_size)
         validation.check_start(message.start, self.data_address)
-        self.scheduler_addresses.add(message.start.scheduler_address)
+        self.members.scheduler_addresses.add(message.start.scheduler_address)
         self.requests[message.request_id] = self._new_request(message.request_id, message.start)
         tokens = torch.tensor(message.token_ids, dtype=torch.long)
         self.pending.append(WorkItem(message.request_id, 0, tokens, forward_start=message.start))
@@ -380,7 +348,7 @@ class Worker:
                 continue  # stale: dropped below
             if state is None:
                 validation.check_start(entry.start, self.data_address)
-            if sender is not None and self.source_address(start) != sender:
+            if sender is not None and source_address(start, self.data_address) != sender:
                 raise p.ProtocolError(f"activations of {entry.request_id} from {sender}, not the stage before")
         row = 0
         for entry in message.entries:
@@ -388,7 +356,7 @@ class Worker:
             row += entry.num_tokens
             state = self.requests.get(entry.request_id)
             if entry.start is not None and state is None and entry.start_position == 0:
-                self.scheduler_addresses.add(entry.start.scheduler_address)
+                self.members.scheduler_addresses.add(entry.start.scheduler_address)
                 state = self._new_request(entry.request_id, entry.start)
                 self.requests[entry.request_id] = state
             if state is None or state.position != entry.start_position:
@@ -402,7 +370,7 @@ class Worker:
             state = self.requests.get(token.request_id)
             if state is None or state.position != token.position:
                 continue  # released (finished, stopped or aborted) meanwhile
-            if sender is not None and self.source_address(state.start) != sender:
+            if sender is not None and source_address(state.start, self.data_address) != sender:
                 raise p.ProtocolError(f"next tokens of {token.request_id} from {sender}, not the last stage")
             if not 0 <= token.token_id < vocab_size:
                 self.fail(token.request_id, f"next token {token.token_id} outside the vocabulary")
@@ -530,8 +498,8 @@ class Worker:
             next_addresses.append(state.next_address)
         self.expected = expect_next(backend, positions, next_addresses)
         if self.config.use_curve:  # the fast path takes its inputs only from the one stage that sends them
-            sources = {self.source_address(self.requests[request_id].start) for request_id in positions}
-            self.expected_source_key = self.member_keys.get(sources.pop()) if len(sources) == 1 else ""
+            sources = {source_address(self.requests[request_id].start, self.data_address) for request_id in positions}
+            self.expected_source_key = self.members.member_keys.get(sources.pop()) if len(sources) == 1 else ""
 
     def _fit_kv(self, batch: list[WorkItem], chunks: list[SequenceChunk]) -> tuple[list[WorkItem], list[SequenceChunk]]:
         """Keep the items that fit; fail decodes that cannot grow, leave prefills waiting."""

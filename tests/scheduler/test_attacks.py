@@ -26,6 +26,7 @@ import zmq
 from api.local_workers import LocalWorkers
 from scheduler.engine import Engine, EngineConfig
 from scheduler.request import GenerationRequest
+from scheduler.snapshots import health_snapshot
 from scheduler.tokenizer import Tokenizer
 from tests.checkpoints import make_checkpoint
 from tests.scheduler.loopback_capture import CaptureUnavailable, LoopbackCapture, tcp_streams, zmtp_mechanism
@@ -281,6 +282,11 @@ def test_a_killed_local_worker_is_started_again_and_rejoins(live: LiveEngine, un
     old_pid = live.workers.processes[1].pid
     live.workers.processes[1].kill()
     live.workers.processes[1].wait()
+    deadline = time.monotonic() + 30  # lost after the heartbeat timeout: /health says degraded
+    while (health := live.on_loop(lambda: health_snapshot(live.engine)))["registered_workers"] != 1:
+        assert time.monotonic() < deadline, health
+        time.sleep(0.1)
+    assert health["status"] == "degraded" and health["serving_workers"] <= 1
     assert live.workers.restart_exited() == [1]
     assert live.workers.processes[1].pid != old_pid
     deadline = time.monotonic() + 120
@@ -292,3 +298,4 @@ def test_a_killed_local_worker_is_started_again_and_rejoins(live: LiveEngine, un
         assert time.monotonic() < deadline
         time.sleep(0.2)
     assert live.generate_all() == undisturbed
+    assert live.on_loop(lambda: health_snapshot(live.engine)) == {"status": "ok", "serving_workers": 2, "registered_workers": 2}
