@@ -29,9 +29,9 @@ from scheduler.cluster import Cluster, LayerPlan, WorkerState
 from scheduler.detokenizer import IncrementalDetokenizer
 from scheduler import snapshots
 from scheduler.admission import AdmissionQueue
-from scheduler.errors import GenerationFailedError, NoCapacityError, OverloadedError, PromptTooLongError
+from scheduler.errors import InvalidRequestError, GenerationFailedError, NoCapacityError, OverloadedError, PromptTooLongError
 from scheduler.load import load_snapshot
-from scheduler.membership import Membership, ghost_requests
+from scheduler.membership import Membership, check_request, ghost_requests
 from scheduler.metrics import EngineMetrics
 from scheduler.planner import (DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN, MIN_MIX_REQUESTS, PlannerConfig,
                                kv_budget_bytes, plan_layers)
@@ -228,7 +228,11 @@ class Engine:
                 state = self.requests.get(message.request_id)
                 if state is not None:
                     log.warning("%s failed on %s: %s", message.request_id, message.worker_id, message.message)
-                    self._restart(state, reason=message.message)
+                    if message.fatal:  # bad input: another route would refuse it too
+                        self._end_attempt(state)
+                        state.queue.put_nowait(InvalidRequestError(message.message))
+                    else:
+                        self._restart(state, reason=message.message)
             case _:
                 log.warning("unexpected message %s", type(message).__name__)
 
@@ -461,6 +465,7 @@ class Engine:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         num_prompt = len(request.prompt_token_ids)
+        check_request(request, self.config.model.vocab_size)  # what a worker would refuse: a 400 now
         if num_prompt == 0:
             raise PromptTooLongError("the prompt is empty")
         if num_prompt >= self.max_model_len:

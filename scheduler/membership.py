@@ -7,6 +7,7 @@ Parts:
   - `authorise(message, sender_key, requests, workers)`: the message if its sender may send it
     (a `TokenOutputs` keeps only the outputs of requests whose route ends at the sender), else None.
   - `members_message(workers)`: the `Members` every worker gets when the membership changes.
+- `check_request(request, vocab_size)`: the scheduler's check of what a worker would refuse (400).
 - `ghost_requests(heartbeat, requests)`: what a worker holds that the scheduler does not run there.
 
 Rules (one sender key per message, from ZeroMQ's `User-Id`):
@@ -27,7 +28,9 @@ from typing import Any
 
 import zmq
 
-from workers import curve
+from scheduler.errors import InvalidRequestError
+from scheduler.request import GenerationRequest
+from workers import curve, validation
 from workers import protocol as p
 from workers.log_throttle import LogThrottle
 
@@ -141,6 +144,17 @@ class Membership:
         return p.Members(tuple(
             (worker.data_address, self.key_of.get(worker_id, "")) for worker_id, worker in workers.items()
         ))
+
+
+def check_request(request: GenerationRequest, vocab_size: int) -> None:
+    """InvalidRequestError (400) for what a worker would refuse: token ids outside the vocabulary,
+    sampling values out of range (workers/validation.py)."""
+    try:
+        if request.prompt_token_ids:
+            validation.check_token_ids(request.prompt_token_ids, vocab_size)
+        validation.check_sampling(request.sampling)
+    except p.ProtocolError as exc:
+        raise InvalidRequestError(str(exc)) from None
 
 
 def ghost_requests(heartbeat: p.Heartbeat, requests: Mapping[str, Any]) -> tuple[str, ...]:

@@ -162,6 +162,7 @@ class RequestFailed:
     worker_id: str
     request_id: str
     message: str
+    fatal: bool = False  # the request itself is bad (refused input): no retry on another route
 
 
 # ---------------------------------------------------------------------------------------------

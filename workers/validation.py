@@ -3,7 +3,7 @@
 Parts:
 - limits: `MAX_ROUTE_STAGES`, `MAX_PROMPT_TOKENS`, `MAX_TOP_LOGPROBS`, `MAX_NEW_TOKENS`.
 - `check_start(start, data_address)`: a request's route and sampling (ranges, finite numbers, this
-  stage on the route).
+  stage on the route); `check_sampling(sampling)` alone (the scheduler's check before routing).
 - `check_token_ids(token_ids, vocab_size)`: prompt / next-token ids within the vocabulary.
 - `check_entries(entries)`: positions and row counts of an `Activations` (the tensor's shape is
   checked against them where it is decoded).
@@ -22,7 +22,6 @@ MAX_ROUTE_STAGES = 256
 MAX_PROMPT_TOKENS = 1 << 20
 MAX_NEW_TOKENS = 1 << 20
 MAX_TOP_LOGPROBS = 20
-MAX_SEED = 2**63 - 1
 
 
 def check_start(start: p.RequestStart, data_address: str) -> None:
@@ -35,17 +34,21 @@ def check_start(start: p.RequestStart, data_address: str) -> None:
         raise p.ProtocolError("the scheduler address must be tcp://HOST:PORT")
     if not 0 <= start.first_token_index <= MAX_NEW_TOKENS:
         raise p.ProtocolError(f"first_token_index {start.first_token_index} out of range")
-    sampling = start.sampling
+    check_sampling(start.sampling)
+
+
+def check_sampling(sampling: p.SamplingParams) -> None:
+    """Sampling values a stage can run (also checked by the scheduler before routing: a 400)."""
     if not 1 <= sampling.max_new_tokens <= MAX_NEW_TOKENS:
         raise p.ProtocolError(f"max_new_tokens {sampling.max_new_tokens} out of range 1..{MAX_NEW_TOKENS}")
     if not (math.isfinite(sampling.temperature) and 0.0 <= sampling.temperature <= 100.0):
         raise p.ProtocolError(f"temperature {sampling.temperature} out of range 0..100")
     if not (math.isfinite(sampling.top_p) and 0.0 < sampling.top_p <= 1.0):
         raise p.ProtocolError(f"top_p {sampling.top_p} out of range (0, 1]")
-    if not 0 <= sampling.top_k <= 1 << 24:
-        raise p.ProtocolError(f"top_k {sampling.top_k} out of range")
-    if sampling.seed is not None and not 0 <= sampling.seed <= MAX_SEED:
-        raise p.ProtocolError(f"seed {sampling.seed} out of range 0..2^63-1")
+    if sampling.top_k < 0:
+        raise p.ProtocolError(f"top_k {sampling.top_k} is negative")
+    if sampling.seed is not None and not -(2**63) <= sampling.seed < 2**64:
+        raise p.ProtocolError(f"seed {sampling.seed} out of the 64-bit range")
     if sampling.num_top_logprobs is not None and not 0 <= sampling.num_top_logprobs <= MAX_TOP_LOGPROBS:
         raise p.ProtocolError(f"num_top_logprobs {sampling.num_top_logprobs} out of range 0..{MAX_TOP_LOGPROBS}")
     if len(sampling.eos_token_ids) > 1024:

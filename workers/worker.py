@@ -325,8 +325,13 @@ class Worker:
             raise p.ProtocolError("StartRequest needs a first stage and at least one token")
         if message.request_id in self.requests:
             raise p.ProtocolError(f"request {message.request_id} already started")
-        validation.check_token_ids(message.token_ids, backend.vocab_size)
-        validation.check_start(message.start, self.data_address)
+        try:
+            validation.check_token_ids(message.token_ids, backend.vocab_size)
+            validation.check_start(message.start, self.data_address)
+        except p.ProtocolError as exc:  # the scheduler sent it: tell it, so its client gets the reason
+            failed = p.RequestFailed(self.worker_id, message.request_id, f"refused by {self.worker_id}: {exc}", fatal=True)
+            self.send(self.config.scheduler_address, failed)
+            raise
         self.members.scheduler_addresses.add(message.start.scheduler_address)
         self.requests[message.request_id] = self._new_request(message.request_id, message.start)
         tokens = torch.tensor(message.token_ids, dtype=torch.long)

@@ -299,3 +299,18 @@ def test_a_killed_local_worker_is_started_again_and_rejoins(live: LiveEngine, un
         time.sleep(0.2)
     assert live.generate_all() == undisturbed
     assert live.on_loop(lambda: health_snapshot(live.engine)) == {"status": "ok", "serving_workers": 2, "registered_workers": 2}
+
+
+def test_a_client_request_a_worker_would_refuse_is_a_clear_400_and_a_full_range_seed_runs(live: LiveEngine) -> None:
+    from scheduler.errors import InvalidRequestError
+
+    async def run(prompt: tuple[int, ...], **sampling: Any) -> tuple[int, ...]:
+        params = p.SamplingParams(max_new_tokens=4, ignore_eos=True, **sampling)
+        request = GenerationRequest(f"client-{time.monotonic_ns()}", prompt, params)
+        return tuple([t async for output in live.engine.generate(request) for t in output.token_ids])
+
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+        live.call(run((5, 10**6)))
+    with pytest.raises(InvalidRequestError, match="num_top_logprobs"):
+        live.call(run((5, 6), num_top_logprobs=-1))
+    assert len(live.call(run((5, 6), seed=-(2**63), temperature=1.0))) == 4  # OpenAI's seed range: served
