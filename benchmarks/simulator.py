@@ -15,7 +15,7 @@ Parts:
   A request reserves prompt + max_new KV tokens on every stage of its route until it finishes;
   if no route fits (or ours holds it: ``MAX_QUEUE_WAIT_S``) it waits in
   ``scheduler.admission.AdmissionQueue`` (FIFO), tried again whenever a request finishes or gets
-  its first token.
+  its first token: the same admission decision (``scheduler.admission.decide``) as the engine's.
 - ``SimResult``: p50/p99 TTFT and end-to-end latency, output tokens/s.
 - ``saturation_tokens_per_s``: output tokens/s of an overloaded run (the calibration of "load").
 - ``replan_times``: wall time of the real ``solve_placement(current=...)`` after a join / a loss.
@@ -216,8 +216,7 @@ def simulate(cluster: SimCluster, placement: Placement, trace: tuple[SimRequest,
         now, _, kind, payload = heapq.heappop(events)
         if kind == 0:  # arrival
             q = payload
-            choice = route(q) if not len(queue) else None
-            decision = queue.offer(q.r.request_id, now, choice is not None)
+            decision, choice = queue.poll(q.r.request_id, now, lambda: route(q))
             if decision.outcome == "admitted":
                 start(q, choice, now)
             elif decision.outcome == "rejected":

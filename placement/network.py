@@ -1,6 +1,8 @@
 """The compiled view of a ``PlacementProblem`` that every algorithm works on.
 
 Parts:
+- ``layer_step_time_s(device, layer_bytes, batch)``: one decode step of one layer (measured, or
+  the roofline); the router charges stages by it too (scheduler/load.py).
 - ``capacity_table(problem, device)``: tokens/s when holding k = 1..Kmax layers (measured or
   derived, decode plus the workload's prefill per output token), trimmed to what memory and
   ``max_layers`` allow.
@@ -18,7 +20,7 @@ from placement.problem import (DEFAULT_LINK, SINK, SOURCE, DeviceSpec, Infeasibl
                                PlacementProblem)
 
 
-def _layer_time_s(device: DeviceSpec, layer_bytes: float, batch: int) -> float:
+def layer_step_time_s(device: DeviceSpec, layer_bytes: float, batch: int) -> float:
     """Seconds for one decode step of one layer at ``batch`` sequences (linear interpolation)."""
     if device.decode_layer_time_s:
         pts = sorted(device.decode_layer_time_s)
@@ -56,7 +58,7 @@ def capacity_table(problem: PlacementProblem, device: DeviceSpec) -> tuple[float
     # per-token decode time at the best batch b <= cap: best[b-1] = min over b' <= b of t(b') / b'
     best: list[float] = []
     for b in range(1, device.max_batch + 1):
-        t = _layer_time_s(device, avg, b) / b
+        t = layer_step_time_s(device, avg, b) / b
         best.append(min(t, best[-1]) if best else t)
     prefill_s = problem.prompt_tokens_per_output_token * prefill_time_per_token_s(problem, device)
     kv_seq_bytes = problem.kv_tokens_per_sequence * problem.model.kv_bytes_per_token_per_layer
@@ -75,7 +77,7 @@ def stage_latency_s(problem: PlacementProblem, device: DeviceSpec, k: int) -> fl
     if device.tokens_per_s is not None:
         return 1.0 / device.tokens_per_s[k - 1]
     avg = sum(problem.model.layer_bytes) / problem.model.num_layers
-    return k * _layer_time_s(device, avg, 1)
+    return k * layer_step_time_s(device, avg, 1)
 
 
 @dataclass
@@ -176,10 +178,10 @@ def build_network(problem: PlacementProblem) -> Network:
     m = problem.model
     L = m.num_layers
     caps, starts = [], []
-    sb = [[0] * (L + 1) for _ in range(L + 1)]   # stage_bytes(s, e), computed once
+    bytes_of_stage = [[0] * (L + 1) for _ in range(L + 1)]   # stage_bytes(s, e), computed once
     for s0 in range(L):
         for e0 in range(s0 + 1, L + 1):
-            sb[s0][e0] = stage_bytes(problem, s0, e0)
+            bytes_of_stage[s0][e0] = stage_bytes(problem, s0, e0)
     table_cache: dict = {}
     starts_cache: dict[tuple[int, int], list[list[int]]] = {}
     for d in problem.devices:
@@ -197,7 +199,7 @@ def build_network(problem: PlacementProblem) -> Network:
                 table_cache[key] = table
         skey = (d.memory_bytes, len(table))
         if skey not in starts_cache:
-            per_k = [[s for s in range(0, L - k + 1) if sb[s][s + k] <= d.memory_bytes]
+            per_k = [[s for s in range(0, L - k + 1) if bytes_of_stage[s][s + k] <= d.memory_bytes]
                      for k in range(1, len(table) + 1)]
             while per_k and not per_k[-1]:
                 per_k.pop()

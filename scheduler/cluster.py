@@ -24,7 +24,7 @@ class WorkerState:
     data_address: str
     memory_bytes: int
     device: str
-    profile: dict
+    profile: p.DeviceProfile | None  # measured at join (None: --no-profile); parsed once, by the codec
     pid: int
     registered_at_s: float
     last_seen_s: float
@@ -79,7 +79,7 @@ class Cluster:
             data_address=message.data_address,
             memory_bytes=message.memory_bytes,
             device=message.device,
-            profile=dict(message.profile),
+            profile=message.profile,
             pid=message.pid,
             prefill_tokens_per_step=message.prefill_tokens_per_step,
             registered_at_s=now_s,
@@ -131,5 +131,21 @@ class Cluster:
         """Whether some worker was given layers it has not reported ready yet."""
         return any(s.assigned is not None and not s.is_ready and s.error is None for s in self.workers.values())
 
-    def addresses(self, route: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(self.workers[wid].data_address for wid in route)
+    def assign(self, worker: WorkerState, layers: tuple[int, int] | None, epoch: int) -> bool:
+        """Record that `worker` was given `layers` (None: none) in plan `epoch`; whether it held some."""
+        held = worker.assigned is not None
+        worker.assigned, worker.loaded, worker.assigned_epoch = layers, None, epoch
+        return held
+
+    def drained_workers(self) -> list[WorkerState]:
+        """Draining workers with no request left that still hold layers (a re-plan unloads them)."""
+        return [w for w in self.workers.values() if w.draining and w.in_flight == 0 and w.assigned is not None]
+
+    def expecting_routes(self, local_workers: int) -> bool:
+        """Whether a route may appear soon without anyone acting: layers loading, a drain under
+        way, or fewer than `local_workers` (started with the scheduler) registered yet."""
+        return (
+            self.is_loading()
+            or len(self.workers) < local_workers
+            or any(w.draining and w.assigned is not None for w in self.workers.values())
+        )

@@ -1,17 +1,24 @@
 """The scheduler engine: workers register, layers are assigned, requests flow through routes.
 
-Parts:
-- `EngineConfig`: the model, where the control socket listens, timeouts.
-- `RequestState`: one request in flight: its route, tokens so far, the queue its stream reads.
-- `Engine`: one PULL socket receives everything workers send (registrations, heartbeats, tokens,
-  failures); one PUSH socket per worker carries assignments, request starts and releases.
-  `generate()` is what the API calls: it yields `GenerationOutput`s as tokens arrive.
+The request loop (`Engine.generate`, what the API calls), in the order a request lives it:
 
-The idea that keeps recovery simple: a request's state is the prompt plus the tokens the client
-has already received. Whenever its route breaks (a worker lost, re-assigned or out of KV), the
-request starts again on another route from exactly that state (`first_token_index` =
-tokens already sent), and tokens are accepted only in index order, so the client's stream has no
-lost or duplicated token.
+    state = RequestState(request)                 # scheduler/request_state.py: the whole life
+    await self._admit(state)                      # admission: route now, or wait (FIFO) or 429
+    while True:
+        output = await self._next_output(state)   # a token; a lost stage replays via _admit
+        taken = state.token(output, workers)      # only the current attempt's next index
+        yield stream.step(taken, output)          # text, logprobs, finish; finished() frees KV
+
+Beside it two loops serve the sockets: `_receive_loop` takes everything workers send on one PULL
+socket (registrations, heartbeats, layers ready, tokens, failures) and `_monitor_loop` declares
+silent workers lost and re-plans. One PUSH socket per worker carries assignments, request starts
+and releases. Every reservation a request holds on a stage changes in `RequestState` alone.
+
+Every socket is CURVE and every message is checked against who may send it before it is handled
+(scheduler/membership.py, workers/curve.py).
+
+Parts: `EngineConfig` (the model, the control socket, timeouts, admission limits, the cluster
+token); `Engine` (the loops above, planning: `replan`, `_assign`, and the snapshots the API serves).
 """
 
 from __future__ import annotations
@@ -20,28 +27,28 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import zmq
 import zmq.asyncio
 
-from scheduler.cluster import Cluster, LayerPlan, WorkerState
-from scheduler.detokenizer import IncrementalDetokenizer
 from scheduler import snapshots
 from scheduler.admission import AdmissionQueue
-from scheduler.errors import InvalidRequestError, GenerationFailedError, NoCapacityError, OverloadedError, PromptTooLongError
+from scheduler.cluster import Cluster, LayerPlan, WorkerState
+from scheduler.errors import GenerationFailedError, InvalidRequestError, NoCapacityError, OverloadedError
 from scheduler.load import load_snapshot
 from scheduler.membership import Membership, check_request, ghost_requests
 from scheduler.metrics import EngineMetrics
-from scheduler.planner import (DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN, MIN_MIX_REQUESTS, PlannerConfig,
-                               kv_budget_bytes, plan_layers)
-from scheduler.request import GenerationOutput, GenerationRequest, TokenLogprob
-from scheduler.routing import MAX_QUEUE_WAIT_S, RouteRequest, choose_route
+from scheduler.planner import DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN, MIN_MIX_REQUESTS, PlannerConfig, assignment, plan_layers
+from scheduler.output_stream import OutputStream
+from scheduler.request import GenerationOutput, GenerationRequest
+from scheduler.request_state import RequestState, WorkloadStats
+from scheduler.routing import MAX_QUEUE_WAIT_S, choose_route
 from scheduler.tokenizer import Tokenizer
-from workers import codec, curve
-from workers import protocol as p
+from workers import codec, curve, protocol as p
 
 log = logging.getLogger("potluck.scheduler")
+Inbox = asyncio.Queue  # of p.TokenOutput, or None: the attempt ended, look at the RequestState
 
 
 @dataclass(frozen=True)
@@ -65,27 +72,10 @@ class EngineConfig:
     retry_after_s: float = 2.0
     placement: str = "auto"  # auto | solver | pipeline (scheduler/planner.py)
     placement_objective: str = "throughput"  # or "latency"
-    # prompt tokens per output token placement plans for until MIN_MIX_REQUESTS have finished
-    # (then: what they had); scheduler/planner.py
+    # what placement plans for until MIN_MIX_REQUESTS have finished (scheduler/planner.py)
     prompt_tokens_per_output_token: float = DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN
     token: str | None = None  # the cluster token (None: a new one, `Engine.token`); scheduler/membership.py
     curve: bool = True  # CurveZMQ on every socket (off only to measure what it costs)
-
-
-@dataclass
-class RequestState:
-    request: GenerationRequest
-    queue: asyncio.Queue
-    route: tuple[str, ...] = ()
-    attempt: int = 0
-    generated: list[int] = field(default_factory=list)
-    started_at_s: float = field(default_factory=time.monotonic)
-    reserved_kv_tokens: int = 0  # per stage of the current route
-    queued_prefill_tokens: int = 0  # per stage of the current route, until its first token
-
-    @property
-    def wire_id(self) -> str:
-        return f"{self.request.request_id}#{self.attempt}"
 
 
 class Engine:
@@ -94,15 +84,11 @@ class Engine:
         self.tokenizer = tokenizer
         self.model_id = config.served_model_name
         self.max_model_len = config.max_model_len or config.model.max_position_embeddings
-        self.planner_config = PlannerConfig(
-            self.max_model_len,
-            config.max_concurrent_sequences,
-            objective=config.placement_objective,
-            placement=config.placement,
-            prompt_tokens_per_output_token=config.prompt_tokens_per_output_token,
-        )
+        self.planner_config = PlannerConfig(self.max_model_len, config.max_concurrent_sequences, placement=config.placement,
+            objective=config.placement_objective, prompt_tokens_per_output_token=config.prompt_tokens_per_output_token)
         self.cluster = Cluster(num_layers=config.model.num_layers)
-        self.requests: dict[str, RequestState] = {}  # by wire id
+        self.requests: dict[str, RequestState] = {}  # routed requests, by wire id
+        self.inboxes: dict[str, Inbox] = {}  # each routed request's tokens, by wire id
         self.sockets: dict[str, zmq.Socket] = {}
         self.sync_context = zmq.Context()
         self.async_context = zmq.asyncio.Context()
@@ -110,14 +96,138 @@ class Engine:
         self.control_address = ""
         self.tasks: list[asyncio.Task] = []
         self.routes_changed = asyncio.Event()
-        self.admission: AdmissionQueue[str] = AdmissionQueue(config.max_waiting, config.retry_after_s)
-        self.tokens_generated = 0
-        self.finished_requests = 0  # and their prompt / generated tokens: the workload mix
-        self.finished_prompt_tokens = 0
-        self.finished_output_tokens = 0
+        self.admission: AdmissionQueue[str] = AdmissionQueue(config.max_waiting, config.retry_after_s, config.route_wait_s)
+        self.workload = WorkloadStats()
         self.metrics = EngineMetrics(self)  # Prometheus series (scheduler/metrics.py)
         self.membership = Membership(config.token, config.curve)  # token, keys, who may say what
         self.token = self.membership.token
+
+    # ------------------------------------------------------------------------------- the request loop
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        request = request.within_context(self.max_model_len)
+        check_request(request, self.config.model.vocab_size)  # what a worker would refuse: a 400 now
+        state = RequestState(request)
+        inbox: Inbox = Inbox()
+        stream = OutputStream(self.tokenizer, request)
+        timer = self.metrics.on_start(len(request.prompt_token_ids))
+        try:
+            await self._admit(state, inbox)
+            while True:
+                output = await self._next_output(state, inbox)
+                taken = state.token(output, self.cluster.workers)
+                if taken is None:
+                    continue  # from an earlier attempt, or a duplicate
+                if taken.prompt_through and len(self.admission):
+                    self._routes_changed()  # shorter stage queues: a held request may go
+                self.workload.on_token()
+                self.metrics.on_token(timer)
+                step = stream.step(taken, output)
+                if step.finish_reason is not None:
+                    self.metrics.on_finish(timer, step.finish_reason)
+                    self.workload.on_finished(state)
+                    self._release(state.wire_id, state.finished(step.finish_reason, self.cluster.workers))
+                yield step
+                if step.finish_reason is not None:
+                    return
+        finally:
+            self._release(state.wire_id, state.aborted(self.cluster.workers))
+            self.metrics.on_end(timer)
+
+    async def _admit(self, state: RequestState, inbox: Inbox) -> None:
+        """Route now, or wait: for layers being loaded (up to `route_wait_s`), or in the admission
+        queue while every path is KV-full or queued past `MAX_QUEUE_WAIT_S` (scheduler/admission.py:
+        FIFO; past `max_waiting`, or after `route_wait_s`, the request gets a 429)."""
+        started_s = time.monotonic()
+        key = state.request.request_id
+        try:
+            while True:
+                now_s = time.monotonic()
+                if self.cluster.usable_routes():
+                    decision, route = self.admission.poll(key, now_s, lambda: self.choose_route(state), since_s=started_s)
+                    if route is not None:
+                        self._start(state, route, inbox)
+                        return
+                    if decision.reason == "full":
+                        raise OverloadedError(f"all {len(self.admission)} admission slots are taken and every path "
+                                              "is full or queued; retry later", retry_after_s=self.config.retry_after_s)
+                    if decision.reason == "expired":
+                        raise OverloadedError(f"every path stayed full or queued for {self.config.route_wait_s:.0f} s; "
+                                              "retry later", retry_after_s=self.config.retry_after_s)
+                elif not self.cluster.expecting_routes(self.config.local_workers):
+                    raise NoCapacityError("no path through the model's layers is available: " + (
+                        "no worker has joined yet (start one with `potluck join`)" if not self.cluster.workers else "no worker serves it"))
+                elif now_s - started_s >= self.config.route_wait_s:
+                    raise NoCapacityError(f"no path through the model's layers became available in {self.config.route_wait_s:.0f} s")
+                remaining_s = started_s + self.config.route_wait_s - time.monotonic()
+                try:
+                    await asyncio.wait_for(self.routes_changed.wait(), timeout=max(0.0, min(remaining_s, 0.5)))
+                except TimeoutError:
+                    pass
+        finally:
+            if self.admission.remove(key):
+                self._routes_changed()  # the next in line may go
+
+    def choose_route(self, state: RequestState) -> tuple[str, ...] | None:
+        """The path with the least predicted TTFT + DECODE_WEIGHT x decode time among stages with room;
+        None while every path is full or would queue the prompt past MAX_QUEUE_WAIT_S (routing.py)."""
+        snapshot = load_snapshot(self.cluster, self.config.model)
+        choice = choose_route(snapshot, state.route_request, max_queue_wait_s=self.config.max_queue_wait_s)
+        return None if choice is None else choice.worker_ids
+
+    def _start(self, state: RequestState, route: tuple[str, ...], inbox: Inbox) -> None:
+        transition = state.routed if state.lost_reason is None else state.replayed
+        start = transition(route, self.cluster.workers, self.control_address)
+        self.requests[state.wire_id] = state
+        self.inboxes[state.wire_id] = inbox
+        self._send(route[0], start)
+
+    async def _next_output(self, state: RequestState, inbox: Inbox) -> p.TokenOutput:
+        """The next output a stage sent for this request; after a lost stage, replay first."""
+        while True:
+            try:
+                item = await asyncio.wait_for(inbox.get(), timeout=self.config.token_timeout_s)
+            except TimeoutError:
+                raise GenerationFailedError(f"no token for {self.config.token_timeout_s:.0f} s") from None
+            if item is not None:
+                return item
+            if state.error is not None:
+                raise state.error
+            log.info("replaying %s after %d tokens: %s", state.request.request_id, state.num_generated, state.lost_reason)
+            await self._admit(state, inbox)
+
+    def _restart(self, state: RequestState, reason: str) -> None:
+        """A stage of the request's route is gone: end the attempt, wake its stream to replay."""
+        if not state.is_routed:
+            return
+        wire_id = state.wire_id
+        inbox = self.inboxes.get(wire_id)
+        self._release(wire_id, state.stage_lost(reason, self.cluster.workers, self.config.max_restarts))
+        if inbox is not None:
+            inbox.put_nowait(None)
+
+    def _fail(self, state: RequestState, error: Exception) -> None:
+        """End the request with `error` for its client."""
+        wire_id = state.wire_id
+        inbox = self.inboxes.get(wire_id)
+        self._release(wire_id, state.aborted(self.cluster.workers, error))
+        if inbox is not None:
+            inbox.put_nowait(None)
+
+    def _restart_through(self, worker_id: str, reason: str) -> None:
+        for state in [state for state in self.requests.values() if worker_id in state.route]:
+            self._restart(state, reason)
+
+    def _release(self, wire_id: str, held: tuple[str, ...]) -> None:
+        """Forget an ended attempt and tell the stages that still hold it to free its KV."""
+        self.requests.pop(wire_id, None)
+        self.inboxes.pop(wire_id, None)
+        for worker_id in held:
+            self._send(worker_id, p.ReleaseRequests((wire_id,)))
+        self._routes_changed()  # capacity freed: waiting requests may go
+
+    def _routes_changed(self) -> None:
+        self.routes_changed.set()
+        self.routes_changed = asyncio.Event()
 
     # ------------------------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -125,10 +235,9 @@ class Engine:
         self.pull.setsockopt(zmq.RCVHWM, 0)
         self.membership.start(self.async_context)
         self.membership.secure_server(self.pull)
-        host = self.config.control_host
-        if self.config.control_port:
-            self.pull.bind(f"tcp://{host}:{self.config.control_port}")
-            port = self.config.control_port
+        host, port = self.config.control_host, self.config.control_port
+        if port:
+            self.pull.bind(f"tcp://{host}:{port}")
         else:
             port = self.pull.bind_to_random_port(f"tcp://{host}")
         advertised = "127.0.0.1" if host in ("0.0.0.0", "*") else host
@@ -142,15 +251,13 @@ class Engine:
                 self._send(worker_id, p.Shutdown("scheduler stopping"))
         for task in self.tasks:
             task.cancel()
-        for task in self.tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
-        for state in self.requests.values():
-            state.queue.put_nowait(NoCapacityError("the server is shutting down"))
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for wire_id, state in list(self.requests.items()):
+            state.aborted(self.cluster.workers, NoCapacityError("the server is shutting down"))
+            self.inboxes[wire_id].put_nowait(None)
         for sock in self.sockets.values():
             sock.close(linger=100 if shutdown_workers else 0)
+        self.sockets.clear()
         if self.pull is not None:
             self.pull.close(linger=0)
         self.membership.stop()
@@ -167,21 +274,19 @@ class Engine:
 
     # ------------------------------------------------------------------------------- messages
     def _send(self, worker_id: str, message: p.Message) -> None:
-        sock = self.sockets.get(worker_id)
-        if sock is None:
+        if (sock := self.sockets.get(worker_id)) is None:
             return
         try:
             sock.send_multipart(codec.encode(message), flags=zmq.NOBLOCK)
         except zmq.Again:
             log.warning("worker %s is not taking messages", worker_id)
 
-    def _send_once(self, address: str, message: p.Message, worker_id: str = "") -> None:
-        key = self.membership.key_at(address, self.cluster.workers) or self.membership.key_of.get(worker_id, "")
-        if self.membership.use_curve and not key:
+    def _send_once(self, address: str, message: p.Message, worker_id: str) -> None:
+        if self.membership.use_curve and not self.membership.key_of.get(worker_id):
             return
         sock = self.sync_context.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 1000)
-        self.membership.secure_client(sock, key)
+        self.membership.secure_client(sock, self.membership.key_of.get(worker_id, ""))
         sock.connect(address)
         try:
             sock.send_multipart(codec.encode(message), flags=zmq.NOBLOCK)
@@ -206,9 +311,8 @@ class Engine:
         match message:
             case p.TokenOutputs():
                 for output in message.outputs:
-                    state = self.requests.get(output.request_id)
-                    if state is not None:
-                        state.queue.put_nowait(output)
+                    if (inbox := self.inboxes.get(output.request_id)) is not None:
+                        inbox.put_nowait(output)
             case p.Heartbeat():
                 if message.worker_id in self.cluster.workers:
                     self.cluster.on_heartbeat(message)
@@ -220,17 +324,14 @@ class Engine:
             case p.Register():
                 self._on_register(message)
             case p.LayersReady():
-                state = self.cluster.on_layers_ready(message)
-                if state is not None and state.error:
+                if (state := self.cluster.on_layers_ready(message)) is not None and state.error:
                     log.error("%s failed to load layers: %s", state.worker_id, state.error)
                 self._routes_changed()
             case p.RequestFailed():
-                state = self.requests.get(message.request_id)
-                if state is not None:
+                if (state := self.requests.get(message.request_id)) is not None:
                     log.warning("%s failed on %s: %s", message.request_id, message.worker_id, message.message)
                     if message.fatal:  # bad input: another route would refuse it too
-                        self._end_attempt(state)
-                        state.queue.put_nowait(InvalidRequestError(message.message))
+                        self._fail(state, InvalidRequestError(message.message))
                     else:
                         self._restart(state, reason=message.message)
             case _:
@@ -253,21 +354,18 @@ class Engine:
         if len(self.cluster.workers) >= self.config.min_workers:
             self.replan()
 
+    def _lose(self, worker_id: str, reason: str) -> None:
+        log.warning("worker %s lost: %s", worker_id, reason)
+        self.cluster.remove(worker_id)
+        if (sock := self.sockets.pop(worker_id, None)) is not None:
+            sock.close(linger=0)
+        self._send_members()
+        self._restart_through(worker_id, f"worker {worker_id} lost")
+
     def _send_members(self) -> None:
         members = self.membership.members_message(self.cluster.workers)
         for worker_id in self.cluster.workers:
             self._send(worker_id, members)
-
-    def _lose(self, worker_id: str, reason: str) -> None:
-        log.warning("worker %s lost: %s", worker_id, reason)
-        self.cluster.remove(worker_id)
-        sock = self.sockets.pop(worker_id, None)
-        if sock is not None:
-            sock.close(linger=0)
-        self._send_members()
-        for state in list(self.requests.values()):
-            if worker_id in state.route:
-                self._restart(state, reason=f"worker {worker_id} lost")
 
     async def _monitor_loop(self) -> None:
         tick_s = 0.25
@@ -282,27 +380,18 @@ class Engine:
             stale = self.cluster.stale_workers(self.config.heartbeat_timeout_s)
             for worker_id in stale:
                 self._lose(worker_id, f"silent for more than {self.config.heartbeat_timeout_s} s")
-            drained = [w for w in self.cluster.workers.values() if w.draining and w.in_flight == 0 and w.assigned is not None]
-            if (stale or drained) and self.cluster.workers:
+            if (stale or self.cluster.drained_workers()) and self.cluster.workers:
                 self.replan()
 
     def drain(self, worker_id: str) -> None:
         """Finish the worker's in-flight requests, route nothing new to it, then unload its layers."""
-        if worker_id not in self.cluster.workers:
-            raise KeyError(worker_id)
-        self.cluster.workers[worker_id].draining = True
+        self.cluster.workers[worker_id].draining = True  # KeyError for a worker it does not know
         self._routes_changed()
 
     # ------------------------------------------------------------------------------- planning
     def workload_mix(self) -> tuple[float, float]:
-        """(prompt tokens per output token, KV tokens per sequence) placement plans for: the
-        configured ratio and no KV cap on the batch until ``MIN_MIX_REQUESTS`` requests have
-        finished, then what those requests had."""
-        n = self.finished_requests
-        if n < MIN_MIX_REQUESTS or self.finished_output_tokens == 0:
-            return self.planner_config.prompt_tokens_per_output_token, 0.0
-        return (self.finished_prompt_tokens / self.finished_output_tokens,
-                (self.finished_prompt_tokens + self.finished_output_tokens) / n)
+        """(prompt tokens per output token, KV tokens per sequence) the next plan is for."""
+        return self.workload.mix(self.planner_config.prompt_tokens_per_output_token, MIN_MIX_REQUESTS)
 
     def replan(self) -> None:
         """Plan for the registered workers; only workers whose range changes reload."""
@@ -328,208 +417,14 @@ class Engine:
         self._routes_changed()
 
     def _assign(self, worker: WorkerState, new_range: tuple[int, int] | None, plan: LayerPlan) -> None:
-        held = worker.assigned is not None
-        worker.assigned = new_range
-        worker.loaded = None
-        worker.assigned_epoch = plan.epoch
-        for state in list(self.requests.values()):
-            if worker.worker_id in state.route:
-                self._restart(state, reason=f"{worker.worker_id} re-assigned")
+        held = self.cluster.assign(worker, new_range, plan.epoch)
+        self._restart_through(worker.worker_id, f"{worker.worker_id} re-assigned")
         if new_range is None:
             if held:
                 self._send(worker.worker_id, p.UnloadLayers(plan.epoch))
             return
-        stages = 1 if plan.co_located else max((len(r) for r in plan.pipelines if worker.worker_id in r), default=1)
-        self._send(
-            worker.worker_id,
-            p.AssignLayers(
-                epoch=plan.epoch,
-                model_dir=self.config.model_dir,
-                start_layer=new_range[0],
-                end_layer=new_range[1],
-                dtype=self.config.dtype,
-                kv_budget_bytes=kv_budget_bytes(self.config.model, worker, *new_range, self.planner_config),
-                num_stages_hint=stages,
-            ),
-        )
-
-    def _routes_changed(self) -> None:
-        self.routes_changed.set()
-        self.routes_changed = asyncio.Event()
-
-    # ------------------------------------------------------------------------------- requests
-    def choose_route(self, state: RequestState) -> tuple[str, ...] | None:
-        """The path with the least predicted TTFT + DECODE_WEIGHT x decode time, among stages with
-        room; None while every path is full or would queue the prompt past MAX_QUEUE_WAIT_S
-        (scheduler/routing.py)."""
-        request = state.request
-        route_request = RouteRequest(
-            num_prompt_tokens=len(request.prompt_token_ids) + len(state.generated),
-            max_new_tokens=request.sampling.max_new_tokens - len(state.generated),
-        )
-        snapshot = load_snapshot(self.cluster, self.config.model.activation_bytes_per_token)
-        choice = choose_route(snapshot, route_request, max_queue_wait_s=self.config.max_queue_wait_s)
-        return None if choice is None else choice.worker_ids
-
-    def _start_attempt(self, state: RequestState, route: tuple[str, ...]) -> None:
-        request = state.request
-        state.route = route
-        done = len(state.generated)
-        state.queued_prefill_tokens = len(request.prompt_token_ids) + done
-        state.reserved_kv_tokens = state.queued_prefill_tokens + request.sampling.max_new_tokens - done
-        for worker_id in route:
-            worker = self.cluster.workers[worker_id]
-            worker.in_flight += 1
-            worker.requests_routed += 1
-            worker.reserved_kv_tokens += state.reserved_kv_tokens
-            worker.queued_prefill_tokens += state.queued_prefill_tokens
-        sampling = replace(request.sampling, max_new_tokens=request.sampling.max_new_tokens - done)
-        start = p.RequestStart(self.cluster.addresses(route), self.control_address, sampling, first_token_index=done)
-        self.requests[state.wire_id] = state
-        self._send(route[0], p.StartRequest(state.wire_id, request.prompt_token_ids + tuple(state.generated), start))
-
-    def _end_attempt(self, state: RequestState) -> None:
-        self.requests.pop(state.wire_id, None)
-        for worker_id in state.route:
-            worker = self.cluster.workers.get(worker_id)
-            if worker is not None:
-                worker.in_flight -= 1
-                worker.reserved_kv_tokens -= state.reserved_kv_tokens
-                worker.queued_prefill_tokens -= state.queued_prefill_tokens
-                self._send(worker_id, p.ReleaseRequests((state.wire_id,)))
-        state.route = ()
-        state.reserved_kv_tokens = state.queued_prefill_tokens = 0
-        self._routes_changed()  # capacity freed: waiting requests may go
-
-    def _restart(self, state: RequestState, reason: str) -> None:
-        """Move the request to a new route from the tokens the client already has."""
-        if state.wire_id not in self.requests:
-            return
-        self._end_attempt(state)
-        state.attempt += 1
-        if state.attempt > self.config.max_restarts:
-            state.queue.put_nowait(GenerationFailedError(f"request failed {state.attempt} times; last: {reason}"))
-            return
-        state.queue.put_nowait(("restart", reason))
-
-    async def _acquire_route(self, state: RequestState) -> None:
-        """Route now, or wait: for layers being loaded (up to `route_wait_s`), or in the admission
-        queue while every path is KV-full or queued past `MAX_QUEUE_WAIT_S` (FIFO; past
-        `max_waiting`, or after `route_wait_s`, the request gets a 429)."""
-        deadline = time.monotonic() + self.config.route_wait_s
-        key = state.request.request_id
-        try:
-            while True:
-                usable = bool(self.cluster.usable_routes())
-                is_head = not len(self.admission) or self.admission.waiting()[0] == key
-                route = self.choose_route(state) if usable and is_head else None
-                if route is not None:
-                    self.admission.remove(key)
-                    self._start_attempt(state, route)
-                    return
-                if usable and key not in self.admission:  # every path is full or queued: wait or turn away
-                    decision = self.admission.offer(key, time.monotonic(), has_route=False)
-                    if decision.outcome == "rejected":
-                        raise OverloadedError(
-                            f"all {len(self.admission)} admission slots are taken and every path is full or queued; retry later",
-                            retry_after_s=decision.retry_after_s or 1.0,
-                        )
-                elif not usable and not self._expecting_routes():
-                    raise NoCapacityError(
-                        "no path through the model's layers is available: "
-                        + ("no worker has joined yet (start one with `potluck join`)" if not self.cluster.workers else "no worker serves it")
-                    )
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    if usable:
-                        raise OverloadedError(
-                            f"every path stayed full or queued for {self.config.route_wait_s:.0f} s; retry later",
-                            retry_after_s=self.config.retry_after_s,
-                        )
-                    raise NoCapacityError(f"no path through the model's layers became available in {self.config.route_wait_s:.0f} s")
-                try:
-                    await asyncio.wait_for(self.routes_changed.wait(), timeout=min(remaining, 0.5))
-                except TimeoutError:
-                    pass
-        finally:
-            if self.admission.remove(key):
-                self._routes_changed()  # the next in line may go
-
-    def _expecting_routes(self) -> bool:
-        """Whether a route may appear soon without anyone acting (layers loading, drain, workers due)."""
-        return (
-            self.cluster.is_loading()
-            or len(self.cluster.workers) < self.config.local_workers
-            or any(w.draining and w.assigned is not None for w in self.cluster.workers.values())
-        )
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
-        num_prompt = len(request.prompt_token_ids)
-        check_request(request, self.config.model.vocab_size)  # what a worker would refuse: a 400 now
-        if num_prompt == 0:
-            raise PromptTooLongError("the prompt is empty")
-        if num_prompt >= self.max_model_len:
-            raise PromptTooLongError(f"the prompt has {num_prompt} tokens; this model's context is {self.max_model_len} tokens")
-        max_new = min(request.sampling.max_new_tokens, self.max_model_len - num_prompt)
-        request = replace(request, sampling=replace(request.sampling, max_new_tokens=max(1, max_new)))
-        state = RequestState(request, asyncio.Queue())
-        detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, request.stop, request.skip_special_tokens)
-        timer = self.metrics.on_start(num_prompt)
-        try:
-            await self._acquire_route(state)
-            while True:
-                try:
-                    item = await asyncio.wait_for(state.queue.get(), timeout=self.config.token_timeout_s)
-                except TimeoutError:
-                    raise GenerationFailedError(f"no token for {self.config.token_timeout_s:.0f} s") from None
-                if isinstance(item, Exception):
-                    raise item
-                if isinstance(item, tuple):  # restart: the old route is gone
-                    log.info("restarting %s after %d tokens: %s", request.request_id, len(state.generated), item[1])
-                    await self._acquire_route(state)
-                    continue
-                output: p.TokenOutput = item
-                if output.request_id != state.wire_id or output.index != len(state.generated):
-                    continue  # from an earlier attempt, or a duplicate
-                if state.queued_prefill_tokens:  # the prompt is through every stage
-                    for worker_id in state.route:
-                        if (worker := self.cluster.workers.get(worker_id)) is not None:
-                            worker.queued_prefill_tokens -= state.queued_prefill_tokens
-                    state.queued_prefill_tokens = 0
-                    if len(self.admission):
-                        self._routes_changed()  # shorter queues: a held request may go
-                state.generated.append(output.token_id)
-                self.tokens_generated += 1
-                self.metrics.on_token(timer)
-                step = detokenizer.add(output.token_id)
-                finish_reason = output.finish_reason
-                text = step.text
-                if step.stopped:
-                    finish_reason = "stop"
-                elif finish_reason is not None:
-                    text += detokenizer.flush()
-                logprobs = ()
-                if request.sampling.num_top_logprobs is not None and output.logprob is not None:
-                    logprobs = (TokenLogprob(output.token_id, output.logprob, tuple(output.top_logprobs)),)
-                if finish_reason is not None:
-                    self.metrics.on_finish(timer, finish_reason)
-                    self.finished_requests += 1
-                    self.finished_prompt_tokens += len(request.prompt_token_ids)
-                    self.finished_output_tokens += len(state.generated)
-                yield GenerationOutput(
-                    request_id=request.request_id,
-                    text=text,
-                    token_ids=(output.token_id,),
-                    logprobs=logprobs,
-                    finish_reason=finish_reason,
-                    num_prompt_tokens=num_prompt,
-                    num_generated_tokens=len(state.generated),
-                )
-                if finish_reason is not None:
-                    return
-        finally:
-            self._end_attempt(state)
-            self.metrics.on_end(timer)
+        self._send(worker.worker_id, assignment(self.config.model_dir, self.config.dtype, self.config.model,
+                                                worker, new_range, plan, self.planner_config))
 
     # ------------------------------------------------------------------------------- snapshots
     def worker_snapshot(self, worker_id: str) -> dict:

@@ -1,44 +1,47 @@
 """The live load of the cluster as the router sees it.
 
 Parts:
-- `layer_costs_s(profile)`: per-layer decode step time, its growth per extra sequence, and prefill
-  time per token, from a worker's measured profile (workers/profiler.py's JSON).
-- `load_snapshot(cluster, activation_bytes_per_token)`: a `routing.LoadSnapshot` of the usable
-  stages: the scheduler's own KV reservations and queued prompt tokens (exact, updated per
-  request) plus the step time the worker reports in its heartbeats (EWMA, measured), and the
-  chunked-prefill budget it reported at registration.
+- `layer_costs_s(spec, layer_bytes)`: per-layer decode step time at batch 1, its growth per extra
+  sequence, and prefill time per token, from the worker's `DeviceSpec` (scheduler/planner.py's
+  `device_spec`, the same the planner places with: one prefill cost for both).
+- `load_snapshot(cluster, model)`: a `routing.LoadSnapshot` of the usable stages: the
+  scheduler's own KV reservations and queued prompt tokens (exact, updated per request,
+  scheduler/request_state.py) plus the step time the worker reports in its heartbeats (EWMA,
+  measured), and the chunked-prefill budget it reported at registration.
 """
 
 from __future__ import annotations
 
+from placement.network import layer_step_time_s
+from placement.problem import DeviceSpec
 from scheduler.cluster import Cluster, WorkerState
+from scheduler.planner import device_spec
 from scheduler.routing import LoadSnapshot, StageLoad
+from workers.protocol import ModelFacts
 
-FALLBACK_LAYER_STEP_S = 1e-3  # a worker that registered without a profile and has not run yet
 DEFAULT_PREFILL_TOKENS_PER_STEP = StageLoad.prefill_tokens_per_step  # a worker that did not report its budget
+ROOFLINE_BATCH = 16  # the batch the per-sequence growth is read at when no batch was measured
 
 
-def layer_costs_s(profile: dict) -> tuple[float, float, float]:
-    """(decode step s per layer at batch 1, extra s per layer per added sequence, prefill s per token per layer)."""
-    timings = (profile or {}).get("layer_timings") or {}
-    decode = timings.get("decode_step_s") or []
-    prefill = timings.get("prefill_s_per_token") or []
-    if not decode:
-        return FALLBACK_LAYER_STEP_S, FALLBACK_LAYER_STEP_S / 16, FALLBACK_LAYER_STEP_S / 16
-    shortest = min(ctx for _, ctx, _ in decode)
-    by_batch = sorted((batch, seconds) for batch, ctx, seconds in decode if ctx == shortest)
-    step_s = by_batch[0][1]
-    (b0, t0), (b1, t1) = by_batch[0], by_batch[-1]
-    per_request_s = max(0.0, (t1 - t0) / (b1 - b0)) if b1 > b0 else 0.0
-    prefill_s = min((seconds for _, seconds in prefill), default=per_request_s)
+def layer_costs_s(spec: DeviceSpec, layer_bytes: float) -> tuple[float, float, float]:
+    """(decode step s per layer at the smallest batch, extra s per layer per added sequence up to the
+    largest batch, prefill s per token per layer: measured, else the roofline's compute time)."""
+    batches = sorted(b for b, _ in spec.decode_layer_time_s or ()) or [1, ROOFLINE_BATCH]
+    low, high = batches[0], batches[-1]
+    step_s = layer_step_time_s(spec, layer_bytes, low)
+    per_request_s = max(0.0, (layer_step_time_s(spec, layer_bytes, high) - step_s) / (high - low)) if high > low else 0.0
+    prefill_s = spec.prefill_layer_time_per_token_s
+    if prefill_s is None:
+        prefill_s = layer_bytes / spec.flops_per_s if spec.flops_per_s else per_request_s
     return step_s, per_request_s, prefill_s
 
 
-def stage_load(worker: WorkerState) -> StageLoad:
+def stage_load(worker: WorkerState, model: ModelFacts) -> StageLoad:
     assert worker.loaded is not None
     start, end = worker.loaded
     layers = end - start
-    step_s, per_request_s, prefill_s = layer_costs_s(worker.profile)
+    layer_bytes = sum(model.layer_bytes[start:end]) / max(1, layers)
+    step_s, per_request_s, prefill_s = layer_costs_s(device_spec(worker, model), layer_bytes)
     measured_s = worker.heartbeat.step_time_ewma_s if worker.heartbeat else 0.0
     return StageLoad(
         worker_id=worker.worker_id,
@@ -54,14 +57,14 @@ def stage_load(worker: WorkerState) -> StageLoad:
     )
 
 
-def load_snapshot(cluster: Cluster, activation_bytes_per_token: int) -> LoadSnapshot:
+def load_snapshot(cluster: Cluster, model: ModelFacts) -> LoadSnapshot:
     """Stages of the current plan that can take requests now (alive, loaded, not draining)."""
     usable = {worker_id for route in cluster.usable_routes() for worker_id in route}
-    stages = tuple(stage_load(cluster.workers[worker_id]) for worker_id in sorted(usable))
+    stages = tuple(stage_load(cluster.workers[worker_id], model) for worker_id in sorted(usable))
     pipelines = tuple(cluster.usable_routes())
     return LoadSnapshot(
         stages=stages,
         num_layers=cluster.num_layers,
-        activation_bytes_per_token=activation_bytes_per_token,
+        activation_bytes_per_token=model.activation_bytes_per_token,
         pipelines=pipelines,
     )

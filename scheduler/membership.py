@@ -71,14 +71,6 @@ class Membership:
         if self.use_curve:
             curve.make_client(sock, self.keys, public_key)
 
-    def key_at(self, data_address: str, workers: Mapping[str, Any]) -> str:
-        """The public key of the worker that registered `data_address` ('' if none)."""
-        for worker_id, key in self.key_of.items():
-            worker = workers.get(worker_id)
-            if worker is not None and worker.data_address == data_address:
-                return key
-        return ""
-
     # ----------------------------------------------------------------------------- authority
     def authorise(self, message: p.Message, sender_key: str | None,
                   requests: Mapping[str, Any], workers: Mapping[str, Any]) -> p.Message | None:

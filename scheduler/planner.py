@@ -7,6 +7,7 @@ Parts:
 - `pipeline_plan`: one chain over co-located workers (they share a machine's compute).
 - `plan_layers`: ranges and pipelines for the registered workers, solved by `placement/`.
 - `kv_budget_bytes`: how much of a worker's memory its KV cache may take once its layers are in.
+- `assignment`: the `AssignLayers` message that gives a worker its range of a plan.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from placement.problem import DeviceSpec, InfeasiblePlacementError, ModelSpec, P
 from placement.solver import solve_placement
 from scheduler.cluster import LayerPlan, WorkerState
 from scheduler.errors import NoCapacityError
-from workers.protocol import ModelFacts
+from workers.device_profile import DeviceProfile, device_spec as profile_device_spec
+from workers.protocol import AssignLayers, ModelFacts
 
 RUNTIME_OVERHEAD_BYTES = 256 * 2**20  # framework, activations, buffers beside weights and KV
 # Used only for a worker that registered without a measured profile (`--no-profile`).
@@ -61,6 +63,15 @@ def kv_budget_bytes(model: ModelFacts, worker: WorkerState, start_layer: int, en
     free_bytes = worker.memory_bytes - stage_weight_bytes(model, start_layer, end_layer) - RUNTIME_OVERHEAD_BYTES
     wanted = model.kv_bytes_per_token_per_layer * (end_layer - start_layer) * config.max_model_len * config.max_concurrent_sequences
     return max(0, min(int(free_bytes * 0.9), wanted))
+
+
+def assignment(model_dir: str, dtype: str, model: ModelFacts, worker: WorkerState, layers: tuple[int, int],
+               plan: LayerPlan, config: PlannerConfig) -> AssignLayers:
+    """Load `layers` ([start_layer, end_layer)) of `plan`; the stage count hints at microbatching
+    (co-located stages share one machine's bandwidth, so they do not split batches)."""
+    stages = 1 if plan.co_located else max((len(r) for r in plan.pipelines if worker.worker_id in r), default=1)
+    return AssignLayers(epoch=plan.epoch, model_dir=model_dir, start_layer=layers[0], end_layer=layers[1], dtype=dtype,
+                        kv_budget_bytes=kv_budget_bytes(model, worker, *layers, config), num_stages_hint=stages)
 
 
 def proportional_ranges(num_layers: int, weights: Sequence[float]) -> list[tuple[int, int]]:
@@ -111,25 +122,18 @@ def model_spec(model: ModelFacts) -> ModelSpec:
 
 
 def device_spec(worker: WorkerState, model: ModelFacts) -> DeviceSpec:
-    """A worker as the solver sees it: its measured per-layer decode step times and prefill time
-    per token (the longest prompt timed) when its profile timed this model, else the roofline from
-    its measured FLOP/s and memory bandwidth."""
-    profile = worker.profile or {}
+    """A worker as the solver and the router see it, by the one conversion of a profile
+    (`workers.device_profile.device_spec`): its measured per-layer decode step times at the
+    shortest context timed and its prefill time per token (the longest prompt timed) when its
+    profile timed a layer, else the roofline from its measured FLOP/s and memory bandwidth (the
+    defaults for a worker that registered without a profile). The FLOP rate is scaled for the
+    model's dtype; memory is what the worker offered less the runtime's overhead."""
     memory_bytes = max(0, worker.memory_bytes - RUNTIME_OVERHEAD_BYTES)
-    timings = profile.get("layer_timings") or {}
-    decode = timings.get("decode_step_s") or []
-    if decode:  # [[batch, context, seconds per layer step], ...]: the shortest context's row
-        shortest = min(context for _, context, _ in decode)
-        steps = tuple(sorted((int(batch), float(seconds)) for batch, context, seconds in decode if context == shortest))
-        prefill = timings.get("prefill_s_per_token") or []   # [[prompt tokens, s per token per layer], ...]
-        prefill_s = float(max(prefill)[1]) if prefill else None
-        return DeviceSpec(worker.worker_id, memory_bytes, decode_layer_time_s=steps, kind=worker.device,
-                          prefill_layer_time_per_token_s=prefill_s)
-    flops = float(profile.get("matmul_flops_per_s") or DEFAULT_FLOPS_PER_S)
-    # the roofline charges batch x layer_bytes / flops (2 FLOPs per 2-byte weight): scale for the dtype
+    profile = worker.profile or DeviceProfile(worker.device, worker.device, worker.device, memory_bytes,
+                                              DEFAULT_FLOPS_PER_S, "float16", DEFAULT_BANDWIDTH_BYTES_PER_S, 0.0, 0.0)
     itemsize = model.activation_bytes_per_token // model.hidden_size
-    bandwidth = float(profile.get("memory_bandwidth_bytes_per_s") or DEFAULT_BANDWIDTH_BYTES_PER_S)
-    return DeviceSpec(worker.worker_id, memory_bytes, flops_per_s=flops * itemsize / 2, memory_bandwidth_bytes_per_s=bandwidth, kind=worker.device)
+    return profile_device_spec(profile, worker.worker_id, context_len=0, weight_itemsize_bytes=itemsize,
+                               memory_bytes=memory_bytes, kind=worker.device)
 
 
 def plan_layers(

@@ -1,15 +1,17 @@
 """What the API hands the scheduler, and what the scheduler streams back.
 
 Parts:
-- `GenerationRequest`: a tokenised prompt with its sampling parameters and stop strings.
+- `GenerationRequest`: a tokenised prompt with its sampling parameters and stop strings;
+  `within_context(max_model_len)` checks the prompt and caps `max_new_tokens` to the context.
 - `TokenLogprob`: one generated token with its log-probability and the top alternatives.
 - `GenerationOutput`: one streamed step: new text, new tokens, and the finish reason at the end.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from scheduler.errors import PromptTooLongError
 from workers.protocol import SamplingParams
 
 
@@ -20,6 +22,17 @@ class GenerationRequest:
     sampling: SamplingParams  # max_new_tokens, temperature, top_p, top_k, seed, eos ids, logprobs
     stop: tuple[str, ...] = ()  # generation ends before the first occurrence of any of these
     skip_special_tokens: bool = True
+
+    def within_context(self, max_model_len: int) -> GenerationRequest:
+        """This request with `max_new_tokens` capped to the context left after the prompt (at
+        least 1); PromptTooLongError for an empty prompt or one that fills the context."""
+        num_prompt = len(self.prompt_token_ids)
+        if num_prompt == 0:
+            raise PromptTooLongError("the prompt is empty")
+        if num_prompt >= max_model_len:
+            raise PromptTooLongError(f"the prompt has {num_prompt} tokens; this model's context is {max_model_len} tokens")
+        max_new = max(1, min(self.sampling.max_new_tokens, max_model_len - num_prompt))
+        return replace(self, sampling=replace(self.sampling, max_new_tokens=max_new))
 
 
 @dataclass(frozen=True)

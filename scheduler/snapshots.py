@@ -3,6 +3,7 @@ the dashboard and `potluck status`.
 
 Parts:
 - `worker_snapshot(worker)`: address, device, measured profile, layers, live load.
+- `EngineView`: what the snapshots read of the engine (so this module never imports it).
 - `cluster_snapshot(engine)`: model, plan (ranges, pipelines, predictions, bound), every worker.
 - `requests_snapshot(states)`: requests in flight with their route and tokens so far.
 """
@@ -10,13 +11,28 @@ Parts:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping, Sized
+from typing import Any, Protocol
 
-from scheduler.cluster import WorkerState
+from scheduler.cluster import Cluster, WorkerState
+from scheduler.request_state import RequestState, WorkloadStats
 
-if TYPE_CHECKING:
-    from scheduler.engine import Engine, RequestState
+
+
+class EngineView(Protocol):
+    """What the snapshots read of the engine (scheduler/engine.py's `Engine` fits it)."""
+
+    cluster: Cluster
+    model_id: str
+    max_model_len: int
+    requests: Mapping[str, RequestState]
+    admission: Sized
+    workload: WorkloadStats
+
+    @property
+    def config(self) -> Any: ...
+
+    def workload_mix(self) -> tuple[float, float]: ...
 
 
 def worker_state_name(worker: WorkerState) -> str:
@@ -37,7 +53,7 @@ def worker_snapshot(worker: WorkerState) -> dict:
         "device": worker.device,
         "pid": worker.pid,  # on its own machine
         "memory_bytes": worker.memory_bytes,
-        "profile": worker.profile,
+        "profile": worker.profile.to_json() if worker.profile is not None else {},
         "assigned_layers": list(worker.assigned) if worker.assigned else None,
         "loaded_layers": list(worker.loaded) if worker.loaded else None,
         "state": worker_state_name(worker),
@@ -55,7 +71,7 @@ def worker_snapshot(worker: WorkerState) -> dict:
     }
 
 
-def health_snapshot(engine: Engine) -> dict:
+def health_snapshot(engine: EngineView) -> dict:
     """`/health`: "ok" when every registered (and every expected local) worker serves on a usable
     route, else "degraded", with the count of serving workers."""
     serving = {worker_id for route in engine.cluster.usable_routes() for worker_id in route}
@@ -64,7 +80,7 @@ def health_snapshot(engine: Engine) -> dict:
     return {"status": status, "serving_workers": len(serving), "registered_workers": len(engine.cluster.workers)}
 
 
-def cluster_snapshot(engine: Engine) -> dict:
+def cluster_snapshot(engine: EngineView) -> dict:
     cluster = engine.cluster
     plan = cluster.plan
     model = engine.config.model
@@ -93,7 +109,7 @@ def cluster_snapshot(engine: Engine) -> dict:
         "workers": [worker_snapshot(cluster.workers[wid]) for wid in sorted(cluster.workers)],
         "running_requests": len({state.request.request_id for state in engine.requests.values()}),
         "waiting_requests": len(engine.admission),
-        "tokens_generated": engine.tokens_generated,
+        "tokens_generated": engine.workload.tokens_generated,
         # the workload mix the next plan is for (scheduler/planner.py)
         "prompt_tokens_per_output_token": mix_ratio,
         "kv_tokens_per_sequence": mix_kv_tokens,

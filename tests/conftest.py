@@ -2,7 +2,7 @@
 
 Parts:
 - `checkpoint_factory`: session fixture; `checkpoint_factory(family, **overrides) -> Path` builds
-  (once per distinct arguments) a checkpoint with tests/checkpoints.py `make_checkpoint`.
+  (once per distinct arguments) a checkpoint with tests/support/checkpoints.py `make_checkpoint`.
 - `llama_checkpoint`: Llama, 4 layers, llama3 rope scaling (rope_parameters layout).
 - `qwen2_checkpoint`: Qwen2 (qkv bias), 3 layers, tied word embeddings.
 - `qwen3_checkpoint`: Qwen3 (q/k norm), 5 layers, explicit head_dim 32 (!= hidden / heads).
@@ -14,17 +14,12 @@ All are float32, hidden 64, 4 heads, 2 KV heads, vocab 384, with a trained token
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-_ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-from tests.checkpoints import make_checkpoint  # noqa: E402
+from tests.support.checkpoints import make_checkpoint
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",

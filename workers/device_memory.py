@@ -13,7 +13,7 @@ Parts:
   `cuda_usable_bytes(device)` (NVML via pynvml / nvidia-ml-py when importable, and
   `torch.cuda.mem_get_info`; the smaller wins), `mps_usable_bytes()`, `host_usable_bytes()`,
   `usable_memory_bytes(device)`, `device_name(device)` ("cpu: AMD EPYC", "cuda: NVIDIA ...").
-- `ChipPrior` + `KNOWN_CHIPS` + `chip_prior(name)`: vendor peak figures of a few chips. They are a
+- `KNOWN_CHIPS` (of `ChipPrior`, workers/device_profile.py) + `chip_prior(name)`: vendor peak figures of a few chips. They are a
   prior only (a sanity reference next to the measurement); measured figures always win.
 """
 
@@ -22,10 +22,11 @@ from __future__ import annotations
 import platform
 import re
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from workers.device_profile import ChipPrior
 
 GIB = 2**30
 DEFAULT_RESERVED_FRACTION = 0.05  # left for the runtime, other processes, fragmentation
@@ -213,18 +214,6 @@ def device_name(device: str) -> str:
 
 
 # ----------------------------------------------------------------------------- known chips (prior)
-@dataclass(frozen=True)
-class ChipPrior:
-    """Vendor peak figures: a prior only. Dense fp16 tensor FLOP/s (fp32 accumulate) for GPUs,
-    fp32 GPU FLOP/s for Apple Silicon."""
-
-    chip: str
-    flops_per_s: float
-    memory_bandwidth_bytes_per_s: float
-    memory_bytes: int | None
-    source: str = "vendor peak (prior only; measured figures win)"
-
-
 KNOWN_CHIPS: tuple[ChipPrior, ...] = (
     ChipPrior("RTX 3090", 71e12, 936e9, 24 * GIB),
     ChipPrior("RTX 4090", 165e12, 1008e9, 24 * GIB),

@@ -1,21 +1,13 @@
 """Device profiling at join: what this machine can really do, measured on the spot.
 
 Parts:
-- `LayerTimings`: for one layer of the model a worker will serve, the decode step time per layer
-  at batch sizes x context lengths and the prefill time per layer per token at a few lengths.
-- `DeviceProfile`: frozen; device, kind, name ("cpu: AMD EPYC", "cuda: NVIDIA GeForce RTX 4090"),
-  usable `memory_bytes`, measured `matmul_flops_per_s` and `memory_bandwidth_bytes_per_s`,
-  optional `layer_timings`, `peer_rtt_s` / `peer_bandwidth_bytes_per_s` by peer address, when and
-  how long it was measured, the fault-injection `slowdown` in force, and `prior` figures from the
-  known-chips table (workers/device_memory.py), kept apart: measured figures win.
-  `to_json()` / `from_json()`; `with_peers(rtt_s, bandwidth_bytes_per_s)`.
+- What is measured, `LayerTimings` and `DeviceProfile`, and its one conversion to a placement
+  `DeviceSpec`, live in workers/device_profile.py (no torch there: the scheduler reads them).
 - `measure_device(device, *, model_dir, seconds_budget, slowdown, peers) -> DeviceProfile`: warm-up,
   then the median of several timed repeats of each figure; `seconds_budget` caps the repeats;
   `peers` (echo addresses) are probed with workers/peer_probe.py.
 - `measure_layer_timings(model_dir, device, ...)`: times a real `TorchStageBackend` holding one
   middle layer (`[1, 2)` when the model has more than two layers) on synthetic chunks.
-- `device_spec_kwargs(profile, ...)` / `to_device_spec(profile, device_id, ...)`: the placement
-  `DeviceSpec` for a profile (see their docstrings for the mapping).
 - `default_device()`, `main(args) -> int` (`potluck profile`: prints the profile as JSON).
 
 Fault injection: `slowdown` > 1 (or env `POTLUCK_PROFILE_SLOWDOWN`, off by default) makes every
@@ -26,20 +18,18 @@ Peer probing itself lives in workers/peer_probe.py (`EchoResponder`, `probe_peer
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from workers.device_memory import ChipPrior, chip_prior, device_name, usable_memory_bytes
+from workers.device_memory import chip_prior, device_name, usable_memory_bytes
+from workers.device_profile import DeviceProfile, LayerTimings
 from workers.peer_probe import measure_peers, stall_until
 
 SLOWDOWN_ENV = "POTLUCK_PROFILE_SLOWDOWN"
@@ -48,81 +38,6 @@ DECODE_CONTEXT_LENGTHS = (128, 1024)
 PREFILL_LENGTHS = (128, 512)
 MATMUL_SIZE = {"cpu": 512, "mps": 2048, "cuda": 4096}
 COPY_BYTES = {"cpu": 64 * 2**20, "mps": 256 * 2**20, "cuda": 512 * 2**20}
-
-
-# ----------------------------------------------------------------------------- data
-@dataclass(frozen=True)
-class LayerTimings:
-    model: str  # model directory name
-    layer_index: int  # the layer that was timed
-    layer_weight_bytes: int
-    dtype: str
-    decode_step_s: tuple[tuple[int, int, float], ...]  # (batch_size, context_len, s per layer step)
-    prefill_s_per_token: tuple[tuple[int, float], ...]  # (prompt tokens, s per token per layer)
-
-    def decode_layer_time_s(self, context_len: int) -> tuple[tuple[int, float], ...]:
-        """((batch_size, s per layer step), ...) at `context_len`, linear in the context length
-        between the measured ones (and extrapolated beyond them, never below the shortest's time)."""
-        out = []
-        for batch in sorted({b for b, _, _ in self.decode_step_s}):
-            pts = sorted((c, t) for b, c, t in self.decode_step_s if b == batch)
-            if len(pts) == 1 or context_len <= pts[0][0]:
-                out.append((batch, pts[0][1]))
-                continue
-            lo, hi = pts[0], pts[1]
-            for a, b in zip(pts, pts[1:]):
-                lo, hi = a, b
-                if context_len <= b[0]:
-                    break
-            t = lo[1] + (hi[1] - lo[1]) * (context_len - lo[0]) / (hi[0] - lo[0])
-            out.append((batch, max(t, pts[0][1])))
-        return tuple(out)
-
-
-@dataclass(frozen=True)
-class DeviceProfile:
-    device: str  # torch device string: "cpu", "cuda:0", "mps"
-    kind: str  # cpu | cuda | mps
-    name: str  # "<kind>: <model>"
-    memory_bytes: int  # usable now
-    matmul_flops_per_s: float
-    matmul_dtype: str
-    memory_bandwidth_bytes_per_s: float
-    measured_at_unix_s: float
-    profile_time_s: float  # how long measuring took
-    slowdown: float = 1.0  # fault injection in force while measuring (1.0 = none)
-    layer_timings: LayerTimings | None = None
-    peer_rtt_s: dict[str, float] = field(default_factory=dict)
-    peer_bandwidth_bytes_per_s: dict[str, float] = field(default_factory=dict)
-    prior: ChipPrior | None = None  # vendor figures; a reference only
-
-    def with_peers(self, rtt_s: dict[str, float], bandwidth_bytes_per_s: dict[str, float]) -> DeviceProfile:
-        return dataclasses.replace(self, peer_rtt_s={**self.peer_rtt_s, **rtt_s},
-                                   peer_bandwidth_bytes_per_s={**self.peer_bandwidth_bytes_per_s,
-                                                               **bandwidth_bytes_per_s})
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict (lists for tuples); `from_json` reads it back."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> DeviceProfile:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in data.items() if k in fields}
-        lt = kw.get("layer_timings")
-        if lt is not None:
-            kw["layer_timings"] = LayerTimings(
-                model=lt["model"], layer_index=int(lt["layer_index"]),
-                layer_weight_bytes=int(lt["layer_weight_bytes"]), dtype=lt["dtype"],
-                decode_step_s=tuple((int(b), int(c), float(t)) for b, c, t in lt["decode_step_s"]),
-                prefill_s_per_token=tuple((int(n), float(t)) for n, t in lt["prefill_s_per_token"]),
-            )
-        if kw.get("prior") is not None:
-            kw["prior"] = ChipPrior(**kw["prior"])
-        kw["peer_rtt_s"] = {str(k): float(v) for k, v in (kw.get("peer_rtt_s") or {}).items()}
-        kw["peer_bandwidth_bytes_per_s"] = {
-            str(k): float(v) for k, v in (kw.get("peer_bandwidth_bytes_per_s") or {}).items()}
-        return cls(**kw)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -287,50 +202,6 @@ def measure_device(device: str, *, model_dir: str | None = None, seconds_budget:
         profile_time_s=time.perf_counter() - begin, slowdown=factor, layer_timings=timings,
         peer_rtt_s=rtt_s, peer_bandwidth_bytes_per_s=bandwidth_bytes_per_s, prior=chip_prior(name),
     )
-
-
-# ----------------------------------------------------------------------------- to placement
-def device_spec_kwargs(profile: DeviceProfile, *, context_len: int = 1024,
-                       layer_weight_bytes: int | None = None,
-                       weight_itemsize_bytes: int | None = None) -> dict[str, Any]:
-    """Keyword arguments for `placement.problem.DeviceSpec` (all but `device_id`):
-
-    - `memory_bytes`: the usable memory measured at join; `kind`: the profile's name.
-    - `decode_layer_time_s`: the measured per-layer decode step times by batch size at
-      `context_len`, only if the profile timed this model's layer (`layer_weight_bytes` of the
-      model to place, when given, must match the timed layer's within 5%); with them
-      `prefill_layer_time_per_token_s`, of the longest prompt timed.
-    - `flops_per_s` / `memory_bandwidth_bytes_per_s`: the measured rates, for the roofline. The
-      roofline charges `batch x layer_bytes / flops` (fp16: 2 FLOPs per 2-byte weight), so the
-      FLOP rate is scaled by itemsize / 2 for weights of another width (fp32: x2).
-    """
-    lt = profile.layer_timings
-    if weight_itemsize_bytes is None:
-        dtype = lt.dtype if lt is not None else profile.matmul_dtype
-        weight_itemsize_bytes = getattr(torch, dtype).itemsize
-    kw: dict[str, Any] = {
-        "memory_bytes": int(profile.memory_bytes),
-        "flops_per_s": profile.matmul_flops_per_s * weight_itemsize_bytes / 2.0,
-        "memory_bandwidth_bytes_per_s": profile.memory_bandwidth_bytes_per_s,
-        "kind": profile.name,
-    }
-    same_layer = lt is not None and (layer_weight_bytes is None or
-                                     abs(lt.layer_weight_bytes - layer_weight_bytes) <= 0.05 * layer_weight_bytes)
-    if same_layer and lt is not None and lt.decode_step_s:
-        kw["decode_layer_time_s"] = lt.decode_layer_time_s(context_len)
-        if lt.prefill_s_per_token:
-            kw["prefill_layer_time_per_token_s"] = max(lt.prefill_s_per_token)[1]
-    return kw
-
-
-def to_device_spec(profile: DeviceProfile, device_id: str, *, context_len: int = 1024,
-                   layer_weight_bytes: int | None = None, max_batch: int = 64) -> Any:
-    """The `placement.problem.DeviceSpec` for `profile` (see `device_spec_kwargs`)."""
-    from placement.problem import DeviceSpec  # placement is pure; imported only here
-
-    return DeviceSpec(device_id=device_id, max_batch=max_batch,
-                      **device_spec_kwargs(profile, context_len=context_len,
-                                           layer_weight_bytes=layer_weight_bytes))
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -20,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from workers.device_profile import DeviceProfile
+
 PROTOCOL_VERSION = 1
 
 
@@ -118,7 +120,7 @@ class Register:
     data_address: str  # where this worker's PULL socket listens, e.g. "tcp://127.0.0.1:5601"
     memory_bytes: int  # memory usable for weights + KV cache
     device: str  # "cpu", "cuda:0", "mps"
-    profile: dict[str, Any] = field(default_factory=dict)  # measured figures (workers/profiler)
+    profile: DeviceProfile | None = None  # measured figures (workers/device_profile.py); None: not measured
     pid: int = 0
     protocol_version: int = PROTOCOL_VERSION
     prefill_tokens_per_step: int = 0  # prompt tokens one step takes at most (0: not said)

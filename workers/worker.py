@@ -116,7 +116,8 @@ class Worker:
         self.hold_until_s = 0.0  # decodes wait for the rest of the ring until then (workers/batching.py)
         self.expected: ExpectedStep | None = None  # the decode step made ready (workers/expected_step.py)
         self.expected_steps_run = 0  # steps that took that fast path
-        self.profile: dict | None = None
+        self.profile: p.DeviceProfile | None = None
+        self.profiled = False  # measured once, at the first registration
 
     # ----------------------------------------------------------------------------- sockets
     def _peer(self, address: str) -> zmq.Socket:
@@ -153,8 +154,8 @@ class Worker:
 
     # ----------------------------------------------------------------------------- lifecycle
     def register(self) -> None:
-        if self.profile is None:
-            self.profile = self.measure()
+        if not self.profiled:
+            self.profile, self.profiled = self.measure(), True
         profile = self.profile
         self.admitted.clear()
         self.registered_at_s = time.monotonic()
@@ -183,9 +184,9 @@ class Worker:
         ))
         sock.close()
 
-    def measure(self) -> dict:
+    def measure(self) -> p.DeviceProfile | None:
         if not self.config.profile:
-            return {}
+            return None
         from workers.profiler import measure_device
 
         profile = measure_device(
@@ -194,7 +195,7 @@ class Worker:
             seconds_budget=self.config.profile_seconds,
             slowdown=self.config.slowdown,
         )
-        return profile.to_json()
+        return profile
 
     def run(self) -> None:
         self.register()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -30,10 +29,9 @@ from scheduler.detokenizer import IncrementalDetokenizer
 from scheduler.errors import GenerationFailedError, PromptTooLongError
 from scheduler.request import GenerationOutput, GenerationRequest, TokenLogprob
 from scheduler.tokenizer import Tokenizer
+from tests.support.tiny_tokenizer import write_tokenizer_dir
 from workers.protocol import SamplingParams
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scheduler"))
-from tiny_tokenizer import write_tokenizer_dir  # noqa: E402
 
 __all__ = ["TinyEngine", "running_server", "write_tokenizer_dir"]
 

@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.checkpoints import make_checkpoint
-from tests.e2e.served import ServedModel
+from tests.support.checkpoints import make_checkpoint
+from tests.support.served import ServedModel
 
 API_KEY = "sk-live-cluster"
 NUM_LAYERS = 6

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from live_cluster import LiveCluster, shared_cluster, sse_events, start_cluster
 
-from tests.e2e.served import free_port
+from tests.support.served import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

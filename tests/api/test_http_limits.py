@@ -18,8 +18,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.checkpoints import make_checkpoint
-from tests.e2e.served import ServedModel
+from tests.support.checkpoints import make_checkpoint
+from tests.support.served import ServedModel
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.checkpoints import make_checkpoint
+from tests.support.checkpoints import make_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.e2e.served import ServedModel
+from tests.support.served import ServedModel
 
 JOIN_TIMEOUT_S = 120.0
 RAY_CLI = str(Path(sys.executable).with_name("ray"))  # the `ray` command of this Python's install

@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.checkpoints import make_checkpoint
-from tests.e2e.served import ServedModel, free_port
+from tests.support.checkpoints import make_checkpoint
+from tests.support.served import ServedModel, free_port
 
 pytestmark = pytest.mark.slow
 

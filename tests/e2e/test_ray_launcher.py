@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.checkpoints import make_checkpoint
+from tests.support.checkpoints import make_checkpoint
 from tests.e2e.test_serve_matches_transformers import reference
 
 ROOT = Path(__file__).resolve().parents[2]

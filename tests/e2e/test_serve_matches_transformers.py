@@ -11,8 +11,8 @@ import httpx
 import pytest
 import torch
 
-from tests.checkpoints import make_checkpoint
-from tests.e2e.served import ServedModel
+from tests.support.checkpoints import make_checkpoint
+from tests.support.served import ServedModel
 
 pytestmark = pytest.mark.slow
 

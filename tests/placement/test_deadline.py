@@ -5,8 +5,10 @@ import time
 
 import pytest
 
-from benchmarks.placement_scaling import generated_problem
-from benchmarks.sim_cluster import make_cluster, placement_problem, with_device, without_device
+from tests.support.problems import scaling_problem as generated_problem
+from tests.support.problems import sim_cluster as make_cluster
+from tests.support.problems import sim_problem as placement_problem
+from tests.support.problems import with_device, without_device
 from placement.greedy import greedy_placement
 from placement.network import build_network, stage_bytes
 from placement.replan import descend

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.helix_facts import DEFAULT_FACTS, helix_problem, load_facts, stored_ranges
+from tests.support.problems import HELIX_FACTS as DEFAULT_FACTS
+from tests.support.problems import helix_problem, load_facts, stored_ranges
 from placement.flow import evaluate_placement
 from placement.io import devices_from_json, format_placement_table, placement_to_json
 from placement.problem import DeviceSpec, ModelSpec, PlacementProblem

@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from benchmarks.helix_facts import DEFAULT_FACTS, helix_problem, load_facts
+from tests.support.problems import HELIX_FACTS as DEFAULT_FACTS
+from tests.support.problems import helix_problem, load_facts
 from placement.flow import flow_value
 from placement.linked_columns import _linked, link_classes, solve_linked_columns, spans_model
 from placement.linked_greedy import greedy_linked

@@ -28,8 +28,8 @@ from scheduler.engine import Engine, EngineConfig
 from scheduler.request import GenerationRequest
 from scheduler.snapshots import health_snapshot
 from scheduler.tokenizer import Tokenizer
-from tests.checkpoints import make_checkpoint
-from tests.scheduler.loopback_capture import CaptureUnavailable, LoopbackCapture, tcp_streams, zmtp_mechanism
+from tests.support.checkpoints import make_checkpoint
+from tests.support.loopback_capture import CaptureUnavailable, LoopbackCapture, tcp_streams, zmtp_mechanism
 from workers import codec, curve
 from workers import protocol as p
 from workers.model_facts import read_model_facts

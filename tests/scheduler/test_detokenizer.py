@@ -10,7 +10,7 @@ from tokenizers import pre_tokenizers
 
 from scheduler.detokenizer import IncrementalDetokenizer
 from scheduler.tokenizer import Tokenizer
-from tiny_tokenizer import write_tokenizer_dir
+from tests.support.tiny_tokenizer import write_tokenizer_dir
 
 _BYTE_CHARS = pre_tokenizers.ByteLevel.alphabet()
 

@@ -19,7 +19,7 @@ from api.local_workers import LocalWorkers
 from scheduler.engine import Engine, EngineConfig
 from scheduler.request import GenerationRequest
 from scheduler.tokenizer import Tokenizer
-from tests.checkpoints import make_checkpoint
+from tests.support.checkpoints import make_checkpoint
 from workers.model_facts import read_model_facts
 from workers.protocol import SamplingParams
 
@@ -58,7 +58,7 @@ async def all_ready(engine: Engine, count: int, timeout_s: float = 60) -> None:
 
 
 async def wait_tokens(engine: Engine, count: int) -> None:
-    while engine.tokens_generated < count:
+    while engine.workload.tokens_generated < count:
         await asyncio.sleep(0.01)
 
 
@@ -72,7 +72,7 @@ def test_kill_9_of_a_worker_mid_generation_loses_no_request(model_dir: Path) -> 
             await all_ready(engine, 3)
             undisturbed = [await generate(engine, i, prompt) for i, prompt in enumerate(PROMPTS)]
             epoch = engine.cluster.epoch
-            start = engine.tokens_generated
+            start = engine.workload.tokens_generated
             tasks = [asyncio.create_task(generate(engine, i, prompt)) for i, prompt in enumerate(PROMPTS)]
             await wait_tokens(engine, start + 8 * 10)  # about 10 tokens into every stream
             middle = next(w for w in engine.cluster.workers.values() if w.loaded and 0 < w.loaded[0])

@@ -18,7 +18,7 @@ from api.local_workers import LocalWorkers
 from scheduler.engine import Engine, EngineConfig
 from scheduler.request import GenerationRequest
 from scheduler.tokenizer import Tokenizer
-from tests.checkpoints import make_checkpoint
+from tests.support.checkpoints import make_checkpoint
 from workers.model_facts import read_model_facts
 from workers.protocol import SamplingParams
 
@@ -59,10 +59,10 @@ def test_held_requests_wait_for_the_queue_and_answer_as_alone(tmp_path: Path) ->
             watcher.cancel()
             assert len(engine.admission) == 0 and not engine.requests
             # the workload mix placement plans for: counted over finished requests, used from 32 on
-            assert engine.finished_requests == 16 and engine.finished_output_tokens == 16 * 12
-            assert engine.finished_prompt_tokens == 2 * sum(len(p) for p in PROMPTS)
+            assert engine.workload.finished_requests == 16 and engine.workload.finished_output_tokens == 16 * 12
+            assert engine.workload.finished_prompt_tokens == 2 * sum(len(p) for p in PROMPTS)
             assert engine.workload_mix() == (config.prompt_tokens_per_output_token, 0.0)
-            engine.finished_requests = 32   # as if 32 had finished with the same totals
+            engine.workload.finished_requests = 32   # as if 32 had finished with the same totals
             prompt_total = 2 * sum(len(p) for p in PROMPTS)
             assert engine.workload_mix() == pytest.approx((prompt_total / (16 * 12), (prompt_total + 16 * 12) / 32))
             return alone, list(together), most_waiting

@@ -6,6 +6,7 @@ import pytest
 from placement.problem import PlacementProblem
 from scheduler.cluster import WorkerState
 from scheduler.planner import PlannerConfig, device_spec, model_spec, plan_layers
+from workers.device_profile import DeviceProfile, LayerTimings
 from workers.protocol import ModelFacts
 
 LAYER_BYTES = 400 * 2**20
@@ -16,9 +17,10 @@ MODEL = ModelFacts("llama", 32, 4096, 32000, 4096, "float16", (LAYER_BYTES,) * 3
 def _worker(worker_id: str, host: str, decode_s: tuple[float, float], prefill_s: float,
             memory_bytes: int) -> WorkerState:
     """Profile as a worker reports it: per-layer decode steps at batch 1 and 64, prefill per token."""
-    timings = {"decode_step_s": [[1, 128, decode_s[0]], [64, 128, decode_s[1]]],
-               "prefill_s_per_token": [[128, prefill_s * 1.3], [512, prefill_s]]}
-    return WorkerState(worker_id, f"tcp://{host}:7000", memory_bytes, "cuda", {"layer_timings": timings}, 1, 0.0, 0.0)
+    timings = LayerTimings("m", 1, LAYER_BYTES, "float16", ((1, 128, decode_s[0]), (64, 128, decode_s[1])),
+                           ((128, prefill_s * 1.3), (512, prefill_s)))
+    profile = DeviceProfile("cuda", "cuda", "cuda: test", memory_bytes, 1e14, "float16", 1e12, 0.0, 0.0, layer_timings=timings)
+    return WorkerState(worker_id, f"tcp://{host}:7000", memory_bytes, "cuda", profile, 1, 0.0, 0.0)
 
 
 # neither holds the 12.5 GiB model alone: a GPU (about 27 layers fit) with memory-bound decode and
@@ -32,7 +34,7 @@ def test_device_spec_carries_measured_prefill() -> None:
     spec = device_spec(_worker(*GPU), MODEL)
     assert spec.decode_layer_time_s == ((1, 0.0006), (64, 0.0012))
     assert spec.prefill_layer_time_per_token_s == 2.0e-6   # the longest prompt timed
-    bare = WorkerState("w", "tcp://h:1", 2**34, "cpu", {}, 1, 0.0, 0.0)   # registered with --no-profile
+    bare = WorkerState("w", "tcp://h:1", 2**34, "cpu", None, 1, 0.0, 0.0)   # registered with --no-profile
     assert device_spec(bare, MODEL).prefill_layer_time_per_token_s is None   # roofline: derived from FLOP/s
 
 

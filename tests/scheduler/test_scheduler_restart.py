@@ -14,7 +14,7 @@ from api.local_workers import LocalWorkers
 from scheduler.engine import Engine, EngineConfig
 from scheduler.request import GenerationRequest
 from scheduler.tokenizer import Tokenizer
-from tests.checkpoints import make_checkpoint
+from tests.support.checkpoints import make_checkpoint
 from workers import curve
 from workers.model_facts import read_model_facts
 from workers.protocol import SamplingParams

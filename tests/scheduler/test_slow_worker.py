@@ -24,7 +24,7 @@ from scheduler.engine import Engine, EngineConfig
 from scheduler.planner import RUNTIME_OVERHEAD_BYTES, plan_layers
 from scheduler.request import GenerationRequest
 from scheduler.tokenizer import Tokenizer
-from tests.checkpoints import make_checkpoint
+from tests.support.checkpoints import make_checkpoint
 from workers.model_facts import read_model_facts
 from workers.protocol import SamplingParams
 
@@ -66,11 +66,11 @@ def test_a_slowed_worker_is_measured_slower_and_gets_fewer_layers_and_less_traff
             assert set(workers) == {"fast-0", "fleet-0", "slow-0"}
 
             def decode_s(worker_id: str) -> float:
-                rows = workers[worker_id].profile["layer_timings"]["decode_step_s"]
+                rows = workers[worker_id].profile.layer_timings.decode_step_s
                 return min(seconds for batch, _, seconds in rows if batch == 1)
 
             assert decode_s("slow-0") > 2 * max(decode_s("fast-0"), decode_s("fleet-0"))  # measured slower
-            assert workers["slow-0"].profile["matmul_flops_per_s"] < min(workers[w].profile["matmul_flops_per_s"] for w in ("fast-0", "fleet-0"))
+            assert workers["slow-0"].profile.matmul_flops_per_s < min(workers[w].profile.matmul_flops_per_s for w in ("fast-0", "fleet-0"))
             plan = engine.cluster.plan
             assert plan is not None
             # throughput: the slow worker is never the only holder of a layer (it would be the

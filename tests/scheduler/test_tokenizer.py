@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from scheduler.tokenizer import ChatTemplateError, Tokenizer
-from tiny_tokenizer import CORPUS, write_tokenizer_dir
+from tests.support.tiny_tokenizer import CORPUS, write_tokenizer_dir
 
 TEXTS = [
     *CORPUS,

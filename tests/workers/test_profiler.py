@@ -25,8 +25,8 @@ from workers.device_memory import (apple_usable_bytes, chip_prior, cpu_usable_by
                                    nvml_usable_bytes, parse_cpuinfo_model, parse_meminfo_available_bytes,
                                    parse_sysctl_brand, parse_sysctl_memsize)
 from workers.peer_probe import EchoResponder, measure_peers, probe_peer
-from workers.profiler import (SLOWDOWN_ENV, DeviceProfile, LayerTimings, measure_device,
-                              measure_matmul_flops_per_s, to_device_spec)
+from workers.device_profile import device_spec as to_device_spec
+from workers.profiler import SLOWDOWN_ENV, DeviceProfile, LayerTimings, measure_device, measure_matmul_flops_per_s
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,6 +8,7 @@ import torch
 import zmq
 
 from workers import codec
+from workers.device_profile import ChipPrior, DeviceProfile, LayerTimings
 from workers import protocol as p
 from workers.tensor_frames import payload_to_tensor, tensor_to_payload
 
@@ -41,9 +42,15 @@ def test_tensor_frame_shares_memory_with_the_tensor() -> None:
     assert torch.frombuffer(bytearray(payload.data), dtype=torch.float32)[0] == 42.0
 
 
+def _profile() -> DeviceProfile:
+    timings = LayerTimings("m", 1, 4096, "float32", ((1, 128, 0.001), (4, 128, 0.002)), ((128, 1e-5),))
+    return DeviceProfile("cpu", "cpu", "cpu: x", 1 << 30, 1.5e9, "float32", 2e10, 0.0, 0.1, layer_timings=timings,
+                         peer_rtt_s={"tcp://127.0.0.1:8": 0.001}, prior=ChipPrior("x", 1e12, 1e11, None))
+
+
 def test_every_message_kind_round_trips_over_real_sockets() -> None:
     messages = [
-        p.Register("w", "tcp://127.0.0.1:9", 1 << 30, "cpu", {"flops_per_s": 1.5e9}, 12),
+        p.Register("w", "tcp://127.0.0.1:9", 1 << 30, "cpu", _profile(), 12),
         p.LayersReady("w", 3, 0, 4, 1024, 5000),
         p.Heartbeat("w", 3, 2, 1, 100, 200, 0.01, 77),
         p.TokenOutputs("w", (p.TokenOutput("a#0", 0, 5, None, -0.5, ((5, -0.5), (6, -1.25))),)),
@@ -102,5 +109,5 @@ def test_encode_takes_only_protocol_messages_and_lists_for_tuples() -> None:
     as_tuple = p.ReleaseRequests(("a", "b"))
     as_list = p.ReleaseRequests(["a", "b"])  # type: ignore[arg-type]
     assert codec.encode(as_list) == codec.encode(as_tuple)
-    nested = p.Register("w", "tcp://127.0.0.1:9", 1, "cpu", {"layers": [{"batch": 1, "s": 0.5}], "ok": True})
+    nested = p.Register("w", "tcp://127.0.0.1:9", 1, "cpu", _profile())  # dataclasses, tuples, dicts inside
     assert codec.decode(codec.encode(nested)) == nested

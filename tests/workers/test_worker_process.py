@@ -14,7 +14,7 @@ from scheduler.engine import Engine, EngineConfig
 from scheduler.load import load_snapshot
 from scheduler.request import GenerationRequest
 from scheduler.tokenizer import Tokenizer
-from tests.checkpoints import make_checkpoint
+from tests.support.checkpoints import make_checkpoint
 from workers import codec
 from workers import protocol as p
 from workers.batching import MAX_PREFILL_TOKENS_PER_STEP
@@ -44,7 +44,7 @@ def test_malformed_messages_are_dropped_and_the_worker_stays_up(tmp_path: Path) 
         try:
             await engine.wait_ready(timeout_s=60)
             # the router knows the worker's own chunked-prefill budget (it reports it at registration)
-            (stage,) = load_snapshot(engine.cluster, 0).stages
+            (stage,) = load_snapshot(engine.cluster, engine.config.model).stages
             assert stage.prefill_tokens_per_step == MAX_PREFILL_TOKENS_PER_STEP
             request = GenerationRequest("r0", (5, 6, 7), p.SamplingParams(max_new_tokens=6, ignore_eos=True))
             before = [o.token_ids async for o in engine.generate(request)]

@@ -1,0 +1,1 @@
+"""The test suite; shared builders live in tests/support/."""
