@@ -85,7 +85,7 @@ class LiveEngine:
         future = asyncio.run_coroutine_threadsafe(run(), self.loop)
         if during is not None:
             deadline = time.monotonic() + 60
-            while self.engine.tokens_generated == 0 or not self.engine.requests:
+            while self.engine.workload.tokens_generated == 0 or not self.engine.requests:
                 assert time.monotonic() < deadline and not future.done()
                 time.sleep(0.005)
             during()
