@@ -4,7 +4,8 @@ Parts:
 - `LocalWorkers`: starts N `python -m workers` processes pointed at the scheduler (the cluster token
   in their environment), shares this machine's cores and memory among them, starts again one that
   died (`restart_exited`), and stops every one of them (terminate, then kill).
-- `worker_environment(base)`: their environment (a bounded OpenMP spin, `OMP_SPIN_COUNT`).
+- `worker_environment(base, token)`: their environment (a bounded OpenMP spin, `OMP_SPIN_COUNT`; the
+  cluster token as `POTLUCK_TOKEN`, never on the command line).
 - `worker_command(...)`: the `python -m workers` command line (also what api/ray_launcher.py runs);
   `cpu_memory_share_bytes(count)`: the memory each of `count` CPU workers on one machine gets;
   `stop_processes(...)`: terminate, then kill what is left.
