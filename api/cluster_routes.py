@@ -22,7 +22,7 @@ from fastapi import APIRouter, Path, Query
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from api.server import error_response
+from api.contract import error_response
 
 PUBLIC_PATHS: tuple[str, ...] = ("/health", "/metrics", "/dashboard")
 NODE_ID = Path(description="A worker id, as listed by GET /cluster.", min_length=1, max_length=200)

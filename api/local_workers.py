@@ -23,17 +23,12 @@ from dataclasses import dataclass, field
 from workers.curve import TOKEN_ENV, WORKER_KEY_ENV, KeyPair
 
 
-# OpenMP threads that finish a parallel region spin this many rounds (~0.5 ms on the 2-core AMD
-# VM) before they sleep. Within a step that covers the gaps between GEMMs (a decode layer's small
-# ops, the sampling between two steps of one worker); after a step it keeps the core awake through
-# the hop to the next co-located stage, whose OpenMP thread then wakes on a running core instead
-# of a halted virtual CPU (a futex wake there measured 100-300 us; region after 5 ms asleep: +400 us)
-# and ends before that stage's layers need the core. Measured on the 2-core VM, 110M model, one
-# stream, decode period (median per step, all configurations in one run, interleaved rounds):
-# 1 worker 35.7 ms at 3,000 rounds -> 29.4 at 20,000 (31.3 at 100,000, 32.6 at 300,000, libgomp's
-# default); 3 workers 39.6 -> 34.6 (10,000: 32.3 vs 30.2 at 20,000 and 30.8 at 30,000 in another
-# run; 300,000: 52.6). Sleeping at once (spin 0, as OMP_WAIT_POLICY=PASSIVE does) costs a wake-up
-# per GEMM.
+# OpenMP threads that finish a parallel region spin this many rounds before they sleep. Within a
+# step that covers the gaps between GEMMs (a decode layer's small ops, the sampling between two
+# steps); after a step it keeps the core awake through the hop to the next co-located stage, whose
+# OpenMP thread then wakes on a running core instead of a halted virtual CPU, and it ends before
+# that stage's layers need the core. Sleeping at once (OMP_WAIT_POLICY=PASSIVE) costs a wake-up per
+# GEMM; libgomp's default spins far longer. Measurements: docs/performance-notes.md.
 OMP_SPIN_COUNT = 20000
 
 

@@ -46,7 +46,7 @@ from api.openai_schema import (
     CompletionResponse,
     Usage,
 )
-from api.server import EngineLike, check_model, error_body, potluck_error_body
+from api.contract import EngineLike, check_model, error_body, potluck_error_body
 from scheduler.errors import InvalidRequestError, PotluckError, PromptTooLongError
 from scheduler.request import GenerationOutput, GenerationRequest, TokenLogprob
 from scheduler.tokenizer import Tokenizer

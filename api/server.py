@@ -1,15 +1,16 @@
 """The FastAPI app: OpenAI-compatible endpoints in front of an engine.
 
 Parts:
-- `EngineLike`: the Protocol the app needs from the scheduler (`scheduler.engine.Engine` fits it).
+- `EngineLike`, `error_body`, `error_response`, `potluck_error_body`, `check_model`: in
+  `api/contract.py` (shared with the route modules; imported here for existing callers).
 - `create_app(engine, *, api_key=None, routers=(), public_paths=("/health",))`: the app. Routes:
   `GET /health`, `GET /version`, `GET /v1/models`, `GET /v1/models/{id}`, `POST /tokenize`,
   `POST /detokenize`, and (from `api/openai_routes.py`) `POST /v1/completions`,
   `POST /v1/chat/completions`. Extra routers (cluster views, metrics, dashboard) mount through
   `routers`; `app.state.public_paths` lists the paths open without the API key.
-- `error_response` / `error_body`: every error in OpenAI's envelope
-  `{"error": {"message", "type", "param", "code"}}`: validation errors -> 400, `PotluckError` ->
-  its status (429 + Retry-After when overloaded), unknown routes -> 404, anything else -> 500.
+- Error handlers: every error in OpenAI's envelope (api/contract.py): validation errors -> 400,
+  `PotluckError` -> its status (429 + Retry-After when overloaded), unknown routes -> 404,
+  anything else -> 500.
 - `ApiKeyMiddleware`: `Authorization: Bearer <key>` on every path not in `app.state.public_paths`.
 """
 
@@ -17,10 +18,9 @@ from __future__ import annotations
 
 import hmac
 import logging
-import math
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import Collection, Sequence
 from importlib import metadata
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,53 +37,12 @@ from api.openai_schema import (
     TokenizeCompletionRequest,
     TokenizeResponse,
 )
-from scheduler.errors import InvalidRequestError, ModelNotFoundError, OverloadedError, PotluckError
-from scheduler.request import GenerationOutput, GenerationRequest
-from scheduler.tokenizer import Tokenizer
+from api.contract import (EngineLike, check_model, error_body, error_response, potluck_error_body,  # noqa: F401
+                          potluck_error_response)
+from api.openai_routes import build_openai_router
+from scheduler.errors import InvalidRequestError, PotluckError
 
 log = logging.getLogger(__name__)
-
-
-@runtime_checkable
-class EngineLike(Protocol):
-    """What the HTTP layer needs from the scheduler."""
-
-    model_id: str  # served model name
-    tokenizer: Tokenizer
-    max_model_len: int  # context length in tokens (prompt + generated)
-
-    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
-        """Stream the request's outputs; raises PotluckError subclasses (before or mid-stream).
-        Closing the iterator (aclose) aborts the request."""
-        ...
-
-
-def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-
-
-def error_response(status: int, message: str, error_type: str, param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, error_type, param, code), status_code=status, headers=headers)
-
-
-def potluck_error_body(exc: PotluckError) -> dict[str, Any]:
-    return error_body(exc.message, exc.error_type, getattr(exc, "param", None), exc.code)
-
-
-def potluck_error_response(exc: PotluckError) -> JSONResponse:
-    headers = None
-    if isinstance(exc, OverloadedError):
-        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
-    return JSONResponse(potluck_error_body(exc), status_code=exc.status_code, headers=headers)
-
-
-def check_model(engine: EngineLike, model: str | None) -> None:
-    """Raise 404 model_not_found unless `model` is the served model (None means the served one)."""
-    if model is not None and model != engine.model_id:
-        exc = ModelNotFoundError(f"The model `{model}` does not exist. This server serves `{engine.model_id}`.")
-        exc.param = "model"  # type: ignore[attr-defined]
-        raise exc
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -137,8 +96,6 @@ def create_app(
     public_paths: Collection[str] = ("/health",),
 ) -> FastAPI:
     """The OpenAI-compatible app for `engine`. `routers` mount after the built-in routes."""
-    from api.openai_routes import build_openai_router
-
     app = FastAPI(title="potluck", version=_version(), docs_url="/docs", redoc_url=None)
     app.state.engine = engine
     app.state.public_paths = set(public_paths)

@@ -16,10 +16,10 @@ from __future__ import annotations
 from placement.network import build_network
 from placement.problem import PlacementProblem
 
-Ranges = dict[str, tuple[int, int]]
+RangesById = dict[str, tuple[int, int]]
 
 
-def _chain(net, order: list[int], ks: list[int]) -> Ranges:
+def _chain(net, order: list[int], ks: list[int]) -> RangesById:
     out, b = {}, 0
     for i, k in zip(order, ks):
         if k > 0:
@@ -43,7 +43,7 @@ def _clip_fill(net, order: list[int], want: list[float]) -> list[int] | None:
     return ks
 
 
-def even_split(problem: PlacementProblem) -> Ranges:
+def even_split(problem: PlacementProblem) -> RangesById:
     net = build_network(problem)
     order = sorted(range(net.n), key=lambda i: -net.cap[i][0] if net.cap[i] else 0)
     for m in range(1, net.n + 1):
@@ -53,7 +53,7 @@ def even_split(problem: PlacementProblem) -> Ranges:
     return {}
 
 
-def exo_memory_proportional(problem: PlacementProblem) -> Ranges:
+def exo_memory_proportional(problem: PlacementProblem) -> RangesById:
     net = build_network(problem)
     order = [i for i in range(net.n) if net.cap[i]]
     mem = [problem.devices[i].memory_bytes for i in order]
@@ -61,11 +61,11 @@ def exo_memory_proportional(problem: PlacementProblem) -> Ranges:
     return _chain(net, order, ks) if ks else {}
 
 
-def petals_greedy(problem: PlacementProblem) -> Ranges:
+def petals_greedy(problem: PlacementProblem) -> RangesById:
     net = build_network(problem)
     L = net.L
     cover = [0.0] * L
-    out: Ranges = {}
+    out: RangesById = {}
     for i in sorted(range(net.n), key=lambda i: -(net.cap[i][-1] * net.kmax(i)) if net.cap[i] else 0):
         k = net.kmax(i)
         if not k:
@@ -77,7 +77,7 @@ def petals_greedy(problem: PlacementProblem) -> Ranges:
     return out
 
 
-def parallax_dp(problem: PlacementProblem) -> Ranges:
+def parallax_dp(problem: PlacementProblem) -> RangesById:
     """Devices sorted fastest first; DP over prefixes cut into pipelines, each pipeline's layers by
     water-filling (layers proportional to per-layer speed, clipped to memory)."""
     net = build_network(problem)
@@ -100,12 +100,12 @@ def parallax_dp(problem: PlacementProblem) -> Ranges:
             got = pipeline(order[a:b])
             if got and best[a][0] + got[0] > best[b][0]:
                 best[b] = (best[a][0] + got[0], best[a][1] + [(order[a:b], got[1])])
-    out: Ranges = {}
+    out: RangesById = {}
     for devs, ks in best[n][1]:
         out.update(_chain(net, devs, ks))
     return out
 
 
-def all_baselines(problem: PlacementProblem) -> dict[str, Ranges]:
+def all_baselines(problem: PlacementProblem) -> dict[str, RangesById]:
     return {"even split (vLLM)": even_split(problem), "exo memory-proportional": exo_memory_proportional(problem),
             "Petals greedy": petals_greedy(problem), "Parallax DP+water-filling": parallax_dp(problem)}

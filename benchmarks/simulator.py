@@ -122,7 +122,7 @@ def simulate(cluster: SimCluster, placement: Placement, trace: tuple[SimRequest,
     hop_bw: dict[tuple[str, str], float] = {}
     pairs = [(SOURCE, b) for b, s in stages.items() if s.start == 0]
     pairs += [(a, SINK) for a, s in stages.items() if s.end == L]
-    pairs += [(a, b) for a, sa in stages.items() for b, sb in stages.items() if sa.end == sb.start]
+    pairs += [(a, b) for a, stage_a in stages.items() for b, stage_b in stages.items() if stage_a.end == stage_b.start]
     for a, b in pairs:
         hop_lat[(a, b)], hop_bw[(a, b)] = cluster.link(cluster.site_of(a), cluster.site_of(b))
     default_lat, default_bw = cluster.link(0, 1)

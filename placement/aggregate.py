@@ -9,15 +9,15 @@ Parts:
 - ``slots_to_ranges(net, classes, slots)``: give concrete devices to the slots.
 
 Design of the model. With links that are complete and never binding, a placement's max flow is
-the largest F for which per-device flows ``0 <= f_i <= cap_i(k_i)`` exist with, at every layer
-boundary p, flow of ranges ending at p == flow of ranges starting at p (and F leaving layer 0).
+the largest total_flow for which per-device flows ``0 <= f_i <= cap_i(k_i)`` exist with, at every layer
+boundary p, flow of ranges ending at p == flow of ranges starting at p (and total_flow leaving layer 0).
 So per class c, start s, length k: integer count ``n[c,s,k]`` and integer flow ``f[c,s,k]``
 (scaled), with
-    f[c,s,k] <= n[c,s,k] * min(cap_c(k), F_sat)       (no device carries more than F <= F_sat)
+    f[c,s,k] <= n[c,s,k] * min(cap_c(k), f_sat)       (no device carries more than total_flow <= f_sat)
     sum_{s,k} n[c,s,k] <= |c|
     sum_{c,k} f[c,p-k,k] == sum_{c,k} f[c,p,k]        for p = 1..L-1
-    F = sum_{c,k} f[c,0,k];  sum k*f = F*L (redundant, tightens the LP)
-    maximise F.
+    total_flow = sum_{c,k} f[c,0,k];  sum k*f = total_flow*L (redundant, tightens the LP)
+    maximise total_flow.
 Capacities are rounded up, so the model's bound is a valid bound of the true problem (also when
 links bind: dropping link constraints only relaxes). The exact value of the found placement
 is then computed by max flow.
@@ -29,6 +29,7 @@ from collections import defaultdict
 
 from ortools.sat.python import cp_model
 
+from placement import clock
 from placement.bounds import saturated_bound
 from placement.network import Network
 
@@ -77,24 +78,25 @@ def solve_aggregate(net: Network, time_limit_s: float, hint: list[Slot] | None =
                 ends[s + k].append(fv)
                 layer_sum.append(k * fv)
         m.Add(sum(n_var[key] for key in n_var if key[0] == c) <= N)
-    F = m.NewIntVar(0, math.ceil(f_sat / unit) + 1, "F")
-    m.Add(F == sum(begins[0]))
+    total_flow = m.NewIntVar(0, math.ceil(f_sat / unit) + 1, "total_flow")
+    m.Add(total_flow == sum(begins[0]))
     for p in range(1, L):
         m.Add(sum(ends[p]) == sum(begins[p]))
-    m.Add(sum(layer_sum) == L * F)
+    m.Add(sum(layer_sum) == L * total_flow)
     if min_flow is None:
-        m.Maximize(F)
+        m.Maximize(total_flow)
     else:  # re-planning: reach min_flow, then move as little as possible
-        m.Add(F >= math.ceil(min_flow / unit))
+        m.Add(total_flow >= math.ceil(min_flow / unit))
         m.Minimize(sum(move_cost.get(key, 0) * v for key, v in n_var.items()) if move_cost else 0)
     if hint:
         used = {(c, s, k): cnt for c, s, k, cnt in hint}
         for key, v in n_var.items():
             m.AddHint(v, used.get(key, 0))
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(0.05, time_limit_s)
     solver.parameters.num_workers = workers
+    clock.limit(solver, max(0.05, time_limit_s))
     status = solver.Solve(m)
+    clock.charge(solver)
     bound = solver.BestObjectiveBound() * unit if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) \
         else f_sat
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
@@ -103,7 +105,7 @@ def solve_aggregate(net: Network, time_limit_s: float, hint: list[Slot] | None =
              if solver.Value(v) > 0 and solver.Value(f_var[c, s, k]) > 0]
     if min_flow is not None:
         bound = f_sat
-    return slots, solver.Value(F) * unit, min(bound, f_sat), status == cp_model.OPTIMAL
+    return slots, solver.Value(total_flow) * unit, min(bound, f_sat), status == cp_model.OPTIMAL
 
 
 def slots_to_ranges(classes: list[list[int]], slots: list[Slot]) -> dict[int, tuple[int, int]]:

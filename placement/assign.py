@@ -19,6 +19,7 @@ import math
 
 from ortools.sat.python import cp_model
 
+from placement import clock
 from placement.columns import Pattern
 from placement.network import Network
 
@@ -81,15 +82,16 @@ def assign_devices(net: Network, classes: list[list[int]], cols: list[Pattern], 
             model.Add(fv == sum(outs.get((i, p), [])))
         if p > 0:
             model.Add(fv == sum(ins.get((i, p), [])))
-    F = sum(f[i, 0] for i in cand[0])
-    model.Maximize(F)
+    total_flow = sum(f[i, 0] for i in cand[0])
+    model.Maximize(total_flow)
     if hint:
         for (i, p), v in a.items():
             model.AddHint(v, 1 if hint.get(i) == (starts[p], starts[p] + cols[p][0]) else 0)
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(0.05, time_limit_s)
     solver.parameters.num_workers = workers
+    clock.limit(solver, max(0.05, time_limit_s))
     status = solver.Solve(model)
+    clock.charge(solver)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None, 0.0
     ranges = {}

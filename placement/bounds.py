@@ -2,8 +2,8 @@
 
 Parts:
 - ``helix_bound(net)``: ``sum_i max_k k*cap_i(k) / L`` (every token crosses L layers).
-- ``saturated_bound(net)``: the tighter ``sup F`` with ``sum_i max_k k*min(cap_i(k), F) >= F*L``:
-  a device never carries more than the total flow F, so capacity above F is wasted.
+- ``saturated_bound(net)``: the tighter ``sup flow`` with ``sum_i max_k k*min(cap_i(k), flow) >= flow*L``:
+  a device never carries more than the total flow flow, so capacity above flow is wasted.
 - ``cut_bound(net)``: source-side and sink-side link capacity.
 - ``upper_bound(net)``: the least of them.
 """
@@ -16,15 +16,15 @@ def helix_bound(net: Network) -> float:
     return sum(max((k * c for k, c in enumerate(cap, 1)), default=0.0) for cap in net.cap) / net.L
 
 
-def _slack(net: Network, F: float) -> float:
+def _slack(net: Network, flow: float) -> float:
     total = 0.0
     for cap in net.cap:
-        total += max((k * min(c, F) for k, c in enumerate(cap, 1)), default=0.0)
-    return total - F * net.L
+        total += max((k * min(c, flow) for k, c in enumerate(cap, 1)), default=0.0)
+    return total - flow * net.L
 
 
 def saturated_bound(net: Network) -> float:
-    """Exact sup of {F : slack(F) >= 0}. Between consecutive capacity values each device term is
+    """Exact sup of {flow : slack(flow) >= 0}. Between consecutive capacity values each device term is
     a max of a constant and a linear function, so slack is convex there: it suffices to test the
     breakpoints and bisect the one interval where slack changes sign."""
     top = helix_bound(net)

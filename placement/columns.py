@@ -1,28 +1,28 @@
 """Column placements: aligned stage boundaries, solved by pattern ILPs (CP-SAT) and bisection.
 
 Parts:
-- ``column_patterns(net, classes, F)``: for each column length l, the minimal multisets of
-  device classes whose capacities at l sum to at least F.
-- ``solve_columns(net, classes, F, time_limit_s)``: CP-SAT: choose how many columns of each
+- ``column_patterns(net, classes, flow_target)``: for each column length l, the minimal multisets of
+  device classes whose capacities at l sum to at least flow_target.
+- ``solve_columns(net, classes, flow_target, time_limit_s)``: CP-SAT: choose how many columns of each
   pattern so that the lengths add up to exactly L and no class is over-used; fewest columns
   first (fewest hops = lowest latency).
-- ``best_columns(net, classes, lo, hi, deadline)``: bisection on F; returns the best ranges.
+- ``best_columns(net, classes, lo, hi, deadline)``: bisection on flow_target; returns the best ranges.
 
 Design. Cut the layers into consecutive columns ``[b_j, b_{j+1})``; every used device holds
 exactly one column. With complete, non-binding links each boundary is a complete bipartite
-junction, so the max flow is ``min_j sum_{i in column j} cap_i(l_j)``: throughput F is reachable
-iff columns with capacity >= F can be chosen whose lengths sum to L. For fixed F that is a tiny
+junction, so the max flow is ``min_j sum_{i in column j} cap_i(l_j)``: throughput flow_target is reachable
+iff columns with capacity >= flow_target can be chosen whose lengths sum to L. For fixed flow_target that is a tiny
 integer program over pattern counts (classes x lengths, not devices x layers), and feasibility is
-monotone in F, so bisection finds the best column placement. On the Helix instances this reaches
+monotone in flow_target, so bisection finds the best column placement. On the Helix instances this reaches
 the network-free bound (single24) and Gurobi's proven optimum (cluster10) in well under a second.
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 from ortools.sat.python import cp_model
 
+from placement import clock
 from placement.network import Network
 
 Pattern = tuple[int, tuple[tuple[int, int], ...], float]  # (length, ((class, count), ...), capacity)
@@ -30,7 +30,7 @@ MAX_DEVICES_PER_COLUMN = 8
 MAX_CLASSES_PER_COLUMN = 3
 
 
-def column_patterns(net: Network, classes: list[list[int]], F: float) -> list[Pattern]:
+def column_patterns(net: Network, classes: list[list[int]], flow_target: float) -> list[Pattern]:
     out: list[Pattern] = []
     kmax = max((net.kmax(c[0]) for c in classes), default=0)
     for l in range(1, kmax + 1):
@@ -38,15 +38,15 @@ def column_patterns(net: Network, classes: list[list[int]], F: float) -> list[Pa
         caps.sort(reverse=True)
 
         def rec(x: int, chosen: list[tuple[int, int]], total: float, size: int, smallest: float) -> None:
-            if total >= F:
-                if total - smallest < F:
+            if total >= flow_target:
+                if total - smallest < flow_target:
                     out.append((l, tuple(sorted(chosen)), total))
                 return
             if x == len(caps) or size >= MAX_DEVICES_PER_COLUMN or len(chosen) >= MAX_CLASSES_PER_COLUMN:
                 return
             cap, ci, avail = caps[x]
             rest = MAX_DEVICES_PER_COLUMN - size
-            if total + cap * min(avail, rest) + sum(c * min(a, rest) for c, _, a in caps[x + 1:]) < F:
+            if total + cap * min(avail, rest) + sum(c * min(a, rest) for c, _, a in caps[x + 1:]) < flow_target:
                 return
             for cnt in range(min(avail, rest), 0, -1):
                 rec(x + 1, chosen + [(ci, cnt)], total + cnt * cap, size + cnt, cap)
@@ -56,10 +56,10 @@ def column_patterns(net: Network, classes: list[list[int]], F: float) -> list[Pa
     return out
 
 
-def solve_columns(net: Network, classes: list[list[int]], F: float, time_limit_s: float,
+def solve_columns(net: Network, classes: list[list[int]], flow_target: float, time_limit_s: float,
                   workers: int = 2, min_columns: bool = False) -> list[Pattern] | None:
-    """A multiset of columns (as a list, one entry per column) reaching F, or None."""
-    pats = column_patterns(net, classes, F)
+    """A multiset of columns (as a list, one entry per column) reaching flow_target, or None."""
+    pats = column_patterns(net, classes, flow_target)
     if not pats:
         return None
     m = cp_model.CpModel()
@@ -91,12 +91,13 @@ def solve_columns(net: Network, classes: list[list[int]], F: float, time_limit_s
     if min_columns:
         m.Minimize(sum(y))
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(0.02, time_limit_s)
     solver.parameters.num_workers = workers
+    clock.limit(solver, max(0.02, time_limit_s))
     if workers == 1:  # small clusters: a tiny model solved many times within a second, so no
         # probing either (2-core VM: 40-220 ms a probe with two workers, ~30 ms so; docs/placement.md)
         solver.parameters.cp_model_probing_level = 0
     status = solver.Solve(m)
+    clock.charge(solver)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None
     count = [solver.Value(v) for v in y]
@@ -135,21 +136,21 @@ def columns_to_ranges(net: Network, classes: list[list[int]],
 
 def best_columns(net: Network, classes: list[list[int]], lo: float, hi: float, deadline: float,
                  workers: int = 2, rel_tol: float = 1e-7) -> tuple[float, dict[int, tuple[int, int]] | None]:
-    """Bisection on F in (lo, hi]; returns (column throughput, ranges) of the best found."""
+    """Bisection on flow_target in (lo, hi]; returns (column throughput, ranges) of the best found."""
     best: tuple[float, dict[int, tuple[int, int]] | None] = (0.0, None)
-    while hi - lo > rel_tol * max(hi, 1e-9) and time.monotonic() < deadline:
-        F = hi if best[1] is None and lo == 0 and hi < 1e-9 else (lo + hi) / 2
-        left = deadline - time.monotonic()
-        cols = solve_columns(net, classes, F, min(left, 5.0), workers)
+    while hi - lo > rel_tol * max(hi, 1e-9) and clock.now() < deadline:
+        flow_target = hi if best[1] is None and lo == 0 and hi < 1e-9 else (lo + hi) / 2
+        left = deadline - clock.now()
+        cols = solve_columns(net, classes, flow_target, min(left, 5.0), workers)
         ranges = columns_to_ranges(net, classes, cols) if cols else None
         if ranges is None:
-            hi = F
+            hi = flow_target
             continue
         got = min(p[2] for p in cols)
         best = (got, ranges)
         lo = got
     if best[1] is not None:
-        cols = solve_columns(net, classes, best[0] * (1 - 1e-12), max(0.05, min(2.0, deadline - time.monotonic())),
+        cols = solve_columns(net, classes, best[0] * (1 - 1e-12), max(0.05, min(2.0, deadline - clock.now())),
                              workers, min_columns=True)
         ranges = columns_to_ranges(net, classes, cols) if cols else None
         if ranges is not None:

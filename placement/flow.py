@@ -17,11 +17,10 @@ from typing import Mapping
 from ortools.graph.python import max_flow as ortools_max_flow
 
 from placement.network import Network, build_network
-from placement.problem import Pipeline, PlacementProblem, Stage
+from placement.problem import Pipeline, PlacementProblem, Ranges, Stage
 
 SCALE = 1_000_000  # capacities in micro-tokens/s
 S_NODE, T_NODE = 0, 1
-Ranges = Mapping[int, tuple[int, int]]
 
 
 def _arcs(net: Network, ranges: Ranges) -> list[tuple[int, int, float]]:

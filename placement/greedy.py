@@ -15,12 +15,12 @@ boundary; the last stage must be linked to the sink. Linear-ish in the device co
 """
 from __future__ import annotations
 
-import time
 
+from placement import clock
 from placement.flow import flow_value
 from placement.network import Network
+from placement.problem import Ranges
 
-Ranges = dict[int, tuple[int, int]]
 SCAN = 48   # valid candidates looked at per stage
 
 
@@ -91,7 +91,7 @@ def greedy_placement(net: Network, deadline: float) -> tuple[Ranges, float]:
     steps = sorted(range(40), key=lambda x: (_bitrev(x % 8), x))
     grid = [0.0] + [top * 0.85 ** x for x in steps]
     for x, T in enumerate(grid):
-        if x > 0 and time.monotonic() >= deadline:
+        if x > 0 and clock.now() >= deadline:
             break
         r = greedy_pipelines(net, T)
         if not r:

@@ -17,28 +17,28 @@ pattern ILP (``columns.py``) ignores which devices are linked; here the order is
 model, so the alternating "hub" structure of a pruned graph (spokes linked only to hubs) is
 found by the solver. Per position p: length booleans ``lam[p,l]``, counts ``m[p,c,l]`` of
 class c holding l layers, presence ``z[p,c]``; ``sum_l l*len = L``, class counts respected,
-column capacity ``sum cap_c(l) m[p,c,l] >= F`` on used positions (used positions form a prefix),
+column capacity ``sum cap_c(l) m[p,c,l] >= total_flow`` on used positions (used positions form a prefix),
 ``z[p,c] + z[p+1,d] <= 1`` for class pairs that are not completely linked, source classes only
-at position 0, sink classes only at the last used position. Maximise F. The redundant
-``sum l*cap*m >= L*F`` tightens the LP. Capacities are rounded down, so the model's F is a lower
+at position 0, sink classes only at the last used position. Maximise total_flow. The redundant
+``sum l*cap*m >= L*total_flow`` tightens the LP. Capacities are rounded down, so the model's total_flow is a lower
 bound of the exact max flow of the placement it returns. The greedy start is a complete hint
 (every variable), so CP-SAT begins at the greedy value instead of searching for a first solution.
 """
 from __future__ import annotations
 
 import math
-import time
 from collections import defaultdict
 
 from ortools.sat.python import cp_model
 
+from placement import clock
 from placement.bounds import upper_bound
 from placement.columns import columns_to_ranges
 from placement.flow import flow_value
 from placement.linked_greedy import Column, greedy_linked
 from placement.network import Network
+from placement.problem import Ranges
 
-Ranges = dict[int, tuple[int, int]]
 MAX_CLASSES = 80   # the model has positions x classes^2 link clauses; beyond this it is skipped
 
 
@@ -100,7 +100,7 @@ def solve_linked_columns(net: Network, time_limit_s: float, positions: int = 20,
                          threshold: float | None = None) -> tuple[Ranges | None, float]:
     """(ranges, exact max flow tok/s) of the best linked column sequence found in time: the
     greedy start (``linked_greedy.py``, at most 20% of the time) and CP-SAT hinted with it."""
-    t0 = time.monotonic()
+    t0 = clock.now()
     ub = upper_bound(net)
     thr = ub if threshold is None else threshold
     classes = link_classes(net, thr)
@@ -128,7 +128,7 @@ def _solve_model(net: Network, classes: list[list[int]], linked: list[list[bool]
     kmax = max(net.kmax(c[0]) for c in classes)
     capu = [[math.floor(min(net.cap[c[0]][l - 1], ub) / unit) for l in range(1, net.kmax(c[0]) + 1)] for c in classes]
     m = cp_model.CpModel()
-    F = m.NewIntVar(0, fmax, "F")
+    total_flow = m.NewIntVar(0, fmax, "total_flow")
     used = [m.NewBoolVar(f"u{p}") for p in range(P)]
     lam = [[m.NewBoolVar(f"l{p}_{l}") for l in range(1, kmax + 1)] for p in range(P)]
     cnt: dict[tuple[int, int, int], cp_model.IntVar] = {}
@@ -157,10 +157,10 @@ def _solve_model(net: Network, classes: list[list[int]], linked: list[list[bool]
                 m.Add(sum(mine) <= len(members) * z[p][c])
             else:
                 m.Add(z[p][c] == 0)
-        m.Add(sum(col) >= F - fmax * (1 - used[p]))
+        m.Add(sum(col) >= total_flow - fmax * (1 - used[p]))
         m.Add(sum(v for (pp, _, _), v in cnt.items() if pp == p) >= used[p])
     m.Add(sum(total_len) == L)
-    m.Add(sum(work) >= L * F)
+    m.Add(sum(work) >= L * total_flow)
     for c, members in enumerate(classes):
         m.Add(sum(v for (p, cc, l), v in cnt.items() if cc == c) <= len(members))
         if not src[c]:
@@ -177,13 +177,14 @@ def _solve_model(net: Network, classes: list[list[int]], linked: list[list[bool]
     for p in range(P - 1):
         for c, d in bad:
             m.AddBoolOr([z[p][c].Not(), z[p + 1][d].Not()])
-    m.Maximize(F)
+    m.Maximize(total_flow)
     if hint and len(hint) <= P:
-        _add_hint(m, hint, capu, P, kmax, len(classes), F, used, lam, cnt, z, lasts)
+        _add_hint(m, hint, capu, P, kmax, len(classes), total_flow, used, lam, cnt, z, lasts)
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(0.05, deadline - time.monotonic())
     solver.parameters.num_workers = workers
+    clock.limit(solver, max(0.05, deadline - clock.now()))
     status = solver.Solve(m)
+    clock.charge(solver)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None
     out: list[Column] = []
@@ -197,9 +198,9 @@ def _solve_model(net: Network, classes: list[list[int]], linked: list[list[bool]
 
 
 def _add_hint(m: cp_model.CpModel, hint: list[Column], capu: list[list[int]], P: int, kmax: int, n_cls: int,
-              F: cp_model.IntVar, used: list, lam: list, cnt: dict, z: list, lasts: list) -> None:
+              total_flow: cp_model.IntVar, used: list, lam: list, cnt: dict, z: list, lasts: list) -> None:
     """A complete hint (every variable), so CP-SAT starts from the greedy sequence."""
-    m.AddHint(F, min(sum(capu[c][l - 1] * k for c, k in parts) for l, parts in hint))
+    m.AddHint(total_flow, min(sum(capu[c][l - 1] * k for c, k in parts) for l, parts in hint))
     for p in range(P):
         l_p, parts = hint[p] if p < len(hint) else (0, ())
         has = dict(parts)

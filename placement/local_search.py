@@ -10,13 +10,13 @@ Parts:
 from __future__ import annotations
 
 import random
-import time
 from typing import Callable
 
+from placement import clock
 from placement.flow import flow_value
 from placement.network import Network
+from placement.problem import Ranges
 
-Ranges = dict[int, tuple[int, int]]
 
 
 def _moves(net: Network, r: Ranges, rng: random.Random) -> list[Ranges]:
@@ -67,11 +67,11 @@ def improve(net: Network, ranges: Ranges, deadline: float, score: Callable[[Rang
     best, best_v = dict(ranges), score(ranges)
     stale = 0
     for _ in range(max_rounds):
-        if time.monotonic() >= deadline or stale >= 40:
+        if clock.now() >= deadline or stale >= 40:
             break
         improved = False
         for cand in _moves(net, best, rng):
-            if time.monotonic() >= deadline:
+            if clock.now() >= deadline:
                 break
             v = score(cand)
             if v > best_v * (1 + 1e-9) + 1e-9:

@@ -1,8 +1,9 @@
 """The compiled view of a ``PlacementProblem`` that every algorithm works on.
 
 Parts:
-- ``layer_step_time_s(device, layer_bytes, batch)``: one decode step of one layer (measured, or
-  the roofline); the router charges stages by it too (scheduler/load.py).
+- ``layer_step_time_s(device, layer_bytes, batch, model=None)``: one decode step of one layer
+  (measured, or the roofline; MoE: over the experts the step reaches); the router charges
+  stages by it too (scheduler/load.py).
 - ``capacity_table(problem, device)``: tokens/s when holding k = 1..Kmax layers (measured or
   derived, decode plus the workload's prefill per output token), trimmed to what memory and
   ``max_layers`` allow.
@@ -17,11 +18,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from placement.problem import (DEFAULT_LINK, SINK, SOURCE, DeviceSpec, InfeasiblePlacementError,
-                               PlacementProblem)
+                               ModelSpec, PlacementProblem)
 
 
-def layer_step_time_s(device: DeviceSpec, layer_bytes: float, batch: int) -> float:
-    """Seconds for one decode step of one layer at ``batch`` sequences (linear interpolation)."""
+def layer_step_time_s(device: DeviceSpec, layer_bytes: float, batch: int, model: ModelSpec | None = None) -> float:
+    """Seconds for one decode step of one layer at ``batch`` sequences: measured (linear
+    interpolation), else the roofline. With ``model`` an MoE model, the roofline charges the
+    bytes the step reads and multiplies with: ``layer_bytes`` scaled by the model's shares
+    (``ModelSpec.decode_read_bytes_per_layer``, ``compute_bytes_per_token_per_layer``)."""
     if device.decode_layer_time_s:
         pts = sorted(device.decode_layer_time_s)
         if batch <= pts[0][0]:
@@ -33,7 +37,11 @@ def layer_step_time_s(device: DeviceSpec, layer_bytes: float, batch: int) -> flo
         slope = (t1 - t0) / (b1 - b0) if b1 != b0 else t1 / b1
         return t1 + slope * (batch - b1)
     assert device.flops_per_s and device.memory_bandwidth_bytes_per_s
-    return max(layer_bytes / device.memory_bandwidth_bytes_per_s, batch * layer_bytes / device.flops_per_s)
+    read_bytes = compute_bytes = layer_bytes
+    if model is not None and model.expert_bytes:
+        read_bytes = layer_bytes * model.decode_read_bytes_per_layer(batch) / model.mean_layer_bytes
+        compute_bytes = layer_bytes * model.compute_bytes_per_token_per_layer() / model.mean_layer_bytes
+    return max(read_bytes / device.memory_bandwidth_bytes_per_s, batch * compute_bytes / device.flops_per_s)
 
 
 def prefill_time_per_token_s(problem: PlacementProblem, device: DeviceSpec) -> float:
@@ -41,7 +49,7 @@ def prefill_time_per_token_s(problem: PlacementProblem, device: DeviceSpec) -> f
     if device.prefill_layer_time_per_token_s is not None:
         return device.prefill_layer_time_per_token_s
     if device.flops_per_s:
-        return sum(problem.model.layer_bytes) / problem.model.num_layers / device.flops_per_s
+        return problem.model.compute_bytes_per_token_per_layer() / device.flops_per_s
     return 0.0
 
 
@@ -58,7 +66,7 @@ def capacity_table(problem: PlacementProblem, device: DeviceSpec) -> tuple[float
     # per-token decode time at the best batch b <= cap: best[b-1] = min over b' <= b of t(b') / b'
     best: list[float] = []
     for b in range(1, device.max_batch + 1):
-        t = layer_step_time_s(device, avg, b) / b
+        t = layer_step_time_s(device, avg, b, problem.model) / b
         best.append(min(t, best[-1]) if best else t)
     prefill_s = problem.prompt_tokens_per_output_token * prefill_time_per_token_s(problem, device)
     kv_seq_bytes = problem.kv_tokens_per_sequence * problem.model.kv_bytes_per_token_per_layer
@@ -76,8 +84,7 @@ def stage_latency_s(problem: PlacementProblem, device: DeviceSpec, k: int) -> fl
     estimated as 1 / tokens_per_s[k-1] (the time per token at that load, an upper estimate)."""
     if device.tokens_per_s is not None:
         return 1.0 / device.tokens_per_s[k - 1]
-    avg = sum(problem.model.layer_bytes) / problem.model.num_layers
-    return k * layer_step_time_s(device, avg, 1)
+    return k * layer_step_time_s(device, problem.model.mean_layer_bytes, 1, problem.model)
 
 
 @dataclass

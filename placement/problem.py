@@ -1,7 +1,10 @@
 """Placement inputs and outputs: pure, frozen data with units in the names.
 
 Parts:
-- ``ModelSpec``: layers, per-layer weight bytes, KV and activation sizes.
+- ``ModelSpec``: layers, per-layer weight bytes, KV and activation sizes; for MoE models the
+  routed experts' share of each layer, so that memory counts every expert while decode time
+  counts the experts a step reads (``decode_read_bytes_per_layer``,
+  ``compute_bytes_per_token_per_layer``).
 - ``DeviceSpec``: memory and either a measured capacity table ``tokens_per_s`` (entry k-1 is
   the device's token throughput when it holds k layers) or the figures to derive one
   (per-layer decode step time by batch size, or FLOP/s plus memory bandwidth).
@@ -20,7 +23,11 @@ coordinator is assumed to reach every device with ``DEFAULT_LINK``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
+
+# device index (a `Network`'s order) -> [start_layer, end_layer): placement's ranges inside the solver
+Ranges = dict[int, tuple[int, int]]
 
 SOURCE = "source"
 SINK = "sink"
@@ -45,12 +52,48 @@ class ModelSpec:
     kv_bytes_per_token_per_layer: int
     activation_bytes_per_token: int
     token_bytes: int = 4
+    # MoE: per layer, the bytes of its routed experts (part of layer_bytes; () for a dense model).
+    # Memory holds all of them; one token's step reads experts_per_token / num_experts of them.
+    expert_bytes: tuple[int, ...] = ()
+    num_experts: int = 0
+    experts_per_token: int = 0
 
     def __post_init__(self) -> None:
         if self.num_layers < 1:
             raise ValueError("num_layers must be >= 1")
         if len(self.layer_bytes) != self.num_layers:
             raise ValueError(f"layer_bytes has {len(self.layer_bytes)} entries, expected {self.num_layers}")
+        if self.expert_bytes and (len(self.expert_bytes) != self.num_layers
+                                  or not 0 < self.experts_per_token <= self.num_experts):
+            raise ValueError(f"expert_bytes needs {self.num_layers} entries and 0 < experts_per_token "
+                             f"({self.experts_per_token}) <= num_experts ({self.num_experts})")
+
+    @cached_property
+    def mean_layer_bytes(self) -> float:
+        """Mean weight bytes of one layer (all experts included)."""
+        return sum(self.layer_bytes) / self.num_layers
+
+    @cached_property
+    def mean_expert_bytes(self) -> float:
+        return sum(self.expert_bytes) / self.num_layers if self.expert_bytes else 0.0
+
+    def decode_read_bytes_per_layer(self, batch: int) -> float:
+        """Mean weight bytes of one layer that a decode step of ``batch`` sequences reads: all of
+        a dense layer; of an MoE layer the rest plus the experts at least one of the batch's
+        ``batch x k`` choices reaches (uniform routing: a fraction ``1 - (1 - k/E)^batch``)."""
+        avg, experts = self.mean_layer_bytes, self.mean_expert_bytes
+        if not experts:
+            return avg
+        reached = 1.0 - (1.0 - self.experts_per_token / self.num_experts) ** batch
+        return avg - experts + experts * reached
+
+    def compute_bytes_per_token_per_layer(self) -> float:
+        """Mean weight bytes of one layer that one token multiplies with (the roofline's FLOPs:
+        one FLOP pair per weight): the rest plus ``k/E`` of the routed experts."""
+        avg, experts = self.mean_layer_bytes, self.mean_expert_bytes
+        if not experts:
+            return avg
+        return avg - experts + experts * self.experts_per_token / self.num_experts
 
     @staticmethod
     def uniform(num_layers: int, layer_bytes: int, *, embedding_bytes: int = 0, lm_head_bytes: int = 0,

@@ -32,12 +32,13 @@ from ortools.graph.python import max_flow as max_flow_lib
 
 from ortools.sat.python import cp_model
 
+from placement import clock
 from placement.aggregate import device_classes
 from placement.flow import flow_value
 from placement.local_search import _moves
 from placement.network import Network
+from placement.problem import Ranges
 
-Ranges = dict[int, tuple[int, int]]
 Current = Mapping[int, tuple[int, int]]
 BLEND_EXACT = 12
 MODEL_UNITS = 50       # flow resolution of the min-moves model: target / 50
@@ -188,7 +189,7 @@ def descend(net: Network, start: Ranges, current: Current, scorer: _Scorer, dead
     rng = random.Random(seed)
     best, best_k = dict(start), scorer.key(start)
     stale = 0
-    while time.monotonic() < deadline and stale < 25:
+    while clock.now() < deadline and stale < 25:
         cands: list[Edit] = []
         for i in list(best):
             if i in current and best[i] != current[i] and net.fits(i, current[i][0], current[i][1] - current[i][0]):
@@ -203,7 +204,7 @@ def descend(net: Network, start: Ranges, current: Current, scorer: _Scorer, dead
                                             for s, k in net.options(i)))
         improved = False
         for c in _lazy(best, edits, _moves(net, best, rng)):
-            if time.monotonic() >= deadline:
+            if clock.now() >= deadline:
                 break
             k = scorer.key(c)
             if k > best_k:
@@ -248,7 +249,7 @@ def blend(net: Network, fresh: Ranges, current: Current, scorer: _Scorer, deadli
         combos.sort(key=lambda c: c[:2])
         best, best_k = None, None
         for cost, _, choice in combos:
-            if time.monotonic() >= deadline or (best is not None and cost > best[0]):
+            if clock.now() >= deadline or (best is not None and cost > best[0]):
                 break
             r = build(choice)
             k = scorer.key(r)
@@ -258,7 +259,7 @@ def blend(net: Network, fresh: Ranges, current: Current, scorer: _Scorer, deadli
     r = dict(fresh)
     order = sorted(range(len(diff)), key=lambda x: -_new_bytes(net, fresh.get(diff[x]), current.get(diff[x])))
     for x in order:
-        if time.monotonic() >= deadline:
+        if clock.now() >= deadline:
             break
         c = dict(r)
         c.pop(diff[x], None)
@@ -341,10 +342,12 @@ def min_moves_model(net: Network, hint: Ranges, current: Current, target: float,
         if reaches:   # flows of a hint short of the target: CP-SAT found nothing in 0.2 s with, 13 moves in 0.02 s without
             m.AddHint(f[i, s, k], fl.get(i, 0) if on else 0)
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(0.02, deadline - time.monotonic())
     solver.parameters.num_workers = 2
+    clock.limit(solver, max(0.02, deadline - clock.now()))
     solver.parameters.cp_model_presolve = False
-    if solver.Solve(m) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+    status = solver.Solve(m)
+    clock.charge(solver)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return {}
     return {i: (s, s + k) for (i, s, k), xv in x.items() if solver.Value(xv)}
 
@@ -367,13 +370,13 @@ def replan(net: Network, fresh: Ranges, fresh_v: float, current: Current, deadli
     cands = [fresh, rel, rep, cross]
     options = sum(len(net.options(i)) for i in range(net.n))
     use_model = net.links_trivial and options <= MODEL_OPTIONS
-    t0 = time.monotonic()
+    t0 = clock.now()
     # 35% for the heuristics with the model (descend converges in ~0.1 s on 6 devices x 20 layers;
     # at 20% it stopped after 0.03 s); the first start (the blend of the relabeled fresh solve) half
     heur_end = t0 + (deadline - t0) * (0.35 if use_model else 1.0)
     starts = [blend(net, rel, current, scorer, heur_end), cross] + ([rep] if rep else [])
     for x, s in enumerate(starts):
-        now = time.monotonic()
+        now = clock.now()
         part = now + (heur_end - now) * (0.5 if x == 0 else 1 / (len(starts) - x))
         got = descend(net, s, current, scorer, now + 0.85 * (part - now), seed=x)
         cands += [s, got, blend(net, got, current, scorer, part)]
@@ -388,7 +391,7 @@ def replan(net: Network, fresh: Ranges, fresh_v: float, current: Current, deadli
     # reaches the target; then with the best found so far
     hints = ([rep] if rep else []) + [None]
     for x, hint in enumerate(hints):
-        now = time.monotonic()
+        now = clock.now()
         if not use_model or deadline - now <= 0.05:
             break
         end = now + (deadline - now) * (0.4 if hint else 1.0)

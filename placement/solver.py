@@ -1,7 +1,8 @@
 """``solve_placement``: the placement solver potluck's scheduler calls.
 
 Parts:
-- ``solve_placement(problem, time_limit_s, current, migration_cost_per_layer)``.
+- ``solve_placement(problem, time_limit_s, current, migration_cost_per_layer, deterministic)``:
+  wall seconds by default; ``deterministic=True`` makes the limit a work budget (``clock.py``).
 - ``_throughput(net, deadline)``: the throughput pipeline below.
 - re-planning (``current`` given): ``placement/replan.py``, fewest moves within a tolerance.
 
@@ -14,7 +15,7 @@ Design (throughput mode), each step under the one deadline, best exact max flow 
    links (hub/spoke alternation on Helix's pruned graph), for 75% of the time.
 2. Column bisection (``columns.py``): aligned boundaries, device classes, pattern ILP; exact max
    flow when links are complete and never bind, and often equal to the bound.
-3. Links that bind or are missing: the column multisets of several target F are handed to the
+3. Links that bind or are missing: the column multisets of several target flow_target are handed to the
    link-aware assignment CP-SAT (``assign.py``) with shuffled middle orders.
 4. Small clusters: the class-aggregated CP-SAT (``aggregate.py``), which is exact with
    non-binding links and allows staggered boundaries, hinted with the best so far; its proven
@@ -24,11 +25,13 @@ Latency mode is in ``latency.py``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
 from typing import Mapping
 
+from placement import clock
 from placement.aggregate import device_classes, slots_to_ranges, solve_aggregate
 from placement.assign import assign_devices
 from placement.bounds import upper_bound
@@ -39,10 +42,9 @@ from placement.latency import solve_latency
 from placement.linked_columns import solve_linked_columns, spans_model
 from placement.local_search import improve
 from placement.network import Network, build_network
-from placement.problem import Placement, PlacementProblem
+from placement.problem import Placement, PlacementProblem, Ranges
 from placement.replan import moved, replan
 
-Ranges = dict[int, tuple[int, int]]
 REPLAN_TOLERANCE = 0.03      # re-planning keeps >= 97% of the fresh throughput
 SMALL_REPLAN_DEVICES = 10
 SMALL_REPLAN_S = 0.9
@@ -66,26 +68,25 @@ def _throughput(net: Network, deadline: float, start: float) -> tuple[Ranges, fl
                 best, best_v = dict(r), v
 
     # 0. a cheap feasible placement first (well under a second even at 512 devices)
-    g_r, _ = greedy_placement(net, start + min(0.15 * total, 1.0))
-    offer(g_r)
+    greedy_ranges, _ = greedy_placement(net, start + min(0.15 * total, 1.0))
+    offer(greedy_ranges)
     linked = not net.links_trivial and spans_model(net, ub)
     if linked:   # sparse graph: the column order must follow the links (hubs and spokes)
-        lc_r, _ = solve_linked_columns(net, start + LINKED_SHARE * total - time.monotonic())  # exact flow
-        offer(lc_r)
+        linked_ranges, _ = solve_linked_columns(net, start + LINKED_SHARE * total - clock.now())  # exact flow
+        offer(linked_ranges)
     col_end = start + (LINKED_SHARE + 0.05 if linked else 0.5) * total
-    # one CP-SAT worker per column probe on small clusters (5-6 probes in a re-plan's 0.36 s, not
-    # 2-3); at 64 devices the placement those probes found was rated 2.2% higher but measured 24%
-    # lower in the simulator (a capacity-model error, docs/placement.md), so larger ones keep two
+    # one CP-SAT worker per column probe on small clusters: more probes fit in a re-plan's share;
+    # larger clusters keep two (docs/performance-notes.md)
     workers = 1 if net.n <= SMALL_CLUSTER else 2
-    col_v, col_r = best_columns(net, classes, 0.0, ub * (1 + 1e-9), col_end, workers)
-    offer(col_r)
-    if not net.links_trivial and col_v > 0:
+    columns_value, columns_ranges = best_columns(net, classes, 0.0, ub * (1 + 1e-9), col_end, workers)
+    offer(columns_ranges)
+    if not net.links_trivial and columns_value > 0:
         rng = random.Random(0)
         fracs = [0.6, 0.7, 0.8, 0.5, 0.9, 0.65, 0.75, 0.55, 0.85, 0.62, 0.68]
         x = 0
-        while time.monotonic() < start + (LINKED_SHARE + 0.1 if linked else 0.8) * total:
-            F = col_v * fracs[x % len(fracs)]
-            cols = solve_columns(net, classes, F, min(2.0, deadline - time.monotonic()), workers, min_columns=True)
+        while clock.now() < start + (LINKED_SHARE + 0.1 if linked else 0.8) * total:
+            flow_target = columns_value * fracs[x % len(fracs)]
+            cols = solve_columns(net, classes, flow_target, min(2.0, deadline - clock.now()), workers, min_columns=True)
             if cols and len(cols) > 3:
                 mid = cols[1:-1]
                 if x % 3 == 1:
@@ -97,19 +98,19 @@ def _throughput(net: Network, deadline: float, start: float) -> tuple[Ranges, fl
                     mid = cols[1:-1]
                 cols = [cols[0]] + mid + [cols[-1]]
             if cols:
-                r, _ = assign_devices(net, classes, cols, min(5.0, max(0.05, deadline - time.monotonic())))
+                r, _ = assign_devices(net, classes, cols, min(5.0, max(0.05, deadline - clock.now())))
                 offer(r)
             x += 1
     options = sum(len(net.options(c[0])) for c in classes)
     if net.n <= SMALL_CLUSTER and options <= 2500 and best_v < ub * (1 - 1e-6) \
-            and start + 0.9 * total - time.monotonic() > options * 2e-4:
-        slots, _, agg_bound, opt = solve_aggregate(net, max(0.05, start + 0.9 * total - time.monotonic() - options * 2e-4),
+            and start + 0.9 * total - clock.now() > options * 2e-4:
+        slots, _, agg_bound, opt = solve_aggregate(net, max(0.05, start + 0.9 * total - clock.now() - options * 2e-4),
                                                    hint=_as_slots(net, classes, best))
         offer(slots_to_ranges(classes, slots))
         ub = min(ub, agg_bound * (1 + 1e-9))
         if opt and net.links_trivial:
             ub = min(ub, best_v * (1 + 1e-9))
-    if best and best_v < ub * (1 - 1e-6) and time.monotonic() < deadline:
+    if best and best_v < ub * (1 - 1e-6) and clock.now() < deadline:
         best, best_v = improve(net, best, deadline)
     return best, best_v, max(ub, best_v)
 
@@ -131,7 +132,16 @@ def _as_slots(net: Network, classes: list[list[int]], r: Ranges) -> list[tuple[i
 def solve_placement(problem: PlacementProblem, *, time_limit_s: float = 10.0,
                     current: Mapping[str, tuple[int, int]] | None = None,
                     migration_cost_per_layer: float | None = None,
-                    replan_tolerance: float = REPLAN_TOLERANCE) -> Placement:
+                    replan_tolerance: float = REPLAN_TOLERANCE, deterministic: bool = False) -> Placement:
+    """Place the model (see `_solve_placement`). ``deterministic``: ``time_limit_s`` is a budget
+    of work (``placement/clock.py``: CP-SAT's deterministic time plus a fixed cost per heuristic
+    step) instead of wall seconds, so the answer does not depend on the machine's speed or load."""
+    with clock.work_budget() if deterministic else contextlib.nullcontext():
+        return _solve_placement(problem, time_limit_s, current, migration_cost_per_layer, replan_tolerance)
+
+
+def _solve_placement(problem: PlacementProblem, time_limit_s: float, current: Mapping[str, tuple[int, int]] | None,
+                     migration_cost_per_layer: float | None, replan_tolerance: float) -> Placement:
     """Place the model; see the module docstring. Raises ``InfeasiblePlacementError`` when the
     devices cannot hold the model. Never runs past ``time_limit_s`` (plus one evaluation).
 
@@ -146,7 +156,7 @@ def solve_placement(problem: PlacementProblem, *, time_limit_s: float = 10.0,
     re-planning. ``Placement.moved_layers`` reports the count. With at most ``SMALL_REPLAN_DEVICES``
     devices re-planning stops after ``SMALL_REPLAN_S`` seconds (the scheduler calls it on every
     join and leave). See ``placement/replan.py``."""
-    t0 = time.monotonic()
+    t0 = clock.now()
     net = build_network(problem)
     limit_s = max(0.1, time_limit_s)
     if current and problem.objective == "throughput" and net.n <= SMALL_REPLAN_DEVICES:
@@ -160,9 +170,7 @@ def solve_placement(problem: PlacementProblem, *, time_limit_s: float = 10.0,
         ub = upper_bound(net)
     else:
         # re-planning: a fresh solve first (its value sets the tolerance), then the migration-aware
-        # search; a small cluster's fresh solve gets 40% (0.36 s; the tests' three clusters reach
-        # their fresh value within 0.2 s; at 0.27 s one missed it now and then, and the re-plan
-        # kept 97% of a worse value; at 60% the search had too little time to find fewer moves)
+        # search; a small cluster's fresh solve gets 40% of the time (docs/performance-notes.md)
         share = (0.4 if net.n <= SMALL_REPLAN_DEVICES else 0.35) if cur else 1.0
         ranges, value, ub = _throughput(net, t0 + share * (deadline - t0), t0)
         if cur:
@@ -173,5 +181,5 @@ def solve_placement(problem: PlacementProblem, *, time_limit_s: float = 10.0,
     if not math.isfinite(latency):
         notes.append("no source-to-sink path found in time")
     return Placement({net.ids[i]: se for i, se in sorted(ranges.items())}, value, latency, max(ub, value),
-                     pipes, time.monotonic() - t0, "optimal" if optimal else "feasible", moved_layers,
+                     pipes, clock.now() - t0, "optimal" if optimal else "feasible", moved_layers,
                      problem.objective, tuple(notes))

@@ -13,9 +13,9 @@ Parts:
 from __future__ import annotations
 
 from placement.network import layer_step_time_s
-from placement.problem import DeviceSpec
+from placement.problem import DeviceSpec, ModelSpec
 from scheduler.cluster import Cluster, WorkerState
-from scheduler.planner import device_spec
+from scheduler.planner import device_spec, model_spec
 from scheduler.routing import LoadSnapshot, StageLoad
 from workers.protocol import ModelFacts
 
@@ -23,16 +23,18 @@ DEFAULT_PREFILL_TOKENS_PER_STEP = StageLoad.prefill_tokens_per_step  # a worker 
 ROOFLINE_BATCH = 16  # the batch the per-sequence growth is read at when no batch was measured
 
 
-def layer_costs_s(spec: DeviceSpec, layer_bytes: float) -> tuple[float, float, float]:
+def layer_costs_s(spec: DeviceSpec, layer_bytes: float, model: ModelSpec | None = None) -> tuple[float, float, float]:
     """(decode step s per layer at the smallest batch, extra s per layer per added sequence up to the
-    largest batch, prefill s per token per layer: measured, else the roofline's compute time)."""
+    largest batch, prefill s per token per layer: measured, else the roofline's compute time).
+    With `model` an MoE model the roofline counts the experts a step reaches / a token uses."""
     batches = sorted(b for b, _ in spec.decode_layer_time_s or ()) or [1, ROOFLINE_BATCH]
     low, high = batches[0], batches[-1]
-    step_s = layer_step_time_s(spec, layer_bytes, low)
-    per_request_s = max(0.0, (layer_step_time_s(spec, layer_bytes, high) - step_s) / (high - low)) if high > low else 0.0
+    step_s = layer_step_time_s(spec, layer_bytes, low, model)
+    per_request_s = max(0.0, (layer_step_time_s(spec, layer_bytes, high, model) - step_s) / (high - low)) if high > low else 0.0
     prefill_s = spec.prefill_layer_time_per_token_s
     if prefill_s is None:
-        prefill_s = layer_bytes / spec.flops_per_s if spec.flops_per_s else per_request_s
+        share = model.compute_bytes_per_token_per_layer() / model.mean_layer_bytes if model is not None else 1.0
+        prefill_s = layer_bytes * share / spec.flops_per_s if spec.flops_per_s else per_request_s
     return step_s, per_request_s, prefill_s
 
 
@@ -41,7 +43,7 @@ def stage_load(worker: WorkerState, model: ModelFacts) -> StageLoad:
     start, end = worker.loaded
     layers = end - start
     layer_bytes = sum(model.layer_bytes[start:end]) / max(1, layers)
-    step_s, per_request_s, prefill_s = layer_costs_s(device_spec(worker, model), layer_bytes)
+    step_s, per_request_s, prefill_s = layer_costs_s(device_spec(worker, model), layer_bytes, model_spec(model))
     measured_s = worker.heartbeat.step_time_ewma_s if worker.heartbeat else 0.0
     return StageLoad(
         worker_id=worker.worker_id,

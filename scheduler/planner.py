@@ -118,6 +118,9 @@ def model_spec(model: ModelFacts) -> ModelSpec:
         lm_head_bytes=model.lm_head_bytes,
         kv_bytes_per_token_per_layer=model.kv_bytes_per_token_per_layer,
         activation_bytes_per_token=model.activation_bytes_per_token,
+        expert_bytes=tuple(model.expert_bytes),
+        num_experts=model.num_experts,
+        experts_per_token=model.experts_per_token,
     )
 
 

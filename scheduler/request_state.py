@@ -8,8 +8,9 @@ Parts:
   `token(output, workers)` -> whether the token was taken (and whether the prompt just cleared
   every stage); `stage_lost(reason, workers, max_restarts)` ends the attempt (the request waits to
   be routed again, or fails past `max_restarts`); `replayed(...)` routes it again from the prompt
-  plus the tokens already accepted; `finished(workers)` and `aborted(workers)` end it.
+  plus the tokens already accepted; `finished(reason, workers)` and `aborted(workers)` end it.
   Every transition that ends an attempt returns the worker ids that still hold it (to release).
+  `route_request` is what the router weighs for the next attempt.
 - `TokenTaken`: what `token()` reports for an accepted token.
 - `WorkloadStats`: tokens generated and what finished requests had (prompt and output tokens);
   `mix()` is the workload mix placement plans for.

@@ -110,22 +110,14 @@ def edge_time_s(snapshot: LoadSnapshot, src: str, dst: str, request: RouteReques
     return latency_s + request.num_prompt_tokens * per_token_s, latency_s + per_token_s
 
 
-# A second before the first token counts as much as 10 s of later decoding. With 1.0 (least
-# finish time) the router queued prompts behind the fast decoders during bursts: at 80% load in
-# benchmarks/simulator.py (8 devices, 3 clusters x 8 traces) 0.1 cut the geometric mean of the p99
-# TTFT ratio vs round-robin from 0.59 to 0.53 and p50 from 0.41 to 0.36 at equal throughput; the
-# figures barely moved between 0.05 and 0.2 (docs/routing.md).
+# A second before the first token counts as much as 10 s of later decoding: with 1.0 (least finish
+# time) the router queued prompts behind the fast decoders during bursts (docs/performance-notes.md).
 DECODE_WEIGHT = 0.1
 
 # Late binding: a request whose best path would keep its prompt queued for longer than this (at
 # the path's longest stage queue: ``queue_wait_s``) waits in the admission queue instead (first in,
 # first out) and takes the first path that frees up. Without it, a path that is the only one with
-# free KV gets flooded: in benchmarks/simulator.py (8 devices, seed 6) bursts filled the KV of the
-# fast last stages and every request went to a CPU stage with room (predicted TTFT up to 650 s):
-# p99 TTFT 270 s and 638 output tok/s; held, 10.5 s and 1356 tok/s (tests/scheduler/test_routing.py).
-# Over 8 such clusters the p99 TTFT ratio vs round-robin moved little elsewhere (docs/routing.md);
-# 4 s hurt the one where holding costs most (0.65 vs 0.60) less than 2 s did (0.86).
-# ``math.inf`` turns it off.
+# free KV gets flooded (docs/performance-notes.md). ``math.inf`` turns it off.
 MAX_QUEUE_WAIT_S = 4.0
 
 

@@ -8,6 +8,8 @@ Parts:
 - `qwen3_checkpoint`: Qwen3 (q/k norm), 5 layers, explicit head_dim 32 (!= hidden / heads).
 - `sharded_checkpoint`: Llama, 4 layers, split over several safetensors files + index.
 - `tiny_checkpoints`: {"llama": ..., "qwen2": ..., "qwen3": ...}.
+- `moe_checkpoints`: {"qwen3_moe": ..., "mixtral": ..., "qwen2_moe": ...} (tests/support/checkpoints.py
+  `MOE_DEFAULTS`: Qwen3-MoE with a dense layer 0, Qwen2-MoE with dense odd layers + shared expert).
 All are float32, hidden 64, 4 heads, 2 KV heads, vocab 384, with a trained tokenizer
 (tokenizer.json + tokenizer_config.json with a chat template) and generation_config.json.
 """
@@ -33,6 +35,9 @@ TINY_SPECS: dict[str, tuple[str, dict]] = {
     "qwen2": ("qwen2", {"num_hidden_layers": 3, "tie_word_embeddings": True, "seed": 2}),
     "qwen3": ("qwen3", {"num_hidden_layers": 5, "head_dim": 32, "seed": 3}),
     "sharded": ("llama", {"num_hidden_layers": 4, "max_shard_size": "60KB", "seed": 4}),
+    "qwen3_moe": ("qwen3_moe", {"num_hidden_layers": 4, "seed": 6}),
+    "mixtral": ("mixtral", {"num_hidden_layers": 3, "seed": 7}),
+    "qwen2_moe": ("qwen2_moe", {"num_hidden_layers": 4, "seed": 8}),
 }
 
 
@@ -81,3 +86,12 @@ def sharded_checkpoint(checkpoint_factory: Callable[..., Path]) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoints(llama_checkpoint: Path, qwen2_checkpoint: Path, qwen3_checkpoint: Path) -> dict[str, Path]:
     return {"llama": llama_checkpoint, "qwen2": qwen2_checkpoint, "qwen3": qwen3_checkpoint}
+
+
+@pytest.fixture(scope="session")
+def moe_checkpoints(checkpoint_factory: Callable[..., Path]) -> dict[str, Path]:
+    paths = {}
+    for name in ("qwen3_moe", "mixtral", "qwen2_moe"):
+        family, overrides = _spec(name)
+        paths[name] = checkpoint_factory(family, **overrides)
+    return paths

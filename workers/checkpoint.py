@@ -5,8 +5,8 @@ Parts:
   `model.safetensors.index.json`.
 - `read_safetensors_header(path)`: the JSON header of one file (8-byte little-endian length +
   JSON); never touches tensor data.
-- `CheckpointSizes` / `layer_parameter_bytes(model_dir)`: bytes per decoder layer, embeddings,
-  final norm and LM head, from headers only.
+- `CheckpointSizes` / `layer_parameter_bytes(model_dir)`: bytes per decoder layer (and of its
+  routed MoE experts), embeddings, final norm and LM head, from headers only.
 - `stage_tensor_names(...)`: which checkpoint names a stage `[start_layer, end_layer)` needs.
 - `load_stage_tensors(...)`: reads exactly those names with `safe_open` (one tensor at a time,
   never the whole model); the keys of the result are exactly the names read.
@@ -29,6 +29,8 @@ EMBED_PREFIX = "model.embed_tokens."
 NORM_PREFIX = "model.norm."
 LM_HEAD_PREFIX = "lm_head."
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+# routed experts of an MoE layer (Qwen MoE `mlp.experts.`, Mixtral `block_sparse_moe.experts.`)
+_EXPERT_RE = re.compile(r"^model\.layers\.\d+\.(mlp|block_sparse_moe)\.experts\.")
 
 
 def checkpoint_files(model_dir: str | Path) -> dict[str, Path]:
@@ -60,6 +62,9 @@ class CheckpointSizes:
     final_norm_bytes: int  # model.norm.*
     lm_head_bytes: int  # lm_head.* (when tied and absent: the embedding bytes the last stage uses)
     lm_head_tied: bool  # no lm_head tensor in the checkpoint: the LM head is embed_tokens
+    # per decoder layer, the part of layer_bytes that is routed MoE experts (all 0: dense model);
+    # memory holds all of it, a token's decode step reads top-k / num_experts of it
+    expert_bytes: tuple[int, ...] = ()
 
     def stage_bytes(self, start_layer: int, end_layer: int) -> int:
         """Parameter bytes a stage [start_layer, end_layer) holds."""
@@ -82,11 +87,14 @@ def layer_parameter_bytes(model_dir: str | Path) -> CheckpointSizes:
             begin, end = meta["data_offsets"]
             sizes[name] = end - begin
     layers: dict[int, int] = {}
+    experts: dict[int, int] = {}
     embed = norm = head = 0
     for name, nbytes in sizes.items():
         match = _LAYER_RE.match(name)
         if match:
             layers[int(match.group(1))] = layers.get(int(match.group(1)), 0) + nbytes
+            if _EXPERT_RE.match(name):
+                experts[int(match.group(1))] = experts.get(int(match.group(1)), 0) + nbytes
         elif name.startswith(EMBED_PREFIX):
             embed += nbytes
         elif name.startswith(NORM_PREFIX):
@@ -101,6 +109,7 @@ def layer_parameter_bytes(model_dir: str | Path) -> CheckpointSizes:
         final_norm_bytes=norm,
         lm_head_bytes=embed if tied else head,
         lm_head_tied=tied,
+        expert_bytes=tuple(experts.get(i, 0) for i in range(num_layers)),
     )
 
 

@@ -9,14 +9,12 @@ Parts:
   and the message takes the general path: decode, handle, take_batch).
 
 Why: at low load a pipeline's stages wait most of the time, and each hop's Python runs on caches
-that the stage before just flushed streaming its weights (on the 2-core development VM, 110M model,
-3 co-located workers: ~550 us from a middle stage's poll returning to its layers starting, ~15x
-the same code warm). Most of that work (decoding the header, building the batch, allocating KV,
-the attention gathers and RoPE rows, encoding the next header) depends only on which requests run
-at which positions, known as soon as a step ends; it is done then, after the outputs are sent,
-while the next stage computes (~0.3 ms of CPU there). What is left when the message comes is one
-bytes comparison and the layers: poll return -> layers 0.55 -> 0.23 ms, the three hops of a token
-3.2 -> 2.0-2.2 ms (median, model end to the next stage's model start), one stream.
+that the stage before just flushed streaming its weights. Most of that work (decoding the header,
+building the batch, allocating KV, the attention gathers and RoPE rows, encoding the next header)
+depends only on which requests run at which positions, known as soon as a step ends; it is done
+then, after the outputs are sent, while the next stage computes. What is left when the message
+comes is one bytes comparison (or, at the first stage, one decode of NextTokens) and the layers.
+Measurements: docs/performance-notes.md.
 
 The message is recognised byte for byte (Activations: what the previous stage's codec will
 produce for these entries, dtype and shape) or, for the first stage, by a check of the decoded
@@ -30,7 +28,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import torch
 
 from workers import codec
@@ -71,30 +68,16 @@ class ExpectedStep:
         if len(frames) != 1:
             return None
         try:
-            header = msgpack.unpackb(frames[0].buffer, raw=False)
-        except Exception:  # msgpack raises several types; the general path reports it
+            message = codec.decode(list(frames))
+        except p.ProtocolError:  # the general path reports it
             return None
-        if not isinstance(header, list) or len(header) != 2 or header[0] != "NextTokens":
+        if not isinstance(message, p.NextTokens) or len(message.tokens) != len(self.chunks):
             return None
-        fields = header[1]
-        tokens = fields.get("tokens") if isinstance(fields, dict) and len(fields) == 1 else None
-        if not isinstance(tokens, list) or len(tokens) != len(self.chunks):
-            return None
-        token_ids = []
-        for token, chunk in zip(tokens, self.chunks):
-            if (
-                not isinstance(token, dict)
-                or len(token) != 4
-                or token.get("request_id") != chunk.request_id
-                or token.get("position") != chunk.start_position
-                or token.get("finished") is not False
-            ):
+        for token, chunk in zip(message.tokens, self.chunks):
+            if (token.request_id != chunk.request_id or token.position != chunk.start_position or token.finished
+                    or not 0 <= token.token_id < self.vocab_size):
                 return None
-            token_id = token.get("token_id")
-            if type(token_id) is not int or not 0 <= token_id < self.vocab_size:
-                return None
-            token_ids.append(token_id)
-        return token_ids
+        return [token.token_id for token in message.tokens]
 
 
 def activations_header(entries: Sequence[p.ActivationEntry], dtype: torch.dtype, shape: tuple[int, int]) -> bytes:

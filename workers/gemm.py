@@ -65,14 +65,9 @@ def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
 
-# The layout is chosen by timing 16 rows (a batched decode step), where it matters: on the 2-core
-# AMD EPYC VM, 12 layers of the 110M test model's weights (340 MB, beyond the cache) on 2 threads
-# took 31.9 ms with oneDNN and 49.2 ms with the best MKL form, while one row (a lone stream's
-# step) took 16.3 and 17.2 ms. Timing one row as well misled: the one weight timed sits in the
-# cache, and among 9 workers loading at once oneDNN's two threads waited for a core (0.9-4.8 ms
-# against MKL's 0.18-0.25 ms), so the sum chose MKL in 2 of 18 co-located workers, whose steps
-# then ran their GEMVs on one thread. At 16 rows oneDNN won in each of 9 such workers. MKL is
-# kept only when it is faster by more than MKL_MARGIN.
+# The layout is chosen by timing 16 rows (a batched decode step), where the two differ most; a
+# single row's weight sits in the cache and misleads the choice when many workers load at once.
+# MKL is kept only when it is faster by more than MKL_MARGIN. Measurements: docs/performance-notes.md.
 MKL_MARGIN = 0.9
 TIMED_ROWS = 16
 

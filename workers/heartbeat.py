@@ -8,6 +8,7 @@ Parts:
   worker's key; stops the worker when its parent process (local workers) is gone; when the
   scheduler refuses the key in the CURVE handshake (a scheduler restarted with the same token),
   has the worker register again.
+- `Beating`: what it reads of the worker (so this module never imports workers/worker.py).
 """
 
 from __future__ import annotations
@@ -15,16 +16,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from workers import codec, curve
 from workers import protocol as p
-
-if TYPE_CHECKING:
-    from workers.worker import Worker
 
 log = logging.getLogger("potluck.worker")
 
@@ -35,7 +33,26 @@ MAX_REPORTED_REQUESTS = 4096  # request ids a heartbeat lists (the scheduler rel
 HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
 
-def heartbeat_loop(worker: Worker) -> None:
+class Beating(Protocol):
+    """What the heartbeat reads of a worker (workers/worker.py's `Worker` fits it)."""
+
+    context: zmq.Context
+    config: Any  # scheduler_address, parent_pid
+    running: bool
+    backend: Any  # kv_free_tokens(), kv_capacity_tokens(); None while no layers are loaded
+    worker_id: str
+    epoch: int
+    requests: dict
+    pending: Any
+    step_time_ewma_s: float
+    tokens_processed: int
+    data_address: str
+    members: Any  # keys (workers/peers.py)
+    admitted: Any  # threading.Event: the scheduler admitted this worker's key
+    registered_at_s: float
+
+
+def heartbeat_loop(worker: Beating) -> None:
     sock = monitor = None
     try:
         while worker.running:
@@ -66,7 +83,7 @@ def heartbeat_loop(worker: Worker) -> None:
             _close(sock, monitor)
 
 
-def _heartbeat(worker: Worker) -> p.Heartbeat:
+def _heartbeat(worker: Beating) -> p.Heartbeat:
     backend = worker.backend
     return p.Heartbeat(
         worker_id=worker.worker_id,
@@ -82,7 +99,7 @@ def _heartbeat(worker: Worker) -> p.Heartbeat:
     )
 
 
-def _connect(worker: Worker) -> tuple[zmq.Socket, zmq.Socket | None]:
+def _connect(worker: Beating) -> tuple[zmq.Socket, zmq.Socket | None]:
     sock = worker.context.socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 0)
     monitor = None

@@ -1,12 +1,16 @@
-"""The one normaliser of Hugging Face model configs (Llama, Mistral, Qwen2, Qwen3).
+"""The one normaliser of Hugging Face model configs (Llama, Mistral, Qwen2, Qwen3, and the MoE
+families Qwen3-MoE, Qwen2-MoE and Mixtral).
 
 Parts:
 - `SUPPORTED_MODEL_TYPES`: model_type -> family traits (qkv bias, q/k norm).
+- `MOE_MODEL_TYPES`: the families whose layers route tokens to experts.
 - `UnsupportedModelError`: raised for any other architecture, naming what is supported.
 - `RopeScaling`: the rope scaling variant (none / linear / llama3) and its parameters.
 - `ModelConfig`: frozen, family-independent view of a config; `ModelConfig.from_hf(model_dir)`
   reads `config.json` (+ `generation_config.json` for eos / bos), accepting both the
   transformers 4 (`rope_theta` + `rope_scaling`) and transformers 5 (`rope_parameters`) layouts.
+- `ModelConfig.layer_is_moe(index)`: whether decoder layer `index` is an MoE layer (Qwen MoE:
+  `decoder_sparse_step` / `mlp_only_layers` leave some layers dense).
 - `ModelConfig.rope_inv_freq()`: per-pair RoPE inverse frequencies with scaling applied.
 - `ModelConfig.kv_bytes_per_token_per_layer(dtype)`, `ModelConfig.activation_bytes_per_token(dtype)`.
 - `parse_dtype(name)`: "float32" / "bfloat16" / "float16" (and "fp16"-style aliases) -> torch.dtype.
@@ -28,12 +32,19 @@ SUPPORTED_MODEL_TYPES: dict[str, tuple[bool, bool]] = {
     "mistral": (False, False),
     "qwen2": (True, False),
     "qwen3": (False, True),
+    "mixtral": (False, False),
+    "qwen2_moe": (True, False),
+    "qwen3_moe": (False, True),
 }
+MOE_MODEL_TYPES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe"})
 _ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 _DTYPES = {
     "float32": torch.float32,
@@ -74,7 +85,7 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model_type: str  # llama | mistral | qwen2 | qwen3
+    model_type: str  # llama | mistral | qwen2 | qwen3 | mixtral | qwen2_moe | qwen3_moe
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -93,6 +104,26 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     torch_dtype: str  # checkpoint dtype name, e.g. "bfloat16"
     hidden_act: str = "silu"
+    # MoE (0 experts: a dense model). Routing: softmax over all experts' logits, top-k, and with
+    # norm_topk_prob the k weights renormalised to sum to 1 (Mixtral always: that equals a softmax
+    # over the top-k logits).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # each routed expert's SwiGLU width
+    norm_topk_prob: bool = False
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: one always-on expert, sigmoid-gated
+    decoder_sparse_step: int = 1  # Qwen MoE: layer i is MoE when (i + 1) % step == 0 ...
+    mlp_only_layers: tuple[int, ...] = ()  # ... and i is not listed here
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def layer_is_moe(self, index: int) -> bool:
+        """Decoder layer `index` routes to experts (else it has one dense SwiGLU MLP)."""
+        if not self.is_moe or index in self.mlp_only_layers:
+            return False
+        return (index + 1) % self.decoder_sparse_step == 0
 
     @property
     def num_layers(self) -> int:
@@ -162,6 +193,7 @@ class ModelConfig:
             eos_token_ids=tuple(dict.fromkeys(eos)),
             torch_dtype=str(parse_dtype(dtype)).removeprefix("torch."),
             hidden_act=act,
+            **_moe_fields(model_type, raw),
         )
 
     def rope_inv_freq(self) -> torch.Tensor:
@@ -210,6 +242,38 @@ def _model_type(raw: dict[str, Any]) -> str:
             f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))} ({', '.join(sorted(_ARCHITECTURES))})"
         )
     return model_type
+
+
+def _moe_fields(model_type: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """The MoE fields of a config (none for a dense family)."""
+    if model_type not in MOE_MODEL_TYPES:
+        return {}
+    # Qwen configs say num_experts (transformers 5 saves num_local_experts, Mixtral's name)
+    num_experts = int(raw.get("num_experts") or raw.get("num_local_experts") or 0)
+    top_k = int(raw.get("num_experts_per_tok") or 0)
+    if not 0 < top_k <= num_experts:
+        raise UnsupportedModelError(
+            f"{model_type}: num_experts_per_tok={top_k} must be in 1..num_experts={num_experts}"
+        )
+    if model_type == "mixtral":  # every layer is MoE; experts have the model's intermediate_size
+        return {
+            "num_experts": num_experts,
+            "num_experts_per_tok": top_k,
+            "moe_intermediate_size": int(raw["intermediate_size"]),
+            "norm_topk_prob": True,
+        }
+    step = int(raw.get("decoder_sparse_step") or 1)
+    return {
+        "num_experts": num_experts,
+        "num_experts_per_tok": top_k,
+        "moe_intermediate_size": int(raw["moe_intermediate_size"]),
+        "norm_topk_prob": bool(raw.get("norm_topk_prob", False)),
+        "shared_expert_intermediate_size": int(raw.get("shared_expert_intermediate_size") or 0)
+        if model_type == "qwen2_moe"
+        else 0,
+        "decoder_sparse_step": max(1, step),
+        "mlp_only_layers": tuple(int(i) for i in raw.get("mlp_only_layers") or ()),
+    }
 
 
 def _ids(value: Any) -> list[int]:

@@ -1,7 +1,10 @@
 """`read_model_facts`: what the scheduler must know of a model directory, read without loading it.
 
 Sizes come from the safetensors headers and config.json only; when the model is served in
-another dtype than the checkpoint's, parameter bytes are scaled to the served dtype.
+another dtype than the checkpoint's, parameter bytes are scaled to the served dtype. For MoE
+models every layer's bytes include all its experts (memory holds them all), and the experts'
+share is reported apart (`expert_bytes`, with the expert count and top-k) so that placement
+charges a decode step only the experts it reads.
 """
 
 from __future__ import annotations
@@ -37,4 +40,7 @@ def read_model_facts(model_dir: str | Path, dtype: str = "auto") -> ModelFacts:
         kv_bytes_per_token_per_layer=config.kv_bytes_per_token_per_layer(served),
         activation_bytes_per_token=config.activation_bytes_per_token(served),
         eos_token_ids=tuple(config.eos_token_ids),
+        expert_bytes=tuple(scaled(b) for b in sizes.expert_bytes) if config.is_moe else (),
+        num_experts=config.num_experts,
+        experts_per_token=config.num_experts_per_tok,
     )

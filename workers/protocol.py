@@ -108,6 +108,10 @@ class ModelFacts:
     kv_bytes_per_token_per_layer: int
     activation_bytes_per_token: int
     eos_token_ids: tuple[int, ...] = ()
+    # MoE: per layer, the bytes of its routed experts (part of layer_bytes; () for a dense model)
+    expert_bytes: tuple[int, ...] = ()
+    num_experts: int = 0
+    experts_per_token: int = 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ Parts:
   computed once per forward: positions, RoPE cos/sin, KV write slots, the decode group's
   padded block gather + mask, each prefill chunk's rows (+ prefix mask), the last-token rows.
 - `DecoderLayer`: RMSNorm -> fused QKV (+ Qwen2 bias, + Qwen3 q/k norm) -> RoPE -> GQA attention
-  over the block KV cache -> o_proj -> residual; RMSNorm -> fused gate/up SwiGLU -> down -> residual.
+  over the block KV cache -> o_proj -> residual; RMSNorm -> fused gate/up SwiGLU -> down -> residual
+  (MoE layers: the MoE block of workers/moe.py in place of the SwiGLU).
   Linear weights are packed for oneDNN where it measures faster on the device when the stage is
   built, else stored transposed, [in, out]; a `GemmChooser` (workers/gemm.py) shared by the
   stage's layers runs either (see `_linear_weight`).
@@ -31,6 +32,7 @@ from torch import nn
 
 from workers.gemm import GemmChooser, onednn_is_faster, pack_weight
 from workers.model_config import ModelConfig
+from workers.moe import moe_block_from_weights
 
 KVLayer = tuple[torch.Tensor, torch.Tensor]  # (K pool, V pool) [num_blocks, block, kv_heads, hd]
 
@@ -256,8 +258,11 @@ class DecoderLayer(nn.Module):
             q_norm = w["self_attn.q_norm.weight"].expand(self.num_heads, -1)
             k_norm = w["self_attn.k_norm.weight"].expand(self.num_kv_heads, -1)
             self.qk_norm = _param(torch.cat([q_norm, k_norm]))
-        self.w_gate_up = _linear_weight(torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]), packed)
-        self.w_down = _linear_weight(w["mlp.down_proj.weight"], packed)
+        self.moe = moe_block_from_weights(config, w)  # None: a dense layer (workers/moe.py)
+        self.w_gate_up = self.w_down = None
+        if self.moe is None:
+            self.w_gate_up = _linear_weight(torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]), packed)
+            self.w_down = _linear_weight(w["mlp.down_proj.weight"], packed)
         self.gemm = GemmChooser()  # StageModel gives all its layers one chooser
 
     def forward(self, hidden: torch.Tensor, plan: BatchPlan, kv: KVLayer) -> torch.Tensor:
@@ -307,6 +312,8 @@ class DecoderLayer(nn.Module):
 
         hidden = hidden + self.gemm(attn, self.w_o)
         x = rms_norm(hidden, self.post_attention_norm, self.eps)
+        if self.moe is not None:
+            return hidden + self.moe(x)
         gate_up = self.gemm(x, self.w_gate_up)  # [N, 2 * intermediate]
         gate, up = gate_up.chunk(2, dim=-1)
         return hidden + self.gemm(F.silu(gate) * up, self.w_down)
@@ -385,6 +392,8 @@ class StageModel(nn.Module):
         peak memory stays near one stage plus one layer."""
         # one layout for all linear weights: oneDNN-packed where it measures faster here
         sample = tensors.get(f"model.layers.{start_layer}.mlp.gate_proj.weight")
+        if sample is None:  # an MoE layer (experts are stored for plain GEMMs): time attention's
+            sample = tensors.get(f"model.layers.{start_layer}.self_attn.o_proj.weight")
         packed = sample is not None and onednn_is_faster(sample)
         layers = []
         for index in range(start_layer, end_layer):

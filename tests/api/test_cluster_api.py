@@ -20,6 +20,8 @@ from live_cluster import LiveCluster, shared_cluster, sse_events, start_cluster
 
 from tests.support.served import free_port
 
+pytestmark = pytest.mark.slow  # a live cluster of worker processes
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from live_cluster import LiveCluster, shared_cluster
 
+pytestmark = pytest.mark.slow  # a live cluster and headless Chromium
+
 
 @pytest.fixture(scope="module")
 def live(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> LiveCluster:

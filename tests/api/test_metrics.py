@@ -14,6 +14,8 @@ import pytest
 from live_cluster import LiveCluster, shared_cluster, sse_events
 from prometheus_client.parser import text_string_to_metric_families
 
+pytestmark = pytest.mark.slow  # a live cluster of worker processes
+
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 

@@ -25,6 +25,8 @@ from live_cluster import LiveCluster, shared_cluster
 
 from api.cluster_routes import PUBLIC_PATHS
 
+pytestmark = pytest.mark.slow  # a live cluster, fuzzed
+
 EXAMPLES_PER_OPERATION = 30
 GENERATION_PATHS = {"/v1/completions", "/v1/chat/completions"}
 json_scalars = st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8)

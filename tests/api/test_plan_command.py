@@ -11,6 +11,8 @@ import pytest
 
 from tests.support.checkpoints import make_checkpoint
 
+pytestmark = pytest.mark.slow  # a `potluck plan` subprocess per test
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -55,6 +55,7 @@ def test_ray_actors_serve_the_model_like_transformers_and_stop_with_serve(tmp_pa
     assert not result["leftover"] and not result["alive_after_stop"], result
 
 
+@pytest.mark.slow  # a `potluck serve` subprocess importing Ray per case
 @pytest.mark.parametrize(
     ("args", "message"),
     [

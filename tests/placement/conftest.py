@@ -1,42 +1,10 @@
-"""Fixtures for placement tests: small random clusters and an exhaustive reference solver."""
+"""Fixtures for placement tests (the problems themselves: tests/support/problems.py)."""
 from __future__ import annotations
-
-import itertools
-import random
 
 import pytest
 
-from placement.flow import evaluate_placement
-from placement.problem import DeviceSpec, ModelSpec, PlacementProblem
-
-
-def random_problem(seed: int, n: int, L: int) -> PlacementProblem:
-    """n devices with decreasing random capacity tables and memory for 1..L layers."""
-    rng = random.Random(seed)
-    model = ModelSpec.uniform(L, 1_000, kv_bytes_per_token_per_layer=1, activation_bytes_per_token=64)
-    devices = []
-    for i in range(n):
-        base = rng.uniform(50, 400)
-        table = tuple(base / (k ** rng.uniform(0.8, 1.3)) for k in range(1, L + 1))
-        kmax = rng.randint(1, L)
-        devices.append(DeviceSpec(f"d{i}", kmax * 1_000 + 10 * kmax, tokens_per_s=table, kind=f"t{i % 2}"))
-    return PlacementProblem(model, tuple(devices), kv_reserve_tokens=10)
-
-
-def exhaustive_best(problem: PlacementProblem) -> float:
-    """Max flow over every assignment of a range (or nothing) to every device."""
-    L = problem.model.num_layers
-    opts = [None] + [(s, e) for s in range(L) for e in range(s + 1, L + 1)]
-    best = 0.0
-    ids = [d.device_id for d in problem.devices]
-    for combo in itertools.product(opts, repeat=len(ids)):
-        ranges = {d: r for d, r in zip(ids, combo) if r is not None}
-        if not ranges:
-            continue
-        fits = all((e - s) * 1_010 <= problem.device(d).memory_bytes for d, (s, e) in ranges.items())
-        if fits:
-            best = max(best, evaluate_placement(problem, ranges)[0])
-    return best
+from placement.problem import PlacementProblem
+from tests.support.problems import random_problem
 
 
 @pytest.fixture

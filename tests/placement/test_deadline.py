@@ -86,6 +86,7 @@ def test_512_devices_replan_within_limit() -> None:
         assert got.ranges and got.throughput_tokens_per_s > 0 and got.pipelines
 
 
+@pytest.mark.slow  # a 512-device network
 def test_descend_stops_at_deadline_at_512_devices() -> None:
     # once stalled, descend tries every option of every device (about 545k here); it used to
     # build them all as full placements first (28.7 s for a 1 s deadline)

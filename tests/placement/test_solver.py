@@ -1,4 +1,7 @@
-"""Behaviour of solve_placement: optimality on small instances, memory, coverage, re-planning."""
+"""Behaviour of solve_placement: optimality on small instances, memory, coverage, re-planning.
+
+Quality is asserted under a work budget (`deterministic=True`, placement/clock.py), never under
+wall seconds: the same answer on a busy machine as on an idle one."""
 from __future__ import annotations
 
 import time
@@ -9,22 +12,23 @@ from placement.flow import evaluate_placement
 from placement.network import stage_bytes
 from placement.problem import DeviceSpec, InfeasiblePlacementError, LinkSpec, ModelSpec, PlacementProblem
 from placement.solver import solve_placement
-from tests.placement.conftest import exhaustive_best, random_problem
+from tests.support.problems import exhaustive_best, random_problem
 
 
 @pytest.mark.parametrize("seed,L", [(0, 3), (1, 4), (2, 4), (3, 5), (4, 5), (5, 4)])
 def test_throughput_equals_exhaustive_search(seed: int, L: int) -> None:
     problem = random_problem(seed, 3, L)
     best = exhaustive_best(problem)
-    got = solve_placement(problem, time_limit_s=3.0)
+    got = solve_placement(problem, time_limit_s=3.0, deterministic=True)
     assert got.throughput_tokens_per_s == pytest.approx(best, rel=1e-6, abs=1e-6)
     assert got.upper_bound_tokens_per_s >= best * (1 - 1e-9)
 
 
+@pytest.mark.slow  # 1.5 work seconds x 4 clusters
 @pytest.mark.parametrize("seed", range(4))
 def test_memory_respected_and_layers_covered(seed: int) -> None:
     problem = random_problem(100 + seed, 8, 24)
-    got = solve_placement(problem, time_limit_s=1.5)
+    got = solve_placement(problem, time_limit_s=1.5, deterministic=True)
     L = problem.model.num_layers
     covered = set()
     for dev, (s, e) in got.ranges.items():
@@ -56,48 +60,48 @@ def _fresh_moves(ranges: dict[str, tuple[int, int]], current: dict[str, tuple[in
                for d, (s, e) in ranges.items())
 
 
+@pytest.mark.slow  # a fixed work budget: ~10-100 s of wall on a loaded 2-core machine
 def test_replan_after_leave_moves_less_and_keeps_throughput() -> None:
     fresh_total = replan_total = 0
     for seed in range(3):
         problem = random_problem(200 + seed, 7, 20)
-        before = solve_placement(problem, time_limit_s=1.0)
+        before = solve_placement(problem, time_limit_s=1.0, deterministic=True)
         gone = max(before.ranges, key=lambda d: before.ranges[d][1] - before.ranges[d][0])
         rest = PlacementProblem(problem.model, tuple(d for d in problem.devices if d.device_id != gone),
                                 kv_reserve_tokens=problem.kv_reserve_tokens)
         current = {d: r for d, r in before.ranges.items() if d != gone}
-        fresh = solve_placement(rest, time_limit_s=1.0)
+        fresh = solve_placement(rest, time_limit_s=1.0, deterministic=True)
         fresh_moved = _fresh_moves(fresh.ranges, current)
-        t0 = time.monotonic()
-        replan = solve_placement(rest, time_limit_s=1.5, current=current)
-        assert time.monotonic() - t0 < 1.2          # <= 10 devices: re-planning stays under a second
+        replan = solve_placement(rest, time_limit_s=1.5, current=current, deterministic=True)
+        assert replan.solve_time_s < 1.2          # <= 10 devices: re-planning stays under a second (of work)
         assert replan.throughput_tokens_per_s >= 0.95 * fresh.throughput_tokens_per_s
         assert replan.moved_layers == _fresh_moves(replan.ranges, current)
         assert replan.moved_layers <= fresh_moved
         fresh_total += fresh_moved
         replan_total += replan.moved_layers
-    # fewer in all (13 vs 16, 0 vs 2, 20 vs 20 on the 2-core VM): on the third cluster, at 97% of
-    # the 49.7 tok/s the fresh solve reaches, a 4-move placement exists (the min-moves model finds
-    # it in 2-8 s) but 0.9 s finds none with fewer moves than the fresh solve
+    # fewer in all, not on every cluster (docs/performance-notes.md)
     assert replan_total < fresh_total
 
 
+@pytest.mark.slow  # a fixed work budget: ~10-100 s of wall on a loaded 2-core machine
 def test_replan_after_join_moves_less() -> None:
     problem = random_problem(305, 7, 20)   # the new device lifts throughput ~9%
     old = PlacementProblem(problem.model, problem.devices[:-1], kv_reserve_tokens=problem.kv_reserve_tokens)
-    current = dict(solve_placement(old, time_limit_s=1.0).ranges)
-    fresh = solve_placement(problem, time_limit_s=1.0)
-    replan = solve_placement(problem, time_limit_s=1.5, current=current)
+    current = dict(solve_placement(old, time_limit_s=1.0, deterministic=True).ranges)
+    fresh = solve_placement(problem, time_limit_s=1.0, deterministic=True)
+    replan = solve_placement(problem, time_limit_s=1.5, current=current, deterministic=True)
     assert replan.throughput_tokens_per_s >= 0.95 * fresh.throughput_tokens_per_s
     # strictly fewer on most runs (1 here vs 24); under CPU load it sometimes only ties the fresh solve
     assert replan.moved_layers <= _fresh_moves(fresh.ranges, current)
 
 
+@pytest.mark.slow  # a fixed work budget: ~10-100 s of wall on a loaded 2-core machine
 def test_migration_cost_decides_what_moves() -> None:
     problem = random_problem(210, 6, 16)
-    before = solve_placement(problem, time_limit_s=1.0)
+    before = solve_placement(problem, time_limit_s=1.0, deterministic=True)
     # nothing changed: with a huge cost per moved layer nothing moves
     same = solve_placement(problem, time_limit_s=1.0, current=before.ranges, migration_cost_per_layer=1e9,
-                           replan_tolerance=0.5)
+                           replan_tolerance=0.5, deterministic=True)
     assert same.moved_layers == 0
     assert same.throughput_tokens_per_s >= before.throughput_tokens_per_s * (1 - 1e-9)
     # a device leaves: huge cost moves no more than free moves, which buy at least as much throughput
@@ -106,9 +110,9 @@ def test_migration_cost_decides_what_moves() -> None:
                             kv_reserve_tokens=problem.kv_reserve_tokens)
     current = {d: r for d, r in before.ranges.items() if d != gone}
     dear = solve_placement(rest, time_limit_s=1.0, current=current, migration_cost_per_layer=1e9,
-                           replan_tolerance=0.5)
+                           replan_tolerance=0.5, deterministic=True)
     free = solve_placement(rest, time_limit_s=1.0, current=current, migration_cost_per_layer=0.0,
-                           replan_tolerance=0.5)
+                           replan_tolerance=0.5, deterministic=True)
     assert dear.moved_layers <= free.moved_layers
     assert free.throughput_tokens_per_s >= dear.throughput_tokens_per_s * (1 - 1e-9)
     assert dear.throughput_tokens_per_s > 0

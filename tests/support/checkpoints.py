@@ -1,7 +1,9 @@
 """Tiny (or not so tiny) random-weight Hugging Face checkpoints, built on the spot.
 
 Parts:
-- `FAMILIES`: the families `make_checkpoint` can build (llama, mistral, qwen2, qwen3).
+- `FAMILIES`: the families `make_checkpoint` can build (llama, mistral, qwen2, qwen3, and the MoE
+  families qwen3_moe, qwen2_moe, mixtral).
+- `MOE_DEFAULTS`: per MoE family, tiny expert settings (4-8 experts, top-2) merged under overrides.
 - `TINY_DEFAULTS`: the small default sizes (hidden 64, 4 heads, 2 KV heads, 4 layers, vocab 384).
 - `make_tokenizer(path, vocab_size)`: a byte-level BPE trained on a few paragraphs, padded with
   extra tokens to exactly `vocab_size`; writes `tokenizer.json` + `tokenizer_config.json`
@@ -32,7 +34,16 @@ TINY_DEFAULTS: dict[str, Any] = {
     "rms_norm_eps": 1e-6,
     "initializer_range": 0.2,  # peaky logits: greedy comparisons do not hinge on near-ties
 }
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral")
+MOE_DEFAULTS: dict[str, dict[str, Any]] = {
+    # layer 0 dense (mlp_only_layers), the rest MoE; 8 experts of width 32, top-2, renormalised
+    "qwen3_moe": {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "decoder_sparse_step": 1, "mlp_only_layers": [0], "norm_topk_prob": True},
+    # every other layer MoE (decoder_sparse_step 2), a shared expert, weights not renormalised
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "shared_expert_intermediate_size": 48, "decoder_sparse_step": 2, "norm_topk_prob": False},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+}  # fmt: skip
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -108,7 +119,7 @@ def make_checkpoint(path: str | Path, family: str, **overrides: Any) -> Path:
     seed = int(overrides.pop("seed", 0))
     max_shard_size = overrides.pop("max_shard_size", None)
     dtype = getattr(torch, str(overrides.pop("dtype", "float32")))
-    fields = {**TINY_DEFAULTS, **overrides}
+    fields = {**TINY_DEFAULTS, **MOE_DEFAULTS.get(family, {}), **overrides}
     vocab_size = int(fields["vocab_size"])
     make_tokenizer(path, vocab_size, model_max_length=int(fields["max_position_embeddings"]))
     tok = json.loads((path / "tokenizer.json").read_text())
@@ -121,6 +132,9 @@ def make_checkpoint(path: str | Path, family: str, **overrides: Any) -> Path:
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+        "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
     }[family]
     config = config_cls(**fields)
     torch.manual_seed(seed)

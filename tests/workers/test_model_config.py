@@ -92,7 +92,7 @@ def test_byte_sizes():
     "raw",
     [
         {**BASE, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]},
-        {**BASE, "model_type": "mixtral"},
+        {**BASE, "model_type": "deepseek_v3"},
     ],
 )
 def test_unsupported_architecture_is_named(raw):
@@ -113,5 +113,5 @@ def test_backend_rejects_unsupported_checkpoint(tmp_path):
     from workers.backend import StageConfig, load_backend
 
     (tmp_path / "config.json").write_text(json.dumps({**BASE, "model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}))
-    with pytest.raises(UnsupportedModelError, match="gpt_neox.*supported model types: llama, mistral, qwen2, qwen3"):
+    with pytest.raises(UnsupportedModelError, match="gpt_neox.*supported model types: llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe"):
         load_backend(StageConfig(str(tmp_path), 0, 1))

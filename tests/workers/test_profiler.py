@@ -227,6 +227,7 @@ def test_device_spec_from_a_profile() -> None:
     assert to_device_spec(cpu, "c").flops_per_s == 2e11  # fp32 weights: 2 FLOPs per 4 bytes
 
 
+@pytest.mark.slow  # `potluck profile` subprocesses
 # ---------------------------------------------------------------- `potluck profile`
 def test_potluck_profile_prints_json(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see the module docstring

@@ -27,6 +27,7 @@ print(json.dumps({"main": threads.main_tid, "openmp": list(threads.openmp_tids),
 """
 
 
+@pytest.mark.slow  # worker subprocesses
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs Linux and 2 cores")
 def test_main_thread_and_openmp_threads_get_separate_cores():
     out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120, check=True)
@@ -45,6 +46,7 @@ def test_pinning_is_on_by_default_and_can_be_turned_off():
     assert not config_from_args(parser.parse_args(["--scheduler", "127.0.0.1:1", "--no-pin-threads"])).pin_threads
 
 
+@pytest.mark.slow  # worker subprocesses
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs Linux and 2 cores")
 def test_workers_with_fewer_threads_than_cores_are_not_pinned():
     probe = "import torch; torch.set_num_threads(1); from workers.thread_affinity import find_compute_threads; print(find_compute_threads())"
