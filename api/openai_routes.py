@@ -1,9 +1,12 @@
-"""POST /v1/completions and /v1/chat/completions: requests in, GenerationRequests to the engine.
+"""What /v1/completions and /v1/chat/completions share: requests in, GenerationRequests to the engine.
 
 Parts:
-- `build_openai_router(engine)`: the two routes, streamed (SSE) and not.
-- `build_generation_request(...)`: ids + OpenAI options -> `GenerationRequest` (context checks,
-  `max_new_tokens`, sampling, eos ids, logprobs).
+- `build_openai_router(engine)`: the two routes (api/openai_completions.py, api/openai_chat.py).
+- `check_prompt(...)`, `build_generation_requests(...)`: ids + OpenAI options -> one
+  `GenerationRequest` per choice (context checks, `max_new_tokens`, api/openai_options.py
+  sampling, a seed per choice); `pick_best` keeps best_of's n best.
+- `respond(...)`, `merged(...)`: every choice run at once; streamed, their outputs interleave
+  as they come (each tagged with its choice), else the whole body at the end.
 - `EventStreamResponse`: an SSE response that watches for the client going away and then closes
   the event generator (and with it the engine's generator, which aborts the request).
 - `sse(data)`: one `data: ...\\n\\n` event; a failure mid-stream is sent as `data: {"error": ...}`
@@ -17,8 +20,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -28,29 +29,20 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from api.openai_schema import (
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChatDelta,
     ChatLogprobs,
-    ChatMessageOut,
     ChatTokenLogprob,
     ChatTopLogprob,
-    CompletionChoice,
-    CompletionChunk,
-    CompletionChunkChoice,
     CompletionLogprobs,
     CompletionRequest,
-    CompletionResponse,
+    PromptTokensDetails,
     Usage,
 )
-from api.contract import EngineLike, check_model, error_body, potluck_error_body
+from api.contract import EngineLike, error_body, potluck_error_body
 from scheduler.errors import InvalidRequestError, PotluckError, PromptTooLongError
 from scheduler.request import GenerationOutput, GenerationRequest, TokenLogprob
 from scheduler.tokenizer import Tokenizer
-from workers.protocol import SamplingParams
+from api.openai_options import choice_seed, sampling_params
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -123,19 +115,12 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-def build_generation_request(
-    engine: EngineLike,
-    request_id: str,
-    prompt_ids: Sequence[int],
-    body: CompletionRequest | ChatCompletionRequest,
-    max_tokens: int | None,
-    num_top_logprobs: int | None,
-) -> GenerationRequest:
-    tok = engine.tokenizer
+def check_prompt(engine: EngineLike, prompt_ids: Sequence[int], max_tokens: int | None, param: str) -> None:
+    """Token ids in the vocabulary, prompt + completion within the context (400 otherwise)."""
     n = len(prompt_ids)
     if n == 0:
         raise InvalidRequestError("the prompt is empty")
-    vocab = tok.vocab_size
+    vocab = engine.tokenizer.vocab_size
     bad = [i for i in prompt_ids if not 0 <= i < vocab]
     if bad:
         raise InvalidRequestError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
@@ -145,20 +130,48 @@ def build_generation_request(
                 "in the completion)." if max_tokens is not None else f" However, the prompt has {n} tokens."
         exc = PromptTooLongError(f"This model's maximum context length is {limit} tokens.{asked} "
                                  "Please reduce the length of the prompt or of the completion.")
-        exc.param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"  # type: ignore[attr-defined]
+        exc.param = param  # type: ignore[attr-defined]
         raise exc
-    top_k = body.top_k if body.top_k is not None and body.top_k > 0 else 0
-    sampling = SamplingParams(
-        max_new_tokens=max_tokens if max_tokens is not None else limit - n,
-        temperature=1.0 if body.temperature is None else float(body.temperature),
-        top_p=1.0 if body.top_p is None else float(body.top_p),
-        top_k=min(top_k, vocab),
-        seed=body.seed,
-        eos_token_ids=tok.eos_token_ids,
-        ignore_eos=body.ignore_eos,
-        num_top_logprobs=num_top_logprobs,
-    )
-    return GenerationRequest(request_id, tuple(prompt_ids), sampling, body.stop_strings, body.skip_special_tokens)
+
+
+def build_generation_requests(
+    engine: EngineLike,
+    request_id: str,
+    prompt_ids: Sequence[int],
+    body: CompletionRequest | ChatCompletionRequest,
+    max_tokens: int | None,
+    num_top_logprobs: int | None,
+    grammar: tuple[str, str] | None = None,
+    prompt_logprobs: int | None = None,
+) -> list[GenerationRequest]:
+    """One GenerationRequest per sampled choice (`best_of`, else `n`): each runs on its own
+    (its prompt prefilled once per choice), with its own seed (`choice_seed`)."""
+    param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+    check_prompt(engine, prompt_ids, max_tokens, param)
+    tok = engine.tokenizer
+    count = body.best_of or body.n
+    if count > body.n and num_top_logprobs is None:
+        num_top_logprobs = 0  # best_of ranks choices by their summed logprobs
+    out = []
+    for index in range(count):
+        sampling = sampling_params(
+            body, vocab_size=tok.vocab_size, eos_token_ids=tok.eos_token_ids,
+            max_new_tokens=max_tokens if max_tokens is not None else engine.max_model_len - len(prompt_ids),
+            num_top_logprobs=num_top_logprobs, seed=choice_seed(body.seed, index), grammar=grammar,
+            prompt_ids=tuple(prompt_ids), prompt_logprobs=prompt_logprobs,
+        )  # fmt: skip
+        rid = request_id if count == 1 else f"{request_id}-{index}"
+        out.append(GenerationRequest(rid, tuple(prompt_ids), sampling, body.stop_strings, body.skip_special_tokens))
+    return out
+
+
+def pick_best(runs: list[list[GenerationOutput]], n: int) -> list[list[GenerationOutput]]:
+    """The n runs with the highest summed token logprob (best_of), in their original order."""
+    if len(runs) <= n:
+        return runs
+    score = [sum(lp.logprob for s in run for lp in s.logprobs) for run in runs]
+    best = sorted(sorted(range(len(runs)), key=lambda i: -score[i])[:n])
+    return [runs[i] for i in best]
 
 
 async def start_generation(engine: EngineLike, request: GenerationRequest) -> tuple[GenerationOutput | None,
@@ -193,7 +206,9 @@ async def collect(first: GenerationOutput | None, outputs: AsyncIterator[Generat
 
 def usage(num_prompt: int, steps: Sequence[GenerationOutput]) -> Usage:
     generated = max((s.num_generated_tokens for s in steps), default=0) or sum(len(s.token_ids) for s in steps)
-    return Usage(prompt_tokens=num_prompt, completion_tokens=generated, total_tokens=num_prompt + generated)
+    cached = max((s.num_cached_tokens for s in steps), default=0)
+    return Usage(prompt_tokens=num_prompt, completion_tokens=generated, total_tokens=num_prompt + generated,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 def _lp(value: float) -> float:
@@ -261,96 +276,86 @@ async def following(first: GenerationOutput | None, outputs: AsyncIterator[Gener
             return
 
 
-def build_openai_router(engine: EngineLike) -> APIRouter:
-    router = APIRouter()
+class _AllOutputs:
+    """Closes the engine generators of every choice (what `guarded_events` closes at the end)."""
 
-    async def respond(request: Request, gen_request: GenerationRequest, stream: bool,
-                      make_events: Callable[[AsyncIterator[GenerationOutput]], AsyncIterator[bytes]],
-                      make_body: Callable[[list[GenerationOutput]], Any]) -> Response:
-        if stream:
-            first, outputs = await start_generation(engine, gen_request)
-            return EventStreamResponse(guarded_events(make_events(following(first, outputs)), outputs))
+    def __init__(self, outputs: list[AsyncIterator[GenerationOutput]]) -> None:
+        self.outputs = outputs
 
-        async def run() -> list[GenerationOutput]:  # one task from start to end (queueing included)
-            return await collect(*await start_generation(engine, gen_request))
+    async def aclose(self) -> None:
+        for outputs in self.outputs:
+            aclose = getattr(outputs, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
+
+async def merged(starts: list[tuple[GenerationOutput | None, AsyncIterator[GenerationOutput]]]
+                 ) -> AsyncIterator[tuple[int, GenerationOutput]]:
+    """(choice index, output) of every choice as they come."""
+    if len(starts) == 1:
+        async for output in following(*starts[0]):
+            yield 0, output
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, first: GenerationOutput | None, outputs: AsyncIterator[GenerationOutput]) -> None:
         try:
-            steps = await unless_disconnected(request, run())
-        except ClientDisconnected:
-            return Response(status_code=499)
-        return JSONResponse(make_body(steps).model_dump())
+            async for output in following(first, outputs):
+                await queue.put((index, output))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            await queue.put((index, exc))
+        finally:
+            await queue.put((index, None))
 
-    @router.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        check_model(engine, body.model)
-        tok = engine.tokenizer
-        # tokenised off the event loop: a long prompt must not stall every other stream
-        prompt_ids = await asyncio.to_thread(tok.encode, body.prompt) if isinstance(body.prompt, str) else list(body.prompt)  # type: ignore[arg-type]
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        gen_request = build_generation_request(engine, rid, prompt_ids, body, body.max_tokens, body.logprobs)
-        created, model = int(time.time()), engine.model_id
-        num_top = body.logprobs or 0
-        n_prompt = len(prompt_ids)
+    tasks = [asyncio.ensure_future(pump(i, first, outputs)) for i, (first, outputs) in enumerate(starts)]
+    try:
+        done = 0
+        while done < len(tasks):
+            index, item = await queue.get()
+            if item is None:
+                done += 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
 
-        async def events(steps: AsyncIterator[GenerationOutput]) -> AsyncIterator[bytes]:
-            builder, seen = CompletionLogprobBuilder(tok, num_top), []
-            async for step in steps:
-                seen.append(step)
-                if not (step.text or step.logprobs or step.finish_reason):
-                    continue
-                lp = builder.build(step.logprobs) if body.logprobs is not None else None
-                choice = CompletionChunkChoice(text=step.text, logprobs=lp, finish_reason=step.finish_reason)
-                yield sse(CompletionChunk(id=rid, created=created, model=model, choices=[choice]).model_dump_json())
-            if body.include_usage:
-                chunk = CompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage(n_prompt, seen))
-                yield sse(chunk.model_dump_json())
 
-        def whole(steps: list[GenerationOutput]) -> CompletionResponse:
-            lp = None
-            if body.logprobs is not None:
-                lp = CompletionLogprobBuilder(tok, num_top).build([x for s in steps for x in s.logprobs])
-            choice = CompletionChoice(text="".join(s.text for s in steps), logprobs=lp,
-                                      finish_reason=steps[-1].finish_reason if steps else "length")
-            return CompletionResponse(id=rid, created=created, model=model, choices=[choice], usage=usage(n_prompt, steps))
+async def respond(engine: EngineLike, request: Request, gen_requests: list[GenerationRequest], stream: bool,
+                  make_events: Callable[[AsyncIterator[tuple[int, GenerationOutput]]], AsyncIterator[bytes]],
+                  make_body: Callable[[list[list[GenerationOutput]]], Any]) -> Response:
+    """Run every choice; stream their events, or answer with the whole body."""
+    if stream:
+        starts = []
+        try:
+            for gen_request in gen_requests:
+                starts.append(await start_generation(engine, gen_request))
+        except BaseException:
+            await _AllOutputs([o for _, o in starts]).aclose()
+            raise
+        closer = _AllOutputs([o for _, o in starts])
+        return EventStreamResponse(guarded_events(make_events(merged(starts)), closer))  # type: ignore[arg-type]
 
-        return await respond(request, gen_request, body.stream, events, whole)
+    async def run_one(gen_request: GenerationRequest) -> list[GenerationOutput]:
+        return await collect(*await start_generation(engine, gen_request))
 
-    @router.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        check_model(engine, body.model)
-        tok = engine.tokenizer
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        prompt_ids = await asyncio.to_thread(
-            lambda: tok.encode(tok.apply_chat_template(messages, body.add_generation_prompt), add_special_tokens=False))
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        num_top = (body.top_logprobs or 0) if body.logprobs else None
-        gen_request = build_generation_request(engine, rid, prompt_ids, body, body.max_new_tokens, num_top)
-        created, model = int(time.time()), engine.model_id
-        n_prompt = len(prompt_ids)
+    async def run() -> list[list[GenerationOutput]]:  # one task from start to end (queueing included)
+        return list(await asyncio.gather(*(run_one(r) for r in gen_requests)))
 
-        async def events(steps: AsyncIterator[GenerationOutput]) -> AsyncIterator[bytes]:
-            role = ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))
-            yield sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=[role]).model_dump_json())
-            seen = []
-            async for step in steps:
-                seen.append(step)
-                if not (step.text or step.logprobs or step.finish_reason):
-                    continue
-                lp = chat_logprobs(tok, step.logprobs, num_top) if num_top is not None else None
-                delta = ChatDelta(content=step.text) if step.text or not step.finish_reason else ChatDelta()
-                choice = ChatChunkChoice(delta=delta, logprobs=lp, finish_reason=step.finish_reason)
-                yield sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice]).model_dump_json())
-            if body.include_usage:
-                chunk = ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage(n_prompt, seen))
-                yield sse(chunk.model_dump_json())
+    try:
+        runs = await unless_disconnected(request, run())
+    except ClientDisconnected:
+        return Response(status_code=499)
+    return JSONResponse(make_body(runs).model_dump())
 
-        def whole(steps: list[GenerationOutput]) -> ChatCompletionResponse:
-            lp = chat_logprobs(tok, [x for s in steps for x in s.logprobs], num_top) if num_top is not None else None
-            message = ChatMessageOut(content="".join(s.text for s in steps))
-            choice = ChatChoice(message=message, logprobs=lp, finish_reason=steps[-1].finish_reason if steps else "length")
-            return ChatCompletionResponse(id=rid, created=created, model=model, choices=[choice],
-                                          usage=usage(n_prompt, steps))
 
-        return await respond(request, gen_request, body.stream, events, whole)
+def build_openai_router(engine: EngineLike) -> APIRouter:
+    from api.openai_chat import chat_route  # they use this module's helpers
+    from api.openai_completions import completions_route
 
+    router = APIRouter()
+    router.add_api_route("/v1/completions", completions_route(engine), methods=["POST"])
+    router.add_api_route("/v1/chat/completions", chat_route(engine), methods=["POST"])
     return router

@@ -21,17 +21,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 
 # Options we do not implement, with the value that means "off".
 _NEUTRAL: dict[str, Any] = {
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "repetition_penalty": 1.0,
-    "min_p": 0.0,
-    "best_of": 1,
-    "logit_bias": {},
-    "suffix": "",
-    "echo": False,
-    "tools": [],
-    "functions": [],
+    "suffix": "",  # no chat template of our families has a fill-in-the-middle form
+    # vLLM sampling options not implemented: a 400 rather than silently ignored
+    "use_beam_search": False,
+    "length_penalty": 1.0,
+    "include_stop_str_in_output": False,
+    "bad_words": [],
+    "allowed_token_ids": [],
+    "truncate_prompt_tokens": 0,
+    "guided_whitespace_pattern": "",
 }
+MAX_STOP_STRINGS = 64  # OpenAI's 4 is not a server's limit (lm-eval adds its own)
+MAX_CHOICES = 64  # n and best_of
 
 
 def _is_neutral(value: Any, neutral: Any) -> bool:
@@ -49,22 +50,48 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` (one of these)."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
     model: str | None = None  # None: the served model
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1)  # -1 or 0: off (vLLM)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(default=1, ge=1, le=1)  # the schema says what is served: one choice
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    logit_bias: dict[str, float] | None = None
+    min_tokens: int = Field(default=0, ge=0)
     user: str | None = None
     ignore_eos: bool = False  # vLLM extension
     skip_special_tokens: bool = True  # vLLM extension
+    # structured output (api/openai_options.py turns these into one grammar)
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -73,26 +100,35 @@ class _Request(BaseModel):
             for name, neutral in _NEUTRAL.items():
                 if name in data and not _is_neutral(data[name], neutral):
                     raise ValueError(f"'{name}' is not supported by this server (got {data[name]!r}); leave it unset")
+            if data.get("n") is None:
+                data = {**data, "n": 1}
         return data
-
-    @field_validator("n", mode="before")  # before the bounds: a message that says what to do
-    @classmethod
-    def _only_one_choice(cls, n: Any) -> Any:
-        if isinstance(n, int) and not isinstance(n, bool) and n != 1:
-            raise ValueError(f"only n=1 is supported (got n={n}); send several requests instead")
-        return n
 
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(stop, list) and len(stop) > 4:
-            raise ValueError(f"at most 4 stop sequences are allowed (got {len(stop)})")
+        if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed (got {len(stop)})")
         return stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (bias or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys are token ids (got {key!r})")
+            if not -100.0 <= value <= 100.0:
+                raise ValueError(f"logit_bias values are in [-100, 100] (got {value} for {key})")
+        return bias
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> _Request:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.n})")
+        if self.best_of is not None and self.best_of > self.n and self.stream:
+            raise ValueError("best_of > n cannot be streamed (the best choices are known only at the end)")
         return self
 
     @property
@@ -107,29 +143,37 @@ class _Request(BaseModel):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
+Prompt = str | list[int]
+
+
 class CompletionRequest(_Request):
-    # one prompt per request: text, token ids, or a list holding one of those (the schema says so)
+    # text, token ids, or a list of several of either (one choice each, in order)
     prompt: (
         str
         | Annotated[list[int], Field(min_length=1)]
-        | Annotated[list[str], Field(min_length=1, max_length=1)]
-        | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1, max_length=1)]
+        | Annotated[list[str], Field(min_length=1)]
+        | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
     )
     logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM
+    suffix: str | None = None
 
     @field_validator("prompt", mode="before")  # before the union: messages that say what to do
     @classmethod
     def _one_prompt(cls, prompt: Any) -> Any:
         if isinstance(prompt, list) and (not prompt or prompt == [[]]):
             raise ValueError("prompt must not be empty")
-        if isinstance(prompt, list) and isinstance(prompt[0], (str, list)) and len(prompt) != 1:
-            raise ValueError(f"only one prompt per request is supported (got {len(prompt)})")
+        if isinstance(prompt, list) and len(prompt) > 256:
+            raise ValueError(f"at most 256 prompts per request (got {len(prompt)})")
         return prompt
 
-    @field_validator("prompt")
-    @classmethod
-    def _unwrap(cls, prompt: Any) -> Any:
-        return prompt[0] if isinstance(prompt, list) and isinstance(prompt[0], (str, list)) else prompt
+    @property
+    def prompts(self) -> list[Prompt]:
+        prompt = self.prompt
+        if isinstance(prompt, list) and isinstance(prompt[0], (str, list)):
+            return list(prompt)  # type: ignore[arg-type]
+        return [prompt]  # type: ignore[list-item]
 
 
 class TextPart(BaseModel):
@@ -138,11 +182,41 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str | dict[str, Any] = ""
+
+
+class ToolCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    function_call: FunctionCallIn | None = None  # legacy
 
     @field_validator("content", mode="before")
     @classmethod
@@ -160,18 +234,23 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
-    tool_choice: Any = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    functions: list[FunctionDef] | None = None  # legacy
+    function_call: Literal["none", "auto"] | dict[str, Any] | None = None  # legacy
     add_generation_prompt: bool = True  # vLLM extension
+    continue_final_message: bool = False  # vLLM extension
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM extension: extra template variables
 
     @model_validator(mode="after")
     def _checks(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise ValueError("tool calls are not supported")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message needs add_generation_prompt set to false")
+        if self.tools and self.functions:
+            raise ValueError("send either tools or the legacy functions, not both")
         return self
 
     @property
@@ -187,10 +266,21 @@ def _now() -> int:
     return int(time.time())
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class PromptLogprobEntry(BaseModel):
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
 
 
 class CompletionLogprobs(BaseModel):
@@ -207,13 +297,25 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
 
 
+class CompletionOutChoice(CompletionChoice):
+    # vLLM's prompt_logprobs: None for the first token, then {token id: entry} (the token + top k)
+    prompt_logprobs: list[dict[str, PromptLogprobEntry] | None] | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_when_asked(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("prompt_logprobs") is None:
+            data.pop("prompt_logprobs", None)
+        return data
+
+
 class CompletionResponse(BaseModel):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=_now)
     model: str
     system_fingerprint: str | None = None
-    choices: list[CompletionChoice]
+    choices: list[CompletionOutChoice]
     usage: Usage
 
 
@@ -246,10 +348,52 @@ class ChatLogprobs(BaseModel):
     refusal: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCallOut] = Field(default_factory=list)
+    function_call: FunctionCallOut | None = None  # legacy `functions` requests
+
+    @model_serializer(mode="wrap")
+    def _legacy_only_when_used(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("function_call") is None:
+            data.pop("function_call", None)
+        return data
+
+
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ToolCallDelta(BaseModel):
+    """A streamed piece of a tool call: id, type and name come once, arguments in pieces."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatChoice(BaseModel):
@@ -274,6 +418,7 @@ class ChatDelta(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: Any) -> dict[str, Any]:

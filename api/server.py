@@ -24,6 +24,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -94,8 +95,12 @@ def create_app(
     api_key: str | None = None,
     routers: Sequence[APIRouter] = (),
     public_paths: Collection[str] = ("/health",),
+    allowed_origins: Sequence[str] = (),
 ) -> FastAPI:
-    """The OpenAI-compatible app for `engine`. `routers` mount after the built-in routes."""
+    """The OpenAI-compatible app for `engine`. `routers` mount after the built-in routes.
+    `allowed_origins`: CORS for browsers on those origins ("*": any); none: no CORS headers."""
+    from api.openai_tools import template_messages
+
     app = FastAPI(title="potluck", version=_version(), docs_url="/docs", redoc_url=None)
     app.state.engine = engine
     app.state.public_paths = set(public_paths)
@@ -149,8 +154,7 @@ def create_app(
         check_model(engine, body.model)
         tok = engine.tokenizer
         if isinstance(body, TokenizeChatRequest):
-            messages = [m.model_dump(exclude_none=True) for m in body.messages]
-            text = tok.apply_chat_template(messages, body.add_generation_prompt)
+            text = tok.apply_chat_template(template_messages(body.messages), body.add_generation_prompt)
         else:
             text = body.prompt
         ids = tok.encode(text, add_special_tokens=body.add_special_tokens)
@@ -171,4 +175,7 @@ def create_app(
         app.include_router(router)
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key, public_paths=app.state.public_paths)
+    if allowed_origins:  # outermost: a preflight is answered before the key is asked for
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials="*" not in allowed_origins)
     return app

@@ -5,27 +5,44 @@ Parts:
 - `format_cluster(cluster)`: the header line (model, layers, epoch, plan) and one row per worker:
   id, device, state, layer range, a bar along the model's layers, KV used, tokens processed,
   step time, in-flight requests; then the pipelines.
-- `run_status(args) -> int`: prints it; exit 1 when the server is unreachable or refuses.
+- `base_url(url)`: the server's base URL from what the user pasted (`.../v1` as printed by serve).
+- `run_status(args) -> int`: prints it (the workers that failed and why below the table), or with
+  `--devices-json` the workers as a devices.json for `potluck plan` (`api/device_entries.py`);
+  exit 7 (`ExitCode.UNREACHABLE`) when the server is unreachable or refuses.
 - `strip_control_characters(text)`: what is printed has no terminal escape codes (worker names).
 """
 
 from __future__ import annotations
 
 import argparse
-import unicodedata
+import json
 import logging
+import unicodedata
 import sys
 from typing import Any
 
 import httpx
+
+from api.device_entries import device_entry, devices_document
+from api.startup import ExitCode
 
 
 class StatusError(Exception):
     pass
 
 
+def base_url(url: str) -> str:
+    """`http://h:8000/v1/` -> `http://h:8000`; a URL without a scheme gets http://."""
+    base = url.strip().rstrip("/")
+    if "://" not in base:
+        base = f"http://{base}"
+    for suffix in ("/v1", "/cluster", "/dashboard"):
+        base = base.removesuffix(suffix)
+    return base
+
+
 def fetch_cluster(url: str, api_key: str | None, timeout_s: float = 10.0) -> dict[str, Any]:
-    base = url.rstrip("/")
+    base = base_url(url)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         response = httpx.get(f"{base}/cluster", headers=headers, timeout=timeout_s)
@@ -85,10 +102,15 @@ def format_cluster(cluster: dict[str, Any]) -> str:
         ])  # fmt: skip
     header = ["WORKER", "DEVICE", "STATE", "LAYERS", "0".ljust(26 - len(str(num_layers))) + str(num_layers), "KV USED", "TOKENS", "MS/STEP", "IN FLIGHT"]
     lines += _table(rows, header) if rows else ["no workers registered"]
+    for failure in cluster.get("failed_workers", []):
+        lines.append(f"FAILED {failure['id']}: {failure['reason']}")
     lines.append("")
     if plan is None:
         lines.append("no plan yet")
     else:
+        predicted = plan.get("predicted_tokens_per_s") or 0.0
+        if predicted > 0:
+            lines.append(f"predicted {predicted:.1f} tok/s (bound {plan.get('upper_bound_tokens_per_s') or predicted:.1f})")
         usable = {tuple(p) for p in plan.get("usable_pipelines", [])}
         for i, route in enumerate(plan.get("pipelines", [])):
             stages = " -> ".join(f"{wid} [{plan['ranges'][wid][0]}, {plan['ranges'][wid][1]})" for wid in route)
@@ -102,7 +124,11 @@ def run_status(args: argparse.Namespace) -> int:
         cluster = fetch_cluster(args.url, getattr(args, "api_key", None))
     except StatusError as exc:
         print(f"potluck status: {exc}", file=sys.stderr)
-        return 1
+        return ExitCode.UNREACHABLE
+    if getattr(args, "devices_json", False):
+        entries = [device_entry(w["profile"], w["id"], w.get("memory_bytes")) for w in cluster.get("workers", []) if w.get("profile")]
+        print(json.dumps(devices_document(entries), indent=2))
+        return 0
     print(strip_control_characters(format_cluster(cluster)))
     return 0
 

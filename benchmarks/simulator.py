@@ -32,7 +32,7 @@ import math
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from benchmarks.sim_cluster import (MAX_BATCH, PROFILE_CTX_TOKENS, SimCluster, SimRequest, TraceConfig,
                                     bursty_trace, kv_capacity_tokens, layer_step_s, make_cluster,
@@ -45,6 +45,9 @@ from placement.solver import solve_placement
 from scheduler.admission import AdmissionQueue
 from scheduler.routing import (LoadSnapshot, RouteChoice, RouteRequest, StageLoad, choose_route,
                                disjoint_pipelines, least_loaded_route, round_robin_route)
+
+if TYPE_CHECKING:
+    from benchmarks.prefix_sim import PrefixCaches
 
 PREFILL_TOKENS_PER_STEP = 512
 EWMA_ALPHA = 0.2
@@ -82,10 +85,11 @@ class _Stage:
 
 
 class _Req:
-    __slots__ = ("r", "route", "pos", "generated", "ctx", "first_s", "finish_s")
+    __slots__ = ("r", "route", "pos", "generated", "ctx", "first_s", "finish_s", "cached")
 
     def __init__(self, r: SimRequest) -> None:
         self.r, self.route, self.pos, self.generated, self.ctx = r, (), 0, 0, r.prompt_tokens
+        self.cached = 0  # prompt tokens every stage of its route held in its prefix cache
         self.first_s = self.finish_s = math.nan
 
 
@@ -113,8 +117,9 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def simulate(cluster: SimCluster, placement: Placement, trace: tuple[SimRequest, ...], policy: str,
-             pipelines: tuple[tuple[str, ...], ...] = ()) -> SimResult:
-    """Serve ``trace`` on the placed cluster, routing each request with ``POLICIES[policy]``."""
+             pipelines: tuple[tuple[str, ...], ...] = (), prefix: PrefixCaches | None = None) -> SimResult:
+    """Serve ``trace`` on the placed cluster, routing each request with ``POLICIES[policy]``;
+    with ``prefix`` (benchmarks/prefix_sim.py), stages keep prompt prefixes and prefill the rest."""
     wall0 = time.perf_counter()
     model, L = cluster.model, cluster.model.num_layers
     stages = {d: _Stage(cluster, d, s, e) for d, (s, e) in sorted(placement.ranges.items()) if e > s}
@@ -145,15 +150,18 @@ def simulate(cluster: SimCluster, placement: Placement, trace: tuple[SimRequest,
         snap = LoadSnapshot(tuple(s.load() for s in stages.values()), L, hop_lat, default_lat, hop_bw,
                             default_bw, act, pipelines)
         counter += 1
-        return route_fn(snap, RouteRequest(q.r.prompt_tokens, q.r.new_tokens), counter)
+        cached = prefix.lookup(q.r) if prefix is not None else {}
+        return route_fn(snap, RouteRequest(q.r.prompt_tokens, q.r.new_tokens, cached), counter)
 
     def start(q: _Req, choice: RouteChoice, now: float) -> None:
         q.route = tuple(stages[w] for w in choice.worker_ids)
         kv = q.r.prompt_tokens + q.r.new_tokens
+        if prefix is not None:
+            q.cached = prefix.start(q.r, {s.id: s.kv_free - kv for s in q.route})
         for s in q.route:
             s.running += 1
             s.kv_free -= kv
-            s.queued_prefill += q.r.prompt_tokens
+            s.queued_prefill += q.r.prompt_tokens - q.cached
         push(now + hop_lat.get((SOURCE, q.route[0].id), default_lat), 3, q)
 
     def try_admit(now: float) -> Callable[[int], bool]:
@@ -190,7 +198,7 @@ def simulate(cluster: SimCluster, placement: Placement, trace: tuple[SimRequest,
             return
         q.pos += 1
         key = (s.id, q.route[q.pos].id)
-        push(now + hop_lat.get(key, default_lat) + q.r.prompt_tokens * act / hop_bw.get(key, default_bw), 3, q)
+        push(now + hop_lat.get(key, default_lat) + (q.r.prompt_tokens - q.cached) * act / hop_bw.get(key, default_bw), 3, q)
 
     def forward_tokens(s: _Stage, batch: list[_Req], now: float) -> None:
         """One event per destination: every token of a step leaves at the same time."""
@@ -236,7 +244,7 @@ def simulate(cluster: SimCluster, placement: Placement, trace: tuple[SimRequest,
         elif kind == 3:  # a prompt's activations arrive
             q = payload
             s = q.route[q.pos]
-            s.prefill.append([q, q.r.prompt_tokens])
+            s.prefill.append([q, q.r.prompt_tokens - q.cached])
             kick(s, now)
         else:  # tokens reach the coordinator
             back: dict[_Stage, list[_Req]] = {}

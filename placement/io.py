@@ -13,8 +13,10 @@ Parts:
 
   ``"links"`` absent or empty: fully connected with 10 Gbit/s, 1 ms. ``"source"``/``"sink"`` are
   the request coordinator. Sizes may be written as numbers or strings like "24GB", "16GiB".
-- ``format_placement_table(placement, problem) -> str``: one row per device.
-- ``placement_to_json(placement) -> dict``.
+- ``stage_memory_bytes(problem, start, end)``: weights and KV reserve a range needs.
+- ``format_placement_table(placement, problem) -> str``: one row per device (layers, flow,
+  weights, KV reserve, memory).
+- ``placement_to_json(placement, problem=None) -> dict`` (with ``problem``: memory per device).
 """
 from __future__ import annotations
 
@@ -37,9 +39,20 @@ def _bytes(x: Any) -> int:
 
 
 def devices_from_json(obj: dict) -> tuple[tuple[DeviceSpec, ...], tuple[LinkSpec, ...]]:
+    """Raises ValueError (one line: which entry, what is wrong) for a file of another shape."""
+    if not isinstance(obj, dict):
+        raise ValueError(f'the file holds a JSON {type(obj).__name__}; write {{"devices": [...]}} '
+                         '(see examples/devices.json)')
+    if not isinstance(obj.get("devices", []), list) or not isinstance(obj.get("links", []) or [], list):
+        raise ValueError('"devices" and "links" must be lists (see examples/devices.json)')
     devices = []
-    for d in obj.get("devices", []):
-        did = str(d.get("id", d.get("device_id")))
+    for n, d in enumerate(obj.get("devices", [])):
+        if not isinstance(d, dict):
+            raise ValueError(f"device {n} is a JSON {type(d).__name__}, not an object")
+        if "memory_bytes" not in d:
+            raise ValueError(f"device {n} ({d.get('id', 'no id')}) has no memory_bytes")
+        did = str(d.get("id", d.get("device_id", f"device-{n}")))
+        pre = d.get("prefill_layer_time_per_token_s")
         tps = d.get("tokens_per_s")
         dlt = d.get("decode_layer_time_s")
         devices.append(DeviceSpec(
@@ -51,11 +64,21 @@ def devices_from_json(obj: dict) -> tuple[tuple[DeviceSpec, ...], tuple[LinkSpec
             if d.get("memory_bandwidth_bytes_per_s") else None,
             max_batch=int(d.get("max_batch", 64)),
             max_layers=int(d["max_layers"]) if d.get("max_layers") is not None else None,
-            kind=str(d.get("kind", ""))))
+            kind=str(d.get("kind", "")),
+            prefill_layer_time_per_token_s=float(pre) if pre else None))
     links = tuple(LinkSpec(str(l["src"]), str(l["dst"]), float(l["bandwidth_bytes_per_s"]),
                            float(l.get("latency_s", 0.001)), bool(l.get("directed", False)))
                   for l in obj.get("links", []) or [])
     return tuple(devices), links
+
+
+def stage_memory_bytes(problem: PlacementProblem, start_layer: int, end_layer: int) -> tuple[int, int]:
+    """(weight bytes, KV reserve bytes) a device holding ``[start_layer, end_layer)`` needs."""
+    model = problem.model
+    weights = sum(model.layer_bytes[start_layer:end_layer])
+    weights += model.embedding_bytes if start_layer == 0 else 0
+    weights += model.lm_head_bytes if end_layer == model.num_layers else 0
+    return weights, problem.kv_reserve_tokens * model.kv_bytes_per_token_per_layer * (end_layer - start_layer)
 
 
 def format_placement_table(placement: Placement, problem: PlacementProblem) -> str:
@@ -63,15 +86,17 @@ def format_placement_table(placement: Placement, problem: PlacementProblem) -> s
     for p in placement.pipelines:
         for s in p.stages:
             flow_of[s.device_id] = flow_of.get(s.device_id, 0.0) + p.flow_tokens_per_s
-    rows = [("device", "kind", "layers", "count", "flow tok/s", "memory GB")]
+    rows = [("device", "kind", "layers", "count", "flow tok/s", "weights GB", "KV GB", "memory GB")]
     for d in problem.devices:
         r = placement.ranges.get(d.device_id)
         layers = f"[{r[0]}, {r[1]})" if r else "-"
+        weights, kv = stage_memory_bytes(problem, *r) if r else (0, 0)
         rows.append((d.device_id, d.kind or "-", layers, str(r[1] - r[0]) if r else "0",
-                     f"{flow_of.get(d.device_id, 0.0):.1f}", f"{d.memory_bytes / 1e9:.1f}"))
+                     f"{flow_of.get(d.device_id, 0.0):.1f}", f"{weights / 1e9:.1f}", f"{kv / 1e9:.1f}",
+                     f"{d.memory_bytes / 1e9:.1f}"))
     rows[1:] = sorted(rows[1:], key=lambda x: (x[2] == "-", int(x[2][1:].split(",")[0]) if x[2] != "-" else 0))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append("")
     lines.append(f"throughput {placement.throughput_tokens_per_s:.2f} tok/s (upper bound "
@@ -84,8 +109,9 @@ def format_placement_table(placement: Placement, problem: PlacementProblem) -> s
     return "\n".join(lines)
 
 
-def placement_to_json(placement: Placement) -> dict:
-    return {
+def placement_to_json(placement: Placement, problem: PlacementProblem | None = None) -> dict:
+    """With ``problem``: also ``memory`` per placed device (weight, KV reserve, device bytes)."""
+    out = {
         "ranges": {d: [s, e] for d, (s, e) in placement.ranges.items()},
         "throughput_tokens_per_s": placement.throughput_tokens_per_s,
         "latency_s": placement.latency_s if placement.latency_s != float("inf") else None,
@@ -98,3 +124,11 @@ def placement_to_json(placement: Placement) -> dict:
                        "stages": [[s.device_id, s.start_layer, s.end_layer] for s in p.stages]}
                       for p in placement.pipelines],
     }
+    if problem is not None:
+        memory = {}
+        for device_id, (start, end) in placement.ranges.items():
+            weights, kv = stage_memory_bytes(problem, start, end)
+            memory[device_id] = {"weight_bytes": weights, "kv_reserve_bytes": kv,
+                                 "memory_bytes": problem.device(device_id).memory_bytes}
+        out["memory"] = memory
+    return out

@@ -10,7 +10,8 @@ Parts:
 - ``Network``: device index, capacity tables, memory-feasible (start, k) pairs, per-token stage
   latency, and the directed arcs (tokens/s, seconds) between source, devices and sink.
 - ``Network.links_trivial``: every ordered device pair (and source/sink) is linked and no link
-  can ever be the bottleneck, so only layer boundaries matter (the aggregated model is exact).
+  can ever be the bottleneck, so only layer boundaries matter (the aggregated model is exact);
+  ``links_trivial_below(bound)`` also counts links no flow under a proven bound can fill.
 """
 from __future__ import annotations
 
@@ -127,8 +128,16 @@ class Network:
             self._trivial = self._links_trivial()
         return self._trivial
 
-    def _links_trivial(self) -> bool:
-        top = [max(c) if c else 0.0 for c in self.cap]
+    def links_trivial_below(self, bound_tokens_per_s: float) -> bool:
+        """Whether no link can bind in a cluster whose throughput is proven to stay below
+        `bound_tokens_per_s` (no arc carries more than the whole flow); if so, `links_trivial`
+        holds from now on (e.g. 1 Gbit/s links under a 70B model's few hundred tokens/s)."""
+        if not self.links_trivial and self._links_trivial(bound_tokens_per_s):
+            self._trivial = True
+        return self.links_trivial
+
+    def _links_trivial(self, bound_tokens_per_s: float = float("inf")) -> bool:
+        top = [min(max(c), bound_tokens_per_s) if c else 0.0 for c in self.cap]
         if isinstance(self.arc_cap, CompleteArcs):
             two = sorted(top)[-2:] if self.n > 1 else [0.0]
             return all(self.src_cap[i] >= top[i] and self.sink_cap[i] >= top[i] for i in range(self.n) if top[i]) \

@@ -21,6 +21,8 @@ Design (throughput mode), each step under the one deadline, best exact max flow 
    non-binding links and allows staggered boundaries, hinted with the best so far; its proven
    bound tightens the reported bound.
 5. Local search with exact max flow (``local_search.py``) in the time that is left.
+Every step is skipped once the best placement meets the bound (proven optimal: it returns at
+once), and links that even the bound's flow cannot fill count as absent limits.
 Latency mode is in ``latency.py``.
 """
 from __future__ import annotations
@@ -55,6 +57,7 @@ LINKED_SHARE = 0.75          # share of the time for the linked column model on 
 def _throughput(net: Network, deadline: float, start: float) -> tuple[Ranges, float, float]:
     """Best ranges, their exact flow, and the proven upper bound."""
     ub = upper_bound(net)
+    net.links_trivial_below(ub)  # links wider than the whole cluster's bound never bind
     classes = device_classes(net)
     total = max(deadline - start, 0.05)
     best: Ranges = {}
@@ -67,9 +70,14 @@ def _throughput(net: Network, deadline: float, start: float) -> tuple[Ranges, fl
             if v > best_v:
                 best, best_v = dict(r), v
 
+    def proven() -> bool:  # the best meets the bound: nothing left to search for
+        return best_v >= ub * (1 - 1e-6)
+
     # 0. a cheap feasible placement first (well under a second even at 512 devices)
     greedy_ranges, _ = greedy_placement(net, start + min(0.15 * total, 1.0))
     offer(greedy_ranges)
+    if proven():
+        return best, best_v, ub
     linked = not net.links_trivial and spans_model(net, ub)
     if linked:   # sparse graph: the column order must follow the links (hubs and spokes)
         linked_ranges, _ = solve_linked_columns(net, start + LINKED_SHARE * total - clock.now())  # exact flow
@@ -78,13 +86,13 @@ def _throughput(net: Network, deadline: float, start: float) -> tuple[Ranges, fl
     # one CP-SAT worker per column probe on small clusters: more probes fit in a re-plan's share;
     # larger clusters keep two (docs/performance-notes.md)
     workers = 1 if net.n <= SMALL_CLUSTER else 2
-    columns_value, columns_ranges = best_columns(net, classes, 0.0, ub * (1 + 1e-9), col_end, workers)
+    columns_value, columns_ranges = (0.0, None) if proven() else best_columns(net, classes, 0.0, ub * (1 + 1e-9), col_end, workers)
     offer(columns_ranges)
-    if not net.links_trivial and columns_value > 0:
+    if not net.links_trivial and columns_value > 0 and not proven():
         rng = random.Random(0)
         fracs = [0.6, 0.7, 0.8, 0.5, 0.9, 0.65, 0.75, 0.55, 0.85, 0.62, 0.68]
         x = 0
-        while clock.now() < start + (LINKED_SHARE + 0.1 if linked else 0.8) * total:
+        while clock.now() < start + (LINKED_SHARE + 0.1 if linked else 0.8) * total and not proven():
             flow_target = columns_value * fracs[x % len(fracs)]
             cols = solve_columns(net, classes, flow_target, min(2.0, deadline - clock.now()), workers, min_columns=True)
             if cols and len(cols) > 3:

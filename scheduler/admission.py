@@ -16,6 +16,7 @@ Parts:
 - ``decide(limits, position, num_waiting, has_route, waited_s)``: THE admission decision, pure.
   The engine (``scheduler/engine.py``) and the simulator (``benchmarks/simulator.py``) both
   reach it through ``AdmissionQueue``.
+- ``DEFAULT_MAX_WAITING``, ``DEFAULT_ROUTE_WAIT_S``: the engine's and CLI's defaults.
 - ``AdmissionQueue``: the waiting requests (the policy's changing state). ``poll`` decides for a
   request, new or waiting, and applies the decision; ``offer`` is ``poll`` for a new arrival whose
   route is already known; ``release`` pops, in FIFO order, the waiting requests that can now be
@@ -36,6 +37,11 @@ from typing import Generic, Literal, TypeVar
 
 T = TypeVar("T", bound=Hashable)
 R = TypeVar("R")
+# Defaults that queue a burst instead of refusing it (as vLLM does): 1024 may wait, each up to
+# 300 s (`--max-waiting-requests`, `--max-queue-wait-s`); a request runs only once its route's
+# KV holds its prompt + max new tokens, so the queue, not the workers, absorbs a burst.
+DEFAULT_MAX_WAITING = 1024
+DEFAULT_ROUTE_WAIT_S = 300.0
 Outcome = Literal["admitted", "queued", "rejected"]
 
 

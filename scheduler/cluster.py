@@ -6,6 +6,9 @@ Parts:
 - `LayerPlan`: the ranges the planner chose and the pipelines (routes) they form.
 - `Cluster`: the registry. Pure state, no sockets: the engine feeds it messages and asks it which
   routes are usable now.
+- `WorkerFailure`: a worker that failed to start or to load its layers, and why (kept in
+  `Cluster.failures` until a worker of that id registers again; `/cluster` and `potluck status`
+  list them).
 
 A route is usable while every worker on it is alive and has *loaded* the range the plan gave it.
 """
@@ -41,6 +44,7 @@ class WorkerState:
     draining: bool = False
     error: str | None = None
     prefill_tokens_per_step: int = 0  # the worker's chunked-prefill budget (0: not reported)
+    backend: str = "torch"  # what runs its layers (Register.backend); placement sees one more device
 
     @property
     def is_ready(self) -> bool:
@@ -49,6 +53,13 @@ class WorkerState:
     @property
     def kv_free_tokens(self) -> int:
         return self.heartbeat.kv_free_tokens if self.heartbeat else self.kv_capacity_tokens
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    worker_id: str
+    reason: str  # one line
+    at_unix_s: float
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,12 @@ class Cluster:
     workers: dict[str, WorkerState] = field(default_factory=dict)
     plan: LayerPlan | None = None
     epoch: int = 0
+    failures: dict[str, WorkerFailure] = field(default_factory=dict)
+
+    def record_failure(self, worker_id: str, reason: str) -> WorkerFailure:
+        failure = WorkerFailure(worker_id, reason, time.time())
+        self.failures[worker_id] = failure
+        return failure
 
     def register(self, message: p.Register, now_s: float | None = None) -> WorkerState:
         now_s = time.monotonic() if now_s is None else now_s
@@ -82,10 +99,12 @@ class Cluster:
             profile=message.profile,
             pid=message.pid,
             prefill_tokens_per_step=message.prefill_tokens_per_step,
+            backend=message.backend,
             registered_at_s=now_s,
             last_seen_s=now_s,
         )
         self.workers[message.worker_id] = state
+        self.failures.pop(message.worker_id, None)
         return state
 
     def remove(self, worker_id: str) -> WorkerState | None:

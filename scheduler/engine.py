@@ -33,7 +33,7 @@ import zmq
 import zmq.asyncio
 
 from scheduler import snapshots
-from scheduler.admission import AdmissionQueue
+from scheduler.admission import DEFAULT_MAX_WAITING, DEFAULT_ROUTE_WAIT_S, AdmissionQueue
 from scheduler.cluster import Cluster, LayerPlan, WorkerState
 from scheduler.errors import GenerationFailedError, InvalidRequestError, NoCapacityError, OverloadedError
 from scheduler.load import load_snapshot
@@ -41,6 +41,7 @@ from scheduler.membership import Membership, check_request, ghost_requests
 from scheduler.metrics import EngineMetrics
 from scheduler.planner import DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN, MIN_MIX_REQUESTS, PlannerConfig, assignment, plan_layers
 from scheduler.output_stream import OutputStream
+from scheduler.prefix_index import PrefixIndex, prompt_hashes
 from scheduler.request import GenerationOutput, GenerationRequest
 from scheduler.request_state import RequestState, WorkloadStats
 from scheduler.routing import MAX_QUEUE_WAIT_S, choose_route
@@ -59,15 +60,16 @@ class EngineConfig:
     control_host: str = "127.0.0.1"
     control_port: int = 0  # 0: a free port
     dtype: str = "auto"
+    quantization: str = "none"  # none | int8 | int4 (safetensors only; a GGUF is quantized already)
     min_workers: int = 1  # plan once this many workers have registered
     local_workers: int = 0  # workers started with this scheduler: requests wait for them to join
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_concurrent_sequences: int = 16  # KV reserve is sized for this many full-length sequences
     heartbeat_timeout_s: float = 5.0
     token_timeout_s: float = 120.0  # no token for this long: the request fails
-    route_wait_s: float = 30.0  # how long a request waits for layers being loaded or a path with room
+    route_wait_s: float = DEFAULT_ROUTE_WAIT_S  # how long a request waits for layers being loaded or a path with room
     max_restarts: int = 8
-    max_waiting: int = 64  # admission queue bound: beyond it, HTTP 429
+    max_waiting: int = DEFAULT_MAX_WAITING  # admission queue bound: beyond it, HTTP 429
     max_queue_wait_s: float = MAX_QUEUE_WAIT_S  # late binding (scheduler/routing.py); inf: off
     retry_after_s: float = 2.0
     placement: str = "auto"  # auto | solver | pipeline (scheduler/planner.py)
@@ -76,6 +78,7 @@ class EngineConfig:
     prompt_tokens_per_output_token: float = DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN
     token: str | None = None  # the cluster token (None: a new one, `Engine.token`); scheduler/membership.py
     curve: bool = True  # CurveZMQ on every socket (off only to measure what it costs)
+    prefix_caching: bool = True  # workers reuse the KV of cached prompt prefixes (workers/kv_cache.py)
 
 
 class Engine:
@@ -101,6 +104,7 @@ class Engine:
         self.metrics = EngineMetrics(self)  # Prometheus series (scheduler/metrics.py)
         self.membership = Membership(config.token, config.curve)  # token, keys, who may say what
         self.token = self.membership.token
+        self.prefix_index = PrefixIndex()  # which stages hold which prefixes (cache-aware routing)
 
     # ------------------------------------------------------------------------------- the request loop
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
@@ -171,7 +175,11 @@ class Engine:
         """The path with the least predicted TTFT + DECODE_WEIGHT x decode time among stages with room;
         None while every path is full or would queue the prompt past MAX_QUEUE_WAIT_S (routing.py)."""
         snapshot = load_snapshot(self.cluster, self.config.model)
-        choice = choose_route(snapshot, state.route_request, max_queue_wait_s=self.config.max_queue_wait_s)
+        request = state.route_request
+        if self.config.prefix_caching:  # a stage holding a prefix prefills only the rest
+            tokens = state.replay_token_ids
+            request = replace(request, cached_tokens=self.prefix_index.lookup(prompt_hashes(tokens), len(tokens)))
+        choice = choose_route(snapshot, request, max_queue_wait_s=self.config.max_queue_wait_s)
         return None if choice is None else choice.worker_ids
 
     def _start(self, state: RequestState, route: tuple[str, ...], inbox: Inbox) -> None:
@@ -179,6 +187,9 @@ class Engine:
         start = transition(route, self.cluster.workers, self.control_address)
         self.requests[state.wire_id] = state
         self.inboxes[state.wire_id] = inbox
+        if self.config.prefix_caching:
+            capacity_blocks = {w: self.cluster.workers[w].kv_capacity_tokens // self.prefix_index.block_size for w in route}
+            self.prefix_index.record(capacity_blocks, prompt_hashes(start.token_ids))
         self._send(route[0], start)
 
     async def _next_output(self, state: RequestState, inbox: Inbox) -> p.TokenOutput:
@@ -201,6 +212,7 @@ class Engine:
             return
         wire_id = state.wire_id
         inbox = self.inboxes.get(wire_id)
+        self.metrics.on_restart(reason)
         self._release(wire_id, state.stage_lost(reason, self.cluster.workers, self.config.max_restarts))
         if inbox is not None:
             inbox.put_nowait(None)
@@ -357,6 +369,7 @@ class Engine:
     def _lose(self, worker_id: str, reason: str) -> None:
         log.warning("worker %s lost: %s", worker_id, reason)
         self.cluster.remove(worker_id)
+        self.prefix_index.forget(worker_id)
         if (sock := self.sockets.pop(worker_id, None)) is not None:
             sock.close(linger=0)
         self._send_members()
@@ -418,13 +431,15 @@ class Engine:
 
     def _assign(self, worker: WorkerState, new_range: tuple[int, int] | None, plan: LayerPlan) -> None:
         held = self.cluster.assign(worker, new_range, plan.epoch)
+        self.prefix_index.forget(worker.worker_id)  # new layers, empty cache
         self._restart_through(worker.worker_id, f"{worker.worker_id} re-assigned")
         if new_range is None:
             if held:
                 self._send(worker.worker_id, p.UnloadLayers(plan.epoch))
             return
-        self._send(worker.worker_id, assignment(self.config.model_dir, self.config.dtype, self.config.model,
-                                                worker, new_range, plan, self.planner_config))
+        message = assignment(self.config.model_dir, self.config.dtype, self.config.model, worker, new_range, plan,
+                             self.planner_config, self.config.prefix_caching)
+        self._send(worker.worker_id, replace(message, quantization=self.config.quantization))
 
     # ------------------------------------------------------------------------------- snapshots
     def worker_snapshot(self, worker_id: str) -> dict:

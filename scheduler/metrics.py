@@ -11,14 +11,16 @@ Parts:
   `potluck:e2e_request_latency_seconds`, `potluck:request_prompt_tokens`,
   `potluck:request_generation_tokens`; counters `potluck:prompt_tokens_total`,
   `potluck:generation_tokens_total`, `potluck:request_success_total{finished_reason}`,
-  `potluck:request_aborted_total`.
+  `potluck:request_aborted_total`, `potluck:request_restarts_total{cause}` (a request moved to a
+  new route: `worker_lost`, `reassigned`, `kv_full` (vLLM's preemption), `failed`).
 - `EngineCollector`: gauges read from the engine at scrape time: `potluck:num_requests_running`,
   `potluck:num_requests_waiting`, `potluck:workers{state}`, `potluck:pipelines{kind}` and per
   worker (`stage` = worker id, `device` = its device): `potluck:kv_cache_usage_perc`,
   `potluck:stage_kv_capacity_tokens`, `potluck:stage_tokens_processed_total`,
   `potluck:stage_step_time_seconds`, `potluck:stage_in_flight_requests`,
   `potluck:stage_running_requests`, `potluck:stage_start_layer`, `potluck:stage_end_layer`
-  (-1 while a worker holds no layers).
+  (-1 while a worker holds no layers), and vLLM's prefix-cache counters per stage:
+  `potluck:prefix_cache_queries` (prompt tokens looked up), `potluck:prefix_cache_hits` (found).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+RESTART_CAUSES = ("worker_lost", "reassigned", "kv_full", "failed")
 WORKER_STATES = ("ready", "loading", "draining", "idle", "error")
 
 
@@ -77,6 +80,10 @@ class EngineMetrics:
             self.request_success.labels(reason)
         self.request_aborted = Counter("potluck:request_aborted", "Requests that ended without a finish reason "
                                        "(client gone, failure, no capacity).", registry=r)
+        self.request_restarts = Counter("potluck:request_restarts", "Requests started again on a new route, by cause "
+                                        "(kv_full is a preemption: the stage could not grow it).", ["cause"], registry=r)
+        for cause in RESTART_CAUSES:
+            self.request_restarts.labels(cause)
         self.active = 0  # requests inside generate(): running (holding a route) or waiting for one
         r.register(EngineCollector(engine, self))
 
@@ -104,6 +111,11 @@ class EngineMetrics:
         self.request_prompt.observe(timer.num_prompt_tokens)
         self.request_generation.observe(timer.num_tokens)
         self.request_success.labels(finish_reason).inc()
+
+    def on_restart(self, reason: str) -> None:
+        cause = ("kv_full" if "KV cache is full" in reason else "worker_lost" if " lost" in reason
+                 else "reassigned" if "re-assigned" in reason else "failed")
+        self.request_restarts.labels(cause).inc()
 
     def on_end(self, timer: RequestTimer) -> None:
         self.active -= 1
@@ -147,6 +159,8 @@ class EngineCollector(Collector):
         stage_running = GaugeMetricFamily("potluck:stage_running_requests", "Requests each stage reports running.", labels=labels)
         start = GaugeMetricFamily("potluck:stage_start_layer", "First layer each stage holds (-1: none).", labels=labels)
         end = GaugeMetricFamily("potluck:stage_end_layer", "End (exclusive) of each stage's layers (-1: none).", labels=labels)
+        queries = CounterMetricFamily("potluck:prefix_cache_queries", "Prompt tokens each stage looked up in its prefix cache.", labels=labels)
+        hits = CounterMetricFamily("potluck:prefix_cache_hits", "Prompt tokens each stage found in its prefix cache.", labels=labels)
         for w in sorted(workers, key=lambda w: w.worker_id):
             key = [w.worker_id, w.device]
             heartbeat = w.heartbeat
@@ -161,4 +175,6 @@ class EngineCollector(Collector):
             layers = w.loaded or w.assigned
             start.add_metric(key, layers[0] if layers else -1)
             end.add_metric(key, layers[1] if layers else -1)
-        yield from (kv, kv_cap, processed, step, in_flight, stage_running, start, end)
+            queries.add_metric(key, heartbeat.prefix_cache_queries_tokens if heartbeat else 0)
+            hits.add_metric(key, heartbeat.prefix_cache_hits_tokens if heartbeat else 0)
+        yield from (kv, kv_cap, processed, step, in_flight, stage_running, start, end, queries, hits)

@@ -21,8 +21,11 @@ class OutputStream:
         self.request = request
         self.detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_token_ids, request.stop,
                                                   request.skip_special_tokens)
+        self.num_cached_tokens = 0  # prompt tokens the prefix cache held (known from the first token)
 
     def step(self, taken: TokenTaken, output: TokenOutput) -> GenerationOutput:
+        if taken.index == 0:
+            self.num_cached_tokens = min(output.num_cached_tokens, len(self.request.prompt_token_ids))
         text_step = self.detokenizer.add(taken.token_id)
         finish_reason = "stop" if text_step.stopped else output.finish_reason
         text = text_step.text
@@ -39,4 +42,6 @@ class OutputStream:
             finish_reason=finish_reason,
             num_prompt_tokens=len(self.request.prompt_token_ids),
             num_generated_tokens=taken.index + 1,
+            prompt_logprobs=output.prompt_logprobs,
+            num_cached_tokens=self.num_cached_tokens,
         )

@@ -4,7 +4,8 @@ Parts:
 - `PlannerConfig`: context length and concurrency the KV reserve is sized for; the workload's
   prompt tokens per output token that placement balances prefill and decode for.
 - `device_spec`: a registered worker (its measured profile) as a placement `DeviceSpec`.
-- `pipeline_plan`: one chain over co-located workers (they share a machine's compute).
+- `pipeline_plan`: one chain over co-located workers (they share a machine's compute), with its
+  predicted tokens/s (`chain_tokens_per_s`: the stages' times per token add up).
 - `plan_layers`: ranges and pipelines for the registered workers, solved by `placement/`.
 - `kv_budget_bytes`: how much of a worker's memory its KV cache may take once its layers are in.
 - `assignment`: the `AssignLayers` message that gives a worker its range of a plan.
@@ -66,12 +67,13 @@ def kv_budget_bytes(model: ModelFacts, worker: WorkerState, start_layer: int, en
 
 
 def assignment(model_dir: str, dtype: str, model: ModelFacts, worker: WorkerState, layers: tuple[int, int],
-               plan: LayerPlan, config: PlannerConfig) -> AssignLayers:
+               plan: LayerPlan, config: PlannerConfig, prefix_caching: bool = True) -> AssignLayers:
     """Load `layers` ([start_layer, end_layer)) of `plan`; the stage count hints at microbatching
     (co-located stages share one machine's bandwidth, so they do not split batches)."""
     stages = 1 if plan.co_located else max((len(r) for r in plan.pipelines if worker.worker_id in r), default=1)
     return AssignLayers(epoch=plan.epoch, model_dir=model_dir, start_layer=layers[0], end_layer=layers[1], dtype=dtype,
-                        kv_budget_bytes=kv_budget_bytes(model, worker, *layers, config), num_stages_hint=stages)
+                        kv_budget_bytes=kv_budget_bytes(model, worker, *layers, config), num_stages_hint=stages,
+                        prefix_caching=prefix_caching)
 
 
 def proportional_ranges(num_layers: int, weights: Sequence[float]) -> list[tuple[int, int]]:
@@ -107,7 +109,29 @@ def pipeline_plan(model: ModelFacts, workers: Sequence[WorkerState], epoch: int)
     }
     if short:
         raise NoCapacityError(f"the model does not fit: {sum(short.values())} bytes of memory are missing ({short})")
-    return LayerPlan(epoch=epoch, ranges=plan, pipelines=(tuple(plan),), co_located=len({host_of(w) for w in ordered}) == 1)
+    co_located = len({host_of(w) for w in ordered}) == 1
+    return LayerPlan(epoch=epoch, ranges=plan, pipelines=(tuple(plan),), co_located=co_located,
+                     predicted_tokens_per_s=chain_tokens_per_s(model, ordered, plan) if co_located else 0.0)
+
+
+def chain_tokens_per_s(model: ModelFacts, workers: Sequence[WorkerState], ranges: Mapping[str, tuple[int, int]]) -> float:
+    """Predicted throughput of one chain of stages that share a machine: they run one after the
+    other, so their times per token add up (each stage's from its profile, as the solver rates
+    it); 0.0 when a stage cannot be rated."""
+    from placement.network import build_network
+
+    try:
+        net = build_network(PlacementProblem(model_spec(model), tuple(device_spec(w, model) for w in workers)))
+    except (InfeasiblePlacementError, ValueError):
+        return 0.0
+    seconds_per_token = 0.0
+    for index, worker in enumerate(workers):
+        start, end = ranges[worker.worker_id]
+        capacities = net.cap[net.ids.index(worker.worker_id)] if index < net.n else []
+        if end - start > len(capacities) or capacities[end - start - 1] <= 0:
+            return 0.0
+        seconds_per_token += 1.0 / capacities[end - start - 1]
+    return 1.0 / seconds_per_token if seconds_per_token > 0 else 0.0
 
 
 def model_spec(model: ModelFacts) -> ModelSpec:

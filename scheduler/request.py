@@ -5,6 +5,9 @@ Parts:
   `within_context(max_model_len)` checks the prompt and caps `max_new_tokens` to the context.
 - `TokenLogprob`: one generated token with its log-probability and the top alternatives.
 - `GenerationOutput`: one streamed step: new text, new tokens, and the finish reason at the end.
+- `resumed_sampling(sampling, generated)`: the sampling of a run that resumes after `generated`
+  tokens (recovery): fewer new tokens, those tokens for the last stage to replay (grammar,
+  penalties), no prompt logprobs again.
 """
 
 from __future__ import annotations
@@ -53,3 +56,15 @@ class GenerationOutput:
     finish_reason: str | None = None  # None while running; "stop" or "length" at the end
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0  # so far, including this step
+    # with the first token when asked for: (logprob, top (id, logprob)...) of prompt tokens 1..N-1
+    prompt_logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]], ...] = ()
+
+    num_cached_tokens: int = 0  # prompt tokens whose KV the prefix cache held (known from the first token)
+
+
+def resumed_sampling(sampling: SamplingParams, generated: tuple[int, ...]) -> SamplingParams:
+    """`sampling` for a run that starts after `generated` (its prompt is the prompt + them)."""
+    if not generated:
+        return sampling
+    return replace(sampling, max_new_tokens=sampling.max_new_tokens - len(generated), output_token_ids=generated,
+                   prompt_logprobs=None, min_tokens=max(0, sampling.min_tokens - len(generated)))

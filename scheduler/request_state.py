@@ -21,7 +21,8 @@ already received. When its route breaks, the next attempt starts from exactly th
 at the next index, so the client's stream has no lost or duplicated token.
 
 Reservations: while an attempt runs, each stage on its route counts the request in `in_flight`,
-holds `reserved_kv_tokens` (prompt + every token it may still generate) and, until the first token
+holds `reserved_kv_tokens` (prompt + every token it may still generate, in whole KV blocks, what a
+worker allocates) and, until the first token
 comes back, `queued_prefill_tokens` (the prompt still to run). The router reads these counters
 (`scheduler/load.py`); this module is the only place that changes them.
 """
@@ -30,12 +31,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from scheduler.cluster import WorkerState
 from scheduler.errors import GenerationFailedError
-from scheduler.request import GenerationRequest
-from scheduler.routing import RouteRequest
+from scheduler.request import GenerationRequest, resumed_sampling
+from scheduler.routing import KV_BLOCK_TOKENS, RouteRequest, kv_block_tokens
 from workers import protocol as p
 
 
@@ -85,7 +86,8 @@ class RequestState:
     def route_request(self) -> RouteRequest:
         """What the router weighs for the next attempt: the replayed prompt and the tokens left."""
         return RouteRequest(num_prompt_tokens=len(self.replay_token_ids),
-                            max_new_tokens=self.request.sampling.max_new_tokens - self.num_generated)
+                            max_new_tokens=self.request.sampling.max_new_tokens - self.num_generated,
+                            kv_block_tokens=KV_BLOCK_TOKENS)
 
     # ----------------------------------------------------------------------------- transitions
     def routed(self, route: tuple[str, ...], workers: Mapping[str, WorkerState],
@@ -98,14 +100,14 @@ class RequestState:
         self.route = route
         self.lost_reason = None
         self.queued_prefill_tokens = len(self.request.prompt_token_ids) + done
-        self.reserved_kv_tokens = self.queued_prefill_tokens + remaining_new
+        self.reserved_kv_tokens = kv_block_tokens(self.queued_prefill_tokens + remaining_new)  # whole KV blocks
         for worker_id in route:
             worker = workers[worker_id]
             worker.in_flight += 1
             worker.requests_routed += 1
             worker.reserved_kv_tokens += self.reserved_kv_tokens
             worker.queued_prefill_tokens += self.queued_prefill_tokens
-        sampling = replace(self.request.sampling, max_new_tokens=remaining_new)
+        sampling = resumed_sampling(self.request.sampling, tuple(self.generated))  # max_new_tokens - done too
         addresses = tuple(workers[worker_id].data_address for worker_id in route)
         start = p.RequestStart(addresses, control_address, sampling, first_token_index=done)
         return p.StartRequest(self.wire_id, self.replay_token_ids, start)

@@ -65,14 +65,32 @@ class LoadSnapshot:
     pipelines: tuple[tuple[str, ...], ...] = ()
 
 
+KV_BLOCK_TOKENS = 16  # workers' KV block (workers/backend.py StageConfig.kv_block_size_tokens)
+
+
+def kv_block_tokens(num_tokens: int, block_tokens: int = KV_BLOCK_TOKENS) -> int:
+    """`num_tokens` rounded up to whole KV blocks: what a worker allocates for them. Reserving
+    less let a burst of short requests past a stage's KV (up to 15 tokens a request too few) and
+    running requests failed with "KV cache is full" and restarted."""
+    return -(-num_tokens // block_tokens) * block_tokens
+
+
 @dataclass(frozen=True)
 class RouteRequest:
     num_prompt_tokens: int
     max_new_tokens: int
+    # prompt tokens each stage holds in its prefix cache (scheduler/prefix_index.py): not prefilled there
+    cached_tokens: Mapping[str, int] = field(default_factory=dict)
+    kv_block_tokens: int = 1  # stages allocate KV in blocks of this many tokens
 
     @property
     def kv_tokens(self) -> int:
-        return self.num_prompt_tokens + self.max_new_tokens
+        """KV a stage must have free: prompt + max new tokens, in whole blocks."""
+        return kv_block_tokens(self.num_prompt_tokens + self.max_new_tokens, self.kv_block_tokens)
+
+    def prefill_tokens(self, worker_id: str) -> int:
+        """Prompt tokens the stage computes (those its prefix cache does not hold)."""
+        return self.num_prompt_tokens - min(self.num_prompt_tokens - 1, self.cached_tokens.get(worker_id, 0))
 
 
 @dataclass(frozen=True)
@@ -94,7 +112,7 @@ def stage_time_s(stage: StageLoad, request: RouteRequest) -> tuple[float, float]
     ``prefill_tokens_per_step``, each chunk riding along one step of the running batch.
     Later tokens: one step under the batch with this request in it."""
     step_s = stage.step_time_s + stage.step_time_per_request_s
-    tokens = stage.queued_prefill_tokens + request.num_prompt_tokens
+    tokens = stage.queued_prefill_tokens + request.prefill_tokens(stage.worker_id)
     steps = math.ceil(tokens / max(1, stage.prefill_tokens_per_step))
     return tokens * stage.prefill_time_per_token_s + steps * stage.step_time_s, step_s
 
@@ -107,7 +125,7 @@ def edge_time_s(snapshot: LoadSnapshot, src: str, dst: str, request: RouteReques
         return latency_s, latency_s
     bw = snapshot.hop_bandwidth_bytes_per_s.get((src, dst), snapshot.default_hop_bandwidth_bytes_per_s)
     per_token_s = snapshot.activation_bytes_per_token / bw
-    return latency_s + request.num_prompt_tokens * per_token_s, latency_s + per_token_s
+    return latency_s + request.prefill_tokens(src) * per_token_s, latency_s + per_token_s
 
 
 # A second before the first token counts as much as 10 s of later decoding: with 1.0 (least finish
@@ -165,7 +183,9 @@ def choose_route(snapshot: LoadSnapshot, request: RouteRequest,
       + sum over hops    [ latency + P * activation_bytes / bandwidth ]                    (TTFT part)
       + w * (N - 1) * ( sum over stages (step_s + step_per_request_s)
                         + sum over hops (latency + activation_bytes / bandwidth) )          (decode)
-    with P prompt tokens, N new tokens, Q_s the prompt tokens already queued at stage s. Every
+    with P prompt tokens (less those stage s holds in its prefix cache: ``cached_tokens``, so a
+    conversation stays where its history is unless load outweighs the prefill saved), N new
+    tokens, Q_s the prompt tokens already queued at stage s. Every
     term belongs to one stage or one hop, so the score is a path length in the DAG whose nodes
     are stages and whose arcs join a stage ending at boundary b to one starting at b (any replica),
     plus source -> stages starting at 0 and stages ending at L -> sink. Stages are relaxed in
@@ -193,7 +213,8 @@ def choose_route(snapshot: LoadSnapshot, request: RouteRequest,
     lat_floor = min([snapshot.default_hop_latency_s, *snapshot.hop_latency_s.values()])
     bw_ceiling = max([snapshot.default_hop_bandwidth_bytes_per_s, *snapshot.hop_bandwidth_bytes_per_s.values()])
     act_floor_s = snapshot.activation_bytes_per_token / bw_ceiling if snapshot.activation_bytes_per_token else 0.0
-    edge_floor = max(0.0, weight((lat_floor + request.num_prompt_tokens * act_floor_s, lat_floor + act_floor_s)))
+    fewest_prefill = request.num_prompt_tokens - min(request.num_prompt_tokens - 1, max(request.cached_tokens.values(), default=0))
+    edge_floor = max(0.0, weight((lat_floor + fewest_prefill * act_floor_s, lat_floor + act_floor_s)))
 
     by_start: dict[int, list[StageLoad]] = defaultdict(list)
     for s in per.values():

@@ -4,7 +4,8 @@ the dashboard and `potluck status`.
 Parts:
 - `worker_snapshot(worker)`: address, device, measured profile, layers, live load.
 - `EngineView`: what the snapshots read of the engine (so this module never imports it).
-- `cluster_snapshot(engine)`: model, plan (ranges, pipelines, predictions, bound), every worker.
+- `cluster_snapshot(engine)`: model, plan (ranges, pipelines, predictions, bound), every worker,
+  the workers that failed to start and why.
 - `requests_snapshot(states)`: requests in flight with their route and tokens so far.
 """
 
@@ -51,6 +52,7 @@ def worker_snapshot(worker: WorkerState) -> dict:
         "id": worker.worker_id,
         "address": worker.data_address,
         "device": worker.device,
+        "backend": worker.backend,
         "pid": worker.pid,  # on its own machine
         "memory_bytes": worker.memory_bytes,
         "profile": worker.profile.to_json() if worker.profile is not None else {},
@@ -67,6 +69,8 @@ def worker_snapshot(worker: WorkerState) -> dict:
         "queued_items": heartbeat.queued_items if heartbeat else 0,
         "step_time_ewma_s": heartbeat.step_time_ewma_s if heartbeat else 0.0,
         "tokens_processed": heartbeat.tokens_processed if heartbeat else 0,
+        "prefix_cache_queries_tokens": heartbeat.prefix_cache_queries_tokens if heartbeat else 0,
+        "prefix_cache_hits_tokens": heartbeat.prefix_cache_hits_tokens if heartbeat else 0,
         "seconds_since_heartbeat": round(time.monotonic() - worker.last_seen_s, 3),
     }
 
@@ -101,12 +105,14 @@ def cluster_snapshot(engine: EngineView) -> dict:
             "ranges": {wid: list(r) for wid, r in plan.ranges.items()},
             "pipelines": [list(route) for route in plan.pipelines],
             "usable_pipelines": [list(route) for route in cluster.usable_routes()],
-            "predicted_tokens_per_s": plan.predicted_tokens_per_s,
+            "predicted_tokens_per_s": plan.predicted_tokens_per_s or None,  # None: not known
             "predicted_latency_s": plan.predicted_latency_s,
             "upper_bound_tokens_per_s": plan.upper_bound_tokens_per_s,
             "solve_time_s": plan.solve_time_s,
         },
         "workers": [worker_snapshot(cluster.workers[wid]) for wid in sorted(cluster.workers)],
+        "failed_workers": [{"id": f.worker_id, "reason": f.reason, "at_unix_s": f.at_unix_s}
+                           for f in sorted(cluster.failures.values(), key=lambda f: f.worker_id)],
         "running_requests": len({state.request.request_id for state in engine.requests.values()}),
         "waiting_requests": len(engine.admission),
         "tokens_generated": engine.workload.tokens_generated,

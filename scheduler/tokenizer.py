@@ -5,7 +5,8 @@ Parts:
   `tokenizer_config.json` (bos / eos / special tokens, `added_tokens_decoder`, `add_bos_token`
   when tokenizer.json has no post-processor,
   chat template), `chat_template.jinja`, and the eos ids of `generation_config.json` / `config.json`.
-  `encode`, `decode`, `token_bytes`, `apply_chat_template`.
+  `encode`, `decode`, `token_bytes`, `apply_chat_template`. `from_gguf(path)` (also reached
+  through `from_model_dir` with a `.gguf` path) builds it from the file's metadata.
 - `ChatTemplateError`: no chat template, or the template refused the conversation (HTTP 400).
 - `render_chat_template`: renders a Jinja chat template the way transformers does (sandboxed,
   `trim_blocks` / `lstrip_blocks`, `raise_exception`, `strftime_now`, a non-escaping `tojson`).
@@ -142,7 +143,23 @@ class Tokenizer:
     # Loading
 
     @classmethod
+    def from_gguf(cls, path: str | Path) -> Tokenizer:
+        """A GGUF's tokenizer, chat template and eos / eot ids (scheduler/gguf_tokenizer.py)."""
+        from scheduler.gguf_tokenizer import build_backend, gguf_special_tokens, read_gguf_tokenizer_fields
+
+        fields = read_gguf_tokenizer_fields(path)
+        eot = fields.get("tokenizer.ggml.eot_token_id")
+        return cls(
+            build_backend(fields),
+            special_tokens=gguf_special_tokens(fields),
+            chat_template=fields.get("tokenizer.chat_template"),
+            extra_eos_token_ids=() if eot is None else (int(eot),),
+        )
+
+    @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> Tokenizer:
+        if str(model_dir).endswith(".gguf"):
+            return cls.from_gguf(model_dir)
         root = Path(model_dir)
         tokenizer_file = root / "tokenizer.json"
         if not tokenizer_file.is_file():
@@ -302,8 +319,8 @@ class Tokenizer:
 
     @staticmethod
     def _plain_message(message: Mapping[str, Any], keep_parts: bool) -> dict[str, Any]:
-        """Drop None values; content parts become one string unless the template iterates them."""
-        out = {k: v for k, v in message.items() if v is not None}
+        """Drop None values (but `content`, as transformers passes it); content parts become one string unless the template iterates them."""
+        out = {k: v for k, v in message.items() if v is not None or k == "content"}  # content: None stays (tool calls)
         content = out.get("content")
         if isinstance(content, list) and not keep_parts:
             texts = []

@@ -3,7 +3,8 @@
 
 Parts:
 - `build_arg_parser`, `config_from_args`: command line -> `WorkerConfig`.
-- `best_device`: cuda, else mps, else cpu. `scheduler_address`: HOST:PORT -> tcp://HOST:PORT.
+- `best_device`: cuda, else mps, else cpu (torch's view; another backend's default is its first
+  device, workers/backend_plugins.py). `scheduler_address`: HOST:PORT -> tcp://HOST:PORT.
 - `address_towards(address)`: the interface `potluck join` listens on by default (the one that
   reaches the scheduler, not 0.0.0.0). The cluster token comes from `--token` or `POTLUCK_TOKEN`.
 - `bound_malloc()`: glibc's trim threshold and arena count, so worker memory levels off.
@@ -16,12 +17,14 @@ import argparse
 import logging
 import os
 import socket
+import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch and the worker load only when a worker runs (`potluck --help` stays fast)
+    from workers.worker import WorkerConfig
 
-from workers.curve import TOKEN_ENV, WORKER_KEY_ENV, check_token
-from workers.worker import WorkerConfig, run_worker
+log = logging.getLogger("potluck.worker")
 
 
 def build_arg_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -30,7 +33,8 @@ def build_arg_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (0: a free one)")
     parser.add_argument("--advertise-host", default=None, help="host peers use to reach this worker")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
+    parser.add_argument("--backend", default="auto", help="installed backend that runs the layers (`potluck backends` lists them; auto: the preferred one with a device)")
+    parser.add_argument("--device", default=None, help="a device the backend lists: torch cpu, cuda, cuda:N or mps; mlx cpu or gpu (default: the backend's best)")
     parser.add_argument("--memory-bytes", type=int, default=None, help="memory for weights + KV cache")
     parser.add_argument("--worker-id", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -45,12 +49,14 @@ def build_arg_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--no-profile", dest="profile", action="store_false", help="skip measuring the device")
     parser.add_argument("--profile-model", "--model", dest="profile_model", default=None, help="time one layer of this (local) model directory when profiling")
     parser.add_argument("--profile-seconds", type=float, default=2.0, help="time budget of the profile")
-    parser.add_argument("--token", default=None, help=f"the cluster token `potluck serve` printed (default: ${TOKEN_ENV})")
+    parser.add_argument("--token", default=None, help="the cluster token `potluck serve` printed (default: $POTLUCK_TOKEN)")
     parser.add_argument("--no-curve", dest="use_curve", action="store_false", help=argparse.SUPPRESS)  # benchmarks only
     return parser
 
 
 def best_device() -> str:
+    import torch
+
     if torch.cuda.is_available():
         return "cuda"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -83,12 +89,19 @@ def address_towards(address: str) -> str:
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     scheduler = scheduler_address(args.scheduler)
+    from workers.backend_plugins import resolve_backend
+    from workers.curve import TOKEN_ENV, WORKER_KEY_ENV, check_token
+    from workers.worker import WorkerConfig
+
+    plugin = resolve_backend(getattr(args, "backend", None) or "auto")
+    device = args.device or (best_device() if plugin.name == "torch" else plugin.default_device())
     return WorkerConfig(
         scheduler_address=scheduler,
         listen_host=args.host or address_towards(scheduler),
         listen_port=args.port,
         advertise_host=args.advertise_host,
-        device=args.device or best_device(),
+        device=device,
+        backend=plugin.name,
         memory_bytes=args.memory_bytes,
         worker_id=args.worker_id,
         num_threads=args.threads,
@@ -130,14 +143,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     bound_malloc()
     logging.basicConfig(level=os.environ.get("POTLUCK_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
     args = build_arg_parser().parse_args(argv)
+    from workers.worker import run_worker
+
     try:
         config = config_from_args(args)
-    except ValueError as exc:
-        raise SystemExit(f"potluck-worker: {exc}") from None
+    except (LookupError, ValueError) as exc:
+        raise SystemExit(f"potluck worker: {exc}") from None
     try:
         run_worker(config)
     except KeyboardInterrupt:
         pass
+    except Exception as exc:  # one line (its last line is what `potluck serve` reports), traceback at debug
+        log.debug("worker failed", exc_info=True)
+        print(f"potluck worker {args.worker_id or ''}: {type(exc).__name__}: {exc}".replace("  ", " "), file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

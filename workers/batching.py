@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from workers import protocol as p
 
@@ -39,6 +39,8 @@ class StageRequest:
     position: int = 0  # tokens in this stage's KV cache
     num_generated: int = 0  # tokens sampled so far in this run (last stage)
     ring_deadline_s: float = 0.0  # first stage: when its next token is overdue (monotonic)
+    prompt: np.ndarray | None = None  # first stage: the prompt's token ids (a prefix miss prefills again)
+    cached_tokens: int = 0  # prompt tokens reused from this stage's prefix cache
 
     def left_stage(self, now_s: float, step_s: float) -> None:
         """This stage ran a step for the request: when its next token is due back (first stage)."""
@@ -49,9 +51,14 @@ class StageRequest:
 class WorkItem:
     request_id: str
     start_position: int
-    inputs: torch.Tensor  # token ids [n] (first stage) or hidden [n, hidden_size]
+    inputs: np.ndarray  # token ids [n] (first stage) or hidden [n, hidden_size]
     forward_start: p.RequestStart | None = None  # meta to pass along (first hop only)
     arrived_s: float = field(default_factory=time.monotonic)
+    # a prompt's first chunk at this stage: its cached prefix is looked up when it runs
+    # (workers/worker.py); the first stage reuses at most `prefix_cap_tokens` (None: no cap),
+    # a later stage exactly `start_position` (what the first stage reused)
+    is_prompt_start: bool = False
+    prefix_cap_tokens: int | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -18,7 +18,9 @@ import json
 import re
 import struct
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -152,12 +154,15 @@ def load_stage_tensors(
     tie_word_embeddings: bool,
     dtype: torch.dtype | None = None,
     device: str = "cpu",
-) -> dict[str, torch.Tensor]:
+    convert: Callable[[str, torch.Tensor], Any] | None = None,
+) -> dict[str, Any]:
     """Read only the tensors of stage [start_layer, end_layer), keyed by checkpoint name.
 
     Tensors are read one at a time and converted to `dtype` (None: as stored) on `device`,
     so peak memory is the stage plus one tensor. When the LM head is tied (or the checkpoint
-    has no `lm_head.*`), the last stage reads `model.embed_tokens.*` instead.
+    has no `lm_head.*`), the last stage reads `model.embed_tokens.*` instead. `convert(name,
+    tensor)` (e.g. `--quantization`, workers/quantization.py) is applied to each tensor as it is
+    read, so a stage never holds all its tensors unconverted.
     """
     files = checkpoint_files(model_dir)
     names = stage_tensor_names(set(files), start_layer, end_layer, num_layers, tie_word_embeddings)
@@ -176,5 +181,6 @@ def load_stage_tensors(
                     tensor = tensor.to(dtype)
                 else:  # own the bytes: one tensor left on the mapping keeps the whole file resident
                     tensor = tensor.clone()
-                tensors[name] = tensor.to(device) if device != "cpu" else tensor
+                tensor = tensor.to(device) if device != "cpu" else tensor
+                tensors[name] = tensor if convert is None else convert(name, tensor)
     return tensors

@@ -96,6 +96,7 @@ class DeviceProfile:
     peer_rtt_s: dict[str, float] = field(default_factory=dict)
     peer_bandwidth_bytes_per_s: dict[str, float] = field(default_factory=dict)
     prior: ChipPrior | None = None  # vendor figures; a reference only
+    backend: str = "torch"  # the worker backend that measured it (workers/backend_plugins.py)
 
     def with_peers(self, rtt_s: dict[str, float], bandwidth_bytes_per_s: dict[str, float]) -> DeviceProfile:
         return dataclasses.replace(self, peer_rtt_s={**self.peer_rtt_s, **rtt_s},

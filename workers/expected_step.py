@@ -28,13 +28,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+import numpy as np
 
 from workers import codec
 from workers import protocol as p
 from workers.backend import SequenceChunk, StageBackend
-
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+from workers.host_arrays import numpy_dtype
 
 
 @dataclass(frozen=True)
@@ -43,24 +42,25 @@ class ExpectedStep:
     prepared: object  # what the backend's `prepare(chunks)` returned
     inputs_header: bytes | None  # Activations header that brings the hidden states (None: first stage)
     hidden_shape: tuple[int, int]  # [num_requests, hidden_size]
-    dtype: torch.dtype
+    dtype: str  # wire dtype of the hidden states (the backend's)
     vocab_size: int
     send_address: str | None  # where every request goes next (None: last stage, or several places)
     send_header: bytes | None  # header of the Activations sent there
 
-    def inputs(self, frames: Sequence[Any]) -> torch.Tensor | None:
+    def inputs(self, frames: Sequence[Any]) -> np.ndarray | None:
         """Token ids [B] (first stage) or hidden states [B, hidden] of this step, from `frames`
         if they are the message it waits for; None otherwise (nothing is consumed)."""
         if self.inputs_header is None:
             token_ids = self._next_token_ids(frames)
-            return None if token_ids is None else torch.tensor(token_ids, dtype=torch.int64)
+            return None if token_ids is None else np.array(token_ids, dtype=np.int64)
         if len(frames) != 2 or frames[0].bytes != self.inputs_header:
             return None
         data = frames[1].buffer
         rows, width = self.hidden_shape
-        if memoryview(data).nbytes != rows * width * self.dtype.itemsize:
+        dtype = numpy_dtype(self.dtype)
+        if memoryview(data).nbytes != rows * width * dtype.itemsize:
             return None
-        return torch.frombuffer(data, dtype=self.dtype).view(rows, width)
+        return np.frombuffer(data, dtype=dtype).reshape(rows, width)
 
     def _next_token_ids(self, frames: Sequence[Any]) -> list[int] | None:
         """The sampled tokens, if `frames` are one NextTokens for exactly these requests at these
@@ -80,9 +80,9 @@ class ExpectedStep:
         return [token.token_id for token in message.tokens]
 
 
-def activations_header(entries: Sequence[p.ActivationEntry], dtype: torch.dtype, shape: tuple[int, int]) -> bytes:
-    """The header `codec.encode` gives an Activations with these entries and a [shape] tensor."""
-    payload = p.TensorPayload(DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")), shape, b"")
+def activations_header(entries: Sequence[p.ActivationEntry], dtype: str, shape: tuple[int, int]) -> bytes:
+    """The header `codec.encode` gives an Activations with these entries and a [shape] `dtype` tensor."""
+    payload = p.TensorPayload(dtype, shape, b"")
     return codec.encode(p.Activations(tuple(entries), payload))[0]
 
 

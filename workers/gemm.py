@@ -110,6 +110,8 @@ class GemmChooser:
         self._trials: dict[tuple[int, int, int, bool, int], dict[str, list[float]]] = {}
 
     def __call__(self, x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if not isinstance(w_t, torch.Tensor):  # a QuantizedLinear (workers/quantized_linear.py)
+            return w_t(x, bias)
         if w_t.is_mkldnn:  # a weight packed for oneDNN
             return onednn_linear(x, w_t, bias)
         rows = x.shape[0]

@@ -4,7 +4,7 @@ that long loads or steps never look like death.
 Parts:
 - `HEARTBEAT_INTERVAL_S`: how often.
 - `heartbeat_loop(worker)`: sends a `Heartbeat` (requests held, queued work, KV free/capacity, step
-  time, tokens processed) every interval while `worker.running`, once the scheduler admitted the
+  time, tokens processed, prefix-cache counts) every interval while `worker.running`, once the scheduler admitted the
   worker's key; stops the worker when its parent process (local workers) is gone; when the
   scheduler refuses the key in the CURVE handshake (a scheduler restarted with the same token),
   has the worker register again.
@@ -85,6 +85,7 @@ def heartbeat_loop(worker: Beating) -> None:
 
 def _heartbeat(worker: Beating) -> p.Heartbeat:
     backend = worker.backend
+    queries_tokens, hits_tokens = backend.prefix_cache_counts() if backend else (0, 0)
     return p.Heartbeat(
         worker_id=worker.worker_id,
         epoch=worker.epoch,
@@ -95,6 +96,8 @@ def _heartbeat(worker: Beating) -> p.Heartbeat:
         step_time_ewma_s=worker.step_time_ewma_s,
         tokens_processed=worker.tokens_processed,
         data_address=worker.data_address,
+        prefix_cache_queries_tokens=queries_tokens,
+        prefix_cache_hits_tokens=hits_tokens,
         request_ids=tuple(list(worker.requests)[:MAX_REPORTED_REQUESTS]),
     )
 

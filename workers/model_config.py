@@ -143,6 +143,15 @@ class ModelConfig:
         return cls.from_dict(raw, gen)
 
     @classmethod
+    def from_path(cls, path: str | Path) -> ModelConfig:
+        """A Hugging Face model directory or a GGUF file (the first part of a split one)."""
+        if str(path).endswith(".gguf"):
+            from workers.gguf_file import open_gguf
+
+            return cls.from_dict(*open_gguf(str(Path(path).resolve())).hf_config())
+        return cls.from_hf(path)
+
+    @classmethod
     def from_dict(cls, raw: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
         generation = generation or {}
         model_type = _model_type(raw)

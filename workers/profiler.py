@@ -119,14 +119,17 @@ def measure_memory_bandwidth_bytes_per_s(device: str, *, slowdown: float = 1.0, 
 def measure_layer_timings(model_dir: str, device: str, *, dtype: str = "auto", slowdown: float = 1.0,
                           budget_s: float = 1.0, batch_sizes: tuple[int, ...] = DECODE_BATCH_SIZES,
                           context_lengths: tuple[int, ...] = DECODE_CONTEXT_LENGTHS,
-                          prefill_lengths: tuple[int, ...] = PREFILL_LENGTHS) -> LayerTimings:
-    """Time one layer of the model at `model_dir` on `device` with a real `TorchStageBackend`.
-    Decode contexts are filled by allocating KV blocks (their content does not change the work)."""
-    from workers.backend import SequenceChunk, StageConfig
+                          prefill_lengths: tuple[int, ...] = PREFILL_LENGTHS, backend_name: str = "torch") -> LayerTimings:
+    """Time one layer of the model at `model_dir` on `device` with a real stage of backend
+    `backend_name` (torch: a `TorchStageBackend` fed tensors on the device; any other: numpy
+    inputs through the backend interface). Decode contexts are filled by allocating KV blocks
+    (`prepare`; their content does not change the work)."""
+    from workers.backend import SequenceChunk, StageConfig, load_backend
     from workers.model_config import ModelConfig
     from workers.torch_backend import TorchStageBackend, resolve_dtype
+    import numpy as np
 
-    mc = ModelConfig.from_hf(model_dir)
+    mc = ModelConfig.from_path(model_dir)
     layer = 1 if mc.num_layers > 2 else 0
     limit = max(1, mc.max_position_embeddings - 1)
     contexts = tuple(sorted({min(c, limit) for c in context_lengths}))
@@ -135,17 +138,24 @@ def measure_layer_timings(model_dir: str, device: str, *, dtype: str = "auto", s
     per_token = mc.kv_bytes_per_token_per_layer(resolve_dtype(dtype, mc))
     decode_tokens = max(batch_sizes) * (-(-(max(contexts) + 1) // block) * block)
     kv_tokens = max(decode_tokens, max(prefills) + block) + 4 * block
-    backend = TorchStageBackend(StageConfig(str(model_dir), layer, layer + 1, dtype, device,
-                                            kv_budget_bytes=per_token * kv_tokens, kv_block_size_tokens=block),
-                                model_config=mc)
-    dev = torch.device(device)
-    sync = _synchronizer(dev)
+    stage = StageConfig(str(model_dir), layer, layer + 1, dtype, device,
+                        kv_budget_bytes=per_token * kv_tokens, kv_block_size_tokens=block)
+    torch_backend = backend_name == "torch"
+    backend = TorchStageBackend(stage, model_config=mc) if torch_backend else load_backend(stage, backend_name)
+    dev = torch.device(device if torch_backend else "cpu")
+    sync = _synchronizer(dev)  # another backend's forward returns numpy: it has finished
     gen = torch.Generator(device="cpu").manual_seed(0)
 
-    def inputs(rows: int) -> torch.Tensor:
+    def inputs(rows: int) -> torch.Tensor | np.ndarray:
         if backend.is_first:
-            return torch.randint(0, mc.vocab_size, (rows,), generator=gen).to(dev)
-        return torch.randn(rows, mc.hidden_size, generator=gen).to(dev, backend.dtype)
+            ids = torch.randint(0, mc.vocab_size, (rows,), generator=gen)
+            return ids.to(dev) if torch_backend else ids.numpy()
+        hidden = torch.randn(rows, mc.hidden_size, generator=gen)
+        if torch_backend:
+            return hidden.to(dev, backend.torch_dtype)
+        from workers.torch_backend import to_numpy
+
+        return to_numpy(hidden.to(getattr(torch, backend.dtype)))
 
     share_s = budget_s / max(1, len(batch_sizes) * len(contexts) + len(prefills))
     try:
@@ -159,7 +169,7 @@ def measure_layer_timings(model_dir: str, device: str, *, dtype: str = "auto", s
         decode = []
         ids = [f"decode-{i}" for i in range(max(batch_sizes))]
         for context in contexts:
-            backend.kv_cache.allocate([SequenceChunk(rid, 0, context) for rid in ids])
+            backend.prepare([SequenceChunk(rid, 0, context) for rid in ids])
             for batch in sorted(batch_sizes):
                 x, chunks = inputs(batch), [SequenceChunk(rid, context, 1) for rid in ids[:batch]]
                 seconds = timed_median_s(lambda: backend.forward(chunks, x), sync, slowdown=slowdown,

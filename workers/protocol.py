@@ -12,7 +12,9 @@ Life of a request on the data plane (route = worker data addresses, stage order)
   last stage --TokenOutputs--> scheduler (streamed to the client)
   last stage --NextTokens--> stage 0 (the ring closes; the next decode step starts)
 The request's metadata (route, sampling) rides along only on its first hop (`ActivationEntry.start`);
-later steps carry just request ids and positions. Prompt token ids go to stage 0 only.
+later steps carry just request ids and positions. Prompt token ids go to stage 0 only; the hash
+chain of their full KV blocks rides on the first hop (`RequestStart.block_hashes`), so each stage
+reuses the prefix the first stage reused from its own cache, or answers `PrefixMiss`.
 """
 
 from __future__ import annotations
@@ -54,6 +56,20 @@ class SamplingParams:
     eos_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     num_top_logprobs: int | None = None  # None: no logprobs; 0: only the sampled token's
+    # added by the agents work (issue 15); workers/sampling.py applies them in this order:
+    # logit_bias, penalties, min_tokens, grammar mask, then temperature / top-k / top-p / min-p
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # over prompt + output (vLLM), 1.0: off
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    min_tokens: int = 0  # eos and stop_token_ids are masked until this many tokens are out
+    stop_token_ids: tuple[int, ...] = ()  # end with finish_reason "stop" (like eos)
+    grammar_kind: str = ""  # "": free; json_schema | json_object | regex | choice | ebnf (workers/grammar.py)
+    grammar: str = ""  # the schema (JSON text), regex, choices (JSON list) or EBNF
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's logprob + top k
+    prompt_token_ids: tuple[int, ...] = ()  # set when the last stage needs the prompt (logprobs, penalty)
+    output_token_ids: tuple[int, ...] = ()  # tokens generated before this run (recovery replay)
 
 
 @dataclass(frozen=True)
@@ -64,6 +80,9 @@ class RequestStart:
     scheduler_address: str
     sampling: SamplingParams
     first_token_index: int = 0  # index of the first token this run generates (>0 after recovery)
+    # hash chain of the prompt's full KV blocks (workers/kv_cache.py `block_hashes`), set by the
+    # first stage: later stages find the cached prefix the first stage reused by them
+    block_hashes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,6 +109,10 @@ class TokenOutput:
     finish_reason: str | None = None  # "stop" (eos) or "length"
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    # with the request's first token, when `prompt_logprobs` was asked for: one entry per prompt
+    # token after the first, (logprob, ((token id, logprob) top alternatives...))
+    prompt_logprobs: tuple[tuple[float, tuple[tuple[int, float], ...]], ...] = ()
+    num_cached_tokens: int = 0  # on a run's first token: prompt tokens its prefill reused from the cache
 
 
 @dataclass(frozen=True)
@@ -128,6 +151,7 @@ class Register:
     pid: int = 0
     protocol_version: int = PROTOCOL_VERSION
     prefill_tokens_per_step: int = 0  # prompt tokens one step takes at most (0: not said)
+    backend: str = "torch"  # the backend that runs its layers (workers/backend_plugins.py)
     public_key: str = ""  # the worker's CURVE public key (z85), authorised by `proof`
     proof: str = ""  # HMAC-SHA256(token, worker id + public key), hex (workers/curve.py)
 
@@ -154,6 +178,8 @@ class Heartbeat:
     step_time_ewma_s: float
     tokens_processed: int
     data_address: str = ""  # lets a scheduler that evicted this worker ask it to register again
+    prefix_cache_queries_tokens: int = 0  # prompt tokens looked up in the prefix cache (cumulative)
+    prefix_cache_hits_tokens: int = 0  # of them, found cached (cumulative)
     request_ids: tuple[str, ...] = ()  # requests this worker holds: the scheduler releases ghosts
 
 
@@ -184,6 +210,8 @@ class AssignLayers:
     dtype: str = "auto"
     kv_budget_bytes: int = 256 * 2**20
     num_stages_hint: int = 1  # stages in this worker's pipelines (sizes decode microbatches)
+    prefix_caching: bool = True  # keep full KV blocks of prompts and reuse them (workers/kv_cache.py)
+    quantization: str = "none"  # none | int8 | int4: weight-only, quantized while loading
 
 
 @dataclass(frozen=True)
@@ -242,6 +270,15 @@ class NextTokens:
     tokens: tuple[NextToken, ...]
 
 
+@dataclass(frozen=True)
+class PrefixMiss:
+    """To the first stage: a later stage holds only `cached_tokens` of the prefix the first stage
+    reused (evicted meanwhile); prefill the prompt again reusing at most that many."""
+
+    request_id: str
+    cached_tokens: int
+
+
 MESSAGE_TYPES: dict[str, type] = {
     cls.__name__: cls
     for cls in (
@@ -259,6 +296,7 @@ MESSAGE_TYPES: dict[str, type] = {
         Members,
         Activations,
         NextTokens,
+        PrefixMiss,
     )
 }
 
@@ -277,4 +315,5 @@ Message = (
     | Members
     | Activations
     | NextTokens
+    | PrefixMiss
 )

@@ -11,7 +11,8 @@ Parts:
   (MoE layers: the MoE block of workers/moe.py in place of the SwiGLU).
   Linear weights are packed for oneDNN where it measures faster on the device when the stage is
   built, else stored transposed, [in, out]; a `GemmChooser` (workers/gemm.py) shared by the
-  stage's layers runs either (see `_linear_weight`).
+  stage's layers runs either (see `_linear_weight`). Quantized weights (GGUF, `--quantization`)
+  are `QuantizedLinear`s (workers/quantized_linear.py), run by the same chooser.
 - `StageModel`: `layers[start:end]` (+ `embed_tokens` on the first stage; final norm + LM head
   on the last), built from checkpoint tensors (`StageModel.from_tensors`).
 
@@ -33,6 +34,7 @@ from torch import nn
 from workers.gemm import GemmChooser, onednn_is_faster, pack_weight
 from workers.model_config import ModelConfig
 from workers.moe import moe_block_from_weights
+from workers.quantized_linear import GroupCodes, QuantizedLinear, QuantizedRows
 
 KVLayer = tuple[torch.Tensor, torch.Tensor]  # (K pool, V pool) [num_blocks, block, kv_heads, hd]
 
@@ -235,6 +237,23 @@ def _linear_weight(weight: torch.Tensor, packed: bool) -> torch.Tensor:
     return pack_weight(weight) if packed else _param_t(weight)
 
 
+def _fused_linear(parts: list[torch.Tensor | GroupCodes], packed: bool) -> torch.Tensor | QuantizedLinear:
+    """Weights stacked along the output dimension as one linear weight: a `QuantizedLinear` when
+    any part is quantized (GGUF, `--quantization`), else as `_linear_weight`."""
+    parts = [p.codes() if isinstance(p, QuantizedRows) else p for p in parts]
+    if any(isinstance(p, GroupCodes) for p in parts):
+        return QuantizedLinear(parts)
+    return _linear_weight(parts[0] if len(parts) == 1 else torch.cat(parts), packed)
+
+
+def _weight_bytes(weight: object) -> int:
+    if isinstance(weight, (QuantizedLinear, QuantizedRows)):
+        return weight.weight_bytes
+    if isinstance(weight, torch.Tensor) and weight.is_mkldnn:
+        return weight.numel() * weight.element_size()
+    return 0  # parameters are counted by StageModel.parameters()
+
+
 LINEAR_WEIGHTS = ("w_qkv", "w_o", "w_gate_up", "w_down")
 
 
@@ -249,10 +268,10 @@ class DecoderLayer(nn.Module):
         self.input_norm = _param(w["input_layernorm.weight"])
         self.post_attention_norm = _param(w["post_attention_layernorm.weight"])
         proj = ("q_proj", "k_proj", "v_proj")
-        self.w_qkv = _linear_weight(torch.cat([w[f"self_attn.{p}.weight"] for p in proj]), packed)
+        self.w_qkv = _fused_linear([w[f"self_attn.{p}.weight"] for p in proj], packed)
         has_bias = "self_attn.q_proj.bias" in w
         self.b_qkv = _param(torch.cat([w[f"self_attn.{p}.bias"] for p in proj])) if has_bias else None
-        self.w_o = _linear_weight(w["self_attn.o_proj.weight"], packed)
+        self.w_o = _fused_linear([w["self_attn.o_proj.weight"]], packed)
         self.qk_norm = None
         if config.qk_norm:  # one [q_heads + kv_heads, head_dim] weight: q_norm rows, then k_norm rows
             q_norm = w["self_attn.q_norm.weight"].expand(self.num_heads, -1)
@@ -261,8 +280,8 @@ class DecoderLayer(nn.Module):
         self.moe = moe_block_from_weights(config, w)  # None: a dense layer (workers/moe.py)
         self.w_gate_up = self.w_down = None
         if self.moe is None:
-            self.w_gate_up = _linear_weight(torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]), packed)
-            self.w_down = _linear_weight(w["mlp.down_proj.weight"], packed)
+            self.w_gate_up = _fused_linear([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]], packed)
+            self.w_down = _fused_linear([w["mlp.down_proj.weight"]], packed)
         self.gemm = GemmChooser()  # StageModel gives all its layers one chooser
 
     def forward(self, hidden: torch.Tensor, plan: BatchPlan, kv: KVLayer) -> torch.Tensor:
@@ -355,12 +374,18 @@ class StageModel(nn.Module):
         self.gemm = GemmChooser()  # layers of one shape share one measured choice of GEMM form
         for layer in layers:
             layer.gemm = self.gemm
-        self.embed_tokens = _param(embed) if embed is not None else None
+        # a quantized GGUF embedding table stays as its file bytes (QuantizedRows)
+        self.embed_tokens = _param(embed) if isinstance(embed, torch.Tensor) else embed
         self.norm = _param(final_norm) if final_norm is not None else None
         # LM head: [hidden, vocab] (transposed, or packed for oneDNN) unless tied with the
-        # embeddings held here too, where one [vocab, hidden] tensor serves both.
+        # embeddings held here too, where one [vocab, hidden] tensor serves both; quantized
+        # (a QuantizedLinear) when the file's table is.
         self.lm_head_t = self.lm_head = None
-        if lm_head is not None and embed is not None and lm_head.data_ptr() == embed.data_ptr():
+        if isinstance(lm_head, QuantizedRows):
+            self.lm_head_t = QuantizedLinear(lm_head.codes())
+        elif isinstance(lm_head, GroupCodes):
+            self.lm_head_t = QuantizedLinear(lm_head)
+        elif lm_head is not None and embed is not None and lm_head.data_ptr() == embed.data_ptr():
             self.lm_head = self.embed_tokens
         elif lm_head is not None:
             self.lm_head_t = _linear_weight(lm_head, packed)
@@ -370,8 +395,8 @@ class StageModel(nn.Module):
         """Bytes of the weights held (a tied LM head counted once; packed ones at their size)."""
         total = sum(p.numel() * p.element_size() for p in self.parameters())  # shared ones once
         held = [getattr(layer, name) for layer in self.layers for name in LINEAR_WEIGHTS]
-        held.append(self.lm_head_t)
-        return total + sum(t.numel() * t.element_size() for t in held if t is not None and t.is_mkldnn)
+        held += [self.lm_head_t, self.embed_tokens]
+        return total + sum(_weight_bytes(t) for t in held)
 
     @property
     def is_first(self) -> bool:
@@ -394,7 +419,7 @@ class StageModel(nn.Module):
         sample = tensors.get(f"model.layers.{start_layer}.mlp.gate_proj.weight")
         if sample is None:  # an MoE layer (experts are stored for plain GEMMs): time attention's
             sample = tensors.get(f"model.layers.{start_layer}.self_attn.o_proj.weight")
-        packed = sample is not None and onednn_is_faster(sample)
+        packed = isinstance(sample, torch.Tensor) and onednn_is_faster(sample)
         layers = []
         for index in range(start_layer, end_layer):
             prefix = f"model.layers.{index}."
@@ -422,7 +447,9 @@ class StageModel(nn.Module):
         Returns hidden [N, hidden_size], or on the last stage float32 logits [num_chunks, vocab]
         at each chunk's last token.
         """
-        if self.embed_tokens is not None:
+        if isinstance(self.embed_tokens, QuantizedRows):
+            hidden = self.embed_tokens.lookup(inputs, self.layers[0].input_norm.dtype)  # [N, hidden]
+        elif self.embed_tokens is not None:
             hidden = F.embedding(inputs, self.embed_tokens)  # [N, hidden_size]
         else:
             hidden = inputs

@@ -10,7 +10,9 @@ Parts:
 The loop (`run`) is: receive everything pending -> take a batch (workers/batching.py) -> forward
 -> send. A request joins or leaves the batch between steps (continuous batching). The first stage
 sizes decode microbatches so that every stage of the pipeline has one to work on (no pipeline
-bubble), or on one machine holds the ring's decodes until they can run as one batch. After a
+bubble), or on one machine holds the ring's decodes until they can run as one batch. A prompt's
+first chunk at a stage reuses the stage's cached prefix first (workers/prompt_start.py; a later
+stage lacking it answers `PrefixMiss` and the first stage prefills again). After a
 step that held every request of the stage, with nothing else waiting, the next decode step is
 made ready, and the message that brings exactly its inputs runs it at once, skipping decode,
 batching and planning (workers/expected_step.py); the last stage's outputs are built by
@@ -31,23 +33,26 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 import zmq
 
 from workers import codec, curve, validation
 from workers import protocol as p
 from workers.backend import SequenceChunk, StageBackend, StageConfig, load_backend
+from workers.host_arrays import array_to_payload, payload_to_array
 from workers.batching import MAX_PREFILL_TOKENS_PER_STEP, StageRequest, WorkItem, take_batch
 from workers.device_memory import usable_memory_bytes
 from workers.expected_step import ExpectedStep, expect_next
 from workers.heartbeat import HEARTBEAT_INTERVAL_S, heartbeat_loop
 from workers.log_throttle import LogThrottle
 from workers.peers import Peers, source_address
+from workers.kv_cache import block_hashes
+from workers.prompt_start import start_prompts
 from workers.ring_close import close_ring
-from workers.sampling import sample
-from workers.tensor_frames import payload_to_tensor, tensor_to_payload
+from workers.request_sampler import StageSampler
 from workers.thread_affinity import ComputeThreads, find_compute_threads, pin_compute_threads
 
 log = logging.getLogger("potluck.worker")
@@ -62,6 +67,7 @@ class WorkerConfig:
     listen_port: int = 0  # 0: a free port
     advertise_host: str | None = None  # address peers use to reach us (default: listen_host)
     device: str = "cpu"
+    backend: str = "torch"  # the installed backend that runs the layers (workers/backend_plugins.py)
     memory_bytes: int | None = None  # usable for weights + KV (default: measured)
     worker_id: str | None = None
     num_threads: int | None = None
@@ -118,6 +124,7 @@ class Worker:
         self.expected_steps_run = 0  # steps that took that fast path
         self.profile: p.DeviceProfile | None = None
         self.profiled = False  # measured once, at the first registration
+        self.sampler: StageSampler | None = None  # last stage: per-request sampling state
 
     # ----------------------------------------------------------------------------- sockets
     def _peer(self, address: str) -> zmq.Socket:
@@ -180,6 +187,7 @@ class Worker:
                 prefill_tokens_per_step=MAX_PREFILL_TOKENS_PER_STEP,
                 public_key=public_key,
                 proof=proof,
+                backend=self.config.backend,
             )
         ))
         sock.close()
@@ -187,15 +195,13 @@ class Worker:
     def measure(self) -> p.DeviceProfile | None:
         if not self.config.profile:
             return None
-        from workers.profiler import measure_device
+        from workers.backend_plugins import get_plugin
 
-        profile = measure_device(
-            self.config.device,
-            model_dir=self.config.profile_model_dir,
-            seconds_budget=self.config.profile_seconds,
-            slowdown=self.config.slowdown,
-        )
-        return profile
+        measure = get_plugin(self.config.backend).profile  # each backend measures itself
+        if measure is None:
+            return None
+        profile = measure(self.config.device, self.config.profile_model_dir, self.config.profile_seconds, self.config.slowdown)
+        return profile if isinstance(profile, p.DeviceProfile) else p.DeviceProfile.from_json(profile)
 
     def run(self) -> None:
         self.register()
@@ -253,6 +259,8 @@ class Worker:
                 self.on_next_tokens(message, sender)
             case p.Members():
                 self.on_members(message)
+            case p.PrefixMiss():
+                self.on_prefix_miss(message, sender)
             case p.StartRequest():
                 self.on_start(message)
             case p.ReleaseRequests():
@@ -293,7 +301,10 @@ class Worker:
                     dtype=message.dtype,
                     device=self.config.device,
                     kv_budget_bytes=message.kv_budget_bytes,
-                )
+                    prefix_caching=message.prefix_caching,
+                    quantization=None if message.quantization == "none" else message.quantization,
+                ),
+                self.config.backend,
             )
         except Exception as exc:  # report, stay up, wait for another assignment
             log.exception("loading layers failed")
@@ -305,6 +316,7 @@ class Worker:
         self.backend, self.expected = backend, None
         self.num_stages_hint = max(1, message.num_stages_hint)
         self.epoch = message.epoch
+        self.sampler = StageSampler(message.model_dir, self.backend.vocab_size)
         if self.compute_threads is not None:
             pinned = pin_compute_threads(self.compute_threads)
             log.info("pinned threads to cores (thread id: core): %s", pinned)
@@ -334,25 +346,29 @@ class Worker:
             self.send(self.config.scheduler_address, failed)
             raise
         self.members.scheduler_addresses.add(message.start.scheduler_address)
-        self.requests[message.request_id] = self._new_request(message.request_id, message.start)
-        tokens = torch.tensor(message.token_ids, dtype=torch.long)
-        self.pending.append(WorkItem(message.request_id, 0, tokens, forward_start=message.start))
+        start = message.start
+        if backend.config.prefix_caching:  # later stages find the cached prefix by these hashes
+            start = replace(start, block_hashes=block_hashes(message.token_ids, backend.config.kv_block_size_tokens))
+        state = self._new_request(message.request_id, start)
+        state.prompt = np.array(message.token_ids, dtype=np.int64)
+        self.requests[message.request_id] = state
+        self.pending.append(WorkItem(message.request_id, 0, state.prompt, forward_start=start, is_prompt_start=True))
 
     def on_activations(self, message: p.Activations, sender: str | None = None) -> None:
         backend = self._require_backend()
         validation.check_entries(message.entries)
-        hidden = payload_to_tensor(message.hidden)  # [sum(num_tokens), hidden_size]
+        hidden = payload_to_array(message.hidden)  # [sum(num_tokens), hidden_size]
+        if message.hidden.dtype != backend.dtype:
+            raise p.ProtocolError(f"activations in {message.hidden.dtype}, this stage runs {backend.dtype}")
         total = sum(entry.num_tokens for entry in message.entries)
-        if hidden.dim() != 2 or hidden.shape[0] != total or hidden.shape[1] != backend.hidden_size:
+        if hidden.ndim != 2 or hidden.shape[0] != total or hidden.shape[1] != backend.hidden_size:
             raise p.ProtocolError(f"activations of shape {tuple(hidden.shape)} do not match entries")
-        if hidden.dtype != backend.dtype:
-            raise p.ProtocolError(f"activations in {hidden.dtype}, this stage computes in {backend.dtype}")
         for entry in message.entries:  # every entry checked before any is taken
             state = self.requests.get(entry.request_id)
-            start = entry.start if state is None else state.start
-            if state is None and (entry.start is None or entry.start_position != 0):
+            if state is None and entry.start is None:
                 continue  # stale: dropped below
-            if state is None:
+            start = entry.start if entry.start is not None else state.start
+            if entry.start is not None:  # a first hop (the first stage may have reused a cached prefix)
                 validation.check_start(entry.start, self.data_address)
             if sender is not None and source_address(start, self.data_address) != sender:
                 raise p.ProtocolError(f"activations of {entry.request_id} from {sender}, not the stage before")
@@ -361,14 +377,19 @@ class Worker:
             rows = hidden[row : row + entry.num_tokens]
             row += entry.num_tokens
             state = self.requests.get(entry.request_id)
-            if entry.start is not None and state is None and entry.start_position == 0:
+            if entry.start is not None:  # the first hop (again after a prefix miss further on)
                 self.members.scheduler_addresses.add(entry.start.scheduler_address)
+                if state is not None:
+                    self._forget(entry.request_id)
                 state = self._new_request(entry.request_id, entry.start)
+                state.position = entry.start_position  # what the first stage reused of its cache
                 self.requests[entry.request_id] = state
-            if state is None or state.position != entry.start_position:
+            elif state is None or state.position != entry.start_position:
                 log.debug("dropped stale activations for %s", entry.request_id)
                 continue
-            self.pending.append(WorkItem(entry.request_id, entry.start_position, rows, entry.start))
+            self.pending.append(
+                WorkItem(entry.request_id, entry.start_position, rows, entry.start, is_prompt_start=entry.start is not None)
+            )
 
     def on_next_tokens(self, message: p.NextTokens, sender: str | None = None) -> None:
         vocab_size = self._require_backend().vocab_size
@@ -384,8 +405,32 @@ class Worker:
             if token.finished:
                 self.release((token.request_id,))
                 continue
-            inputs = torch.tensor([token.token_id], dtype=torch.long)
+            inputs = np.array([token.token_id], dtype=np.int64)
             self.pending.append(WorkItem(token.request_id, token.position, inputs))
+
+    def on_prefix_miss(self, message: p.PrefixMiss, sender: str | None = None) -> None:
+        """First stage: a later stage lacks part of the prefix reused here; prefill it again."""
+        state = self.requests.get(message.request_id)
+        if state is None or state.prompt is None or state.num_generated:
+            return
+        if sender is not None and sender not in state.start.route[1:]:
+            raise p.ProtocolError(f"prefix miss of {message.request_id} from {sender}, not a later stage")
+        log.info("prefix miss for %s: prefilling again, reusing at most %d tokens", message.request_id, message.cached_tokens)
+        self._forget(message.request_id)
+        state.position = 0
+        self.requests[message.request_id] = state
+        self.pending.append(
+            WorkItem(message.request_id, 0, state.prompt, forward_start=state.start, is_prompt_start=True,
+                     prefix_cap_tokens=message.cached_tokens)
+        )  # fmt: skip
+
+    def _forget(self, request_id: str) -> None:
+        """Drop the request's state, KV and pending work here (no message sent)."""
+        self.expected = None
+        self.requests.pop(request_id, None)
+        if self.backend is not None:
+            self.backend.free(request_id)
+        self.pending = [item for item in self.pending if item.request_id != request_id]
 
     def release(self, request_ids: Sequence[str]) -> None:
         gone = set(request_ids)
@@ -394,6 +439,8 @@ class Worker:
         for request_id in gone:
             if self.requests.pop(request_id, None) is not None and self.backend is not None:
                 self.backend.free(request_id)
+            if self.sampler is not None:
+                self.sampler.forget(request_id)
         if gone:
             self.pending = [item for item in self.pending if item.request_id not in gone]
 
@@ -409,16 +456,29 @@ class Worker:
             self.pending, self.requests, is_first=backend.is_first, num_stages_hint=self.num_stages_hint,
             now_s=time.monotonic(),
         )  # fmt: skip
+        if any(item.is_prompt_start for item in batch):  # prefix caching (workers/prompt_start.py)
+            starts = start_prompts(batch, self.requests, backend)
+            for item, held_tokens in starts.misses:
+                state = self.requests[item.request_id]
+                self._forget(item.request_id)
+                self.send(state.start.route[0], p.PrefixMiss(item.request_id, held_tokens))
+            for item in starts.never_fit:
+                self.fail(item.request_id, f"KV cache is full on {self.worker_id}")
+            batch = starts.run
         if not batch:
             return
         chunks = [SequenceChunk(item.request_id, item.start_position, item.num_tokens) for item in batch]
+        if backend.is_last and self.sampler is not None:  # prompt logprobs need every row's logits
+            wants = self.sampler.wants_all_logits
+            chunks = [replace(c, all_logits=True) if wants(self.requests[c.request_id].start.sampling, c.start_position,
+                                                           c.num_tokens) else c for c in chunks]
         if not backend.can_allocate(chunks):
             batch, chunks = self._fit_kv(batch, chunks)
             if not batch:
                 return
         taken = {id(item) for item in batch}
         self.pending = [item for item in self.pending if id(item) not in taken]
-        inputs = batch[0].inputs if len(batch) == 1 else torch.cat([item.inputs for item in batch])
+        inputs = batch[0].inputs if len(batch) == 1 else np.concatenate([item.inputs for item in batch])
         self.run_batch(chunks, inputs, [item.forward_start for item in batch])
 
     def run_expected(self, frames: list) -> bool:
@@ -434,7 +494,7 @@ class Worker:
     def run_batch(
         self,
         chunks: Sequence[SequenceChunk],
-        inputs: torch.Tensor,
+        inputs: np.ndarray,
         starts: Sequence[p.RequestStart | None],
         expected: ExpectedStep | None = None,
     ) -> None:
@@ -451,7 +511,7 @@ class Worker:
     def _run_batch(
         self,
         chunks: Sequence[SequenceChunk],
-        inputs: torch.Tensor,
+        inputs: np.ndarray,
         starts: Sequence[p.RequestStart | None],
         expected: ExpectedStep | None = None,
     ) -> None:
@@ -469,7 +529,7 @@ class Worker:
         if backend.is_last:
             self.emit_tokens(chunks, outputs)
         elif expected is not None and expected.send_header is not None:
-            frames = [expected.send_header, tensor_to_payload(outputs).data]
+            frames = [expected.send_header, array_to_payload(outputs, backend.dtype).data]
             self.send_frames(expected.send_address, frames, "Activations")
         else:
             self.forward_activations(chunks, starts, outputs)
@@ -537,9 +597,9 @@ class Worker:
         return StageRequest(request_id, start, None if backend.is_last else route[index + 1])
 
     def forward_activations(
-        self, chunks: Sequence[SequenceChunk], starts: Sequence[p.RequestStart | None], hidden: torch.Tensor
+        self, chunks: Sequence[SequenceChunk], starts: Sequence[p.RequestStart | None], hidden: np.ndarray
     ) -> None:
-        groups: dict[str, tuple[list[p.ActivationEntry], list[torch.Tensor]]] = {}
+        groups: dict[str, tuple[list[p.ActivationEntry], list[np.ndarray]]] = {}
         row = 0
         for chunk, start in zip(chunks, starts):
             rows = hidden[row : row + chunk.num_tokens]
@@ -549,13 +609,16 @@ class Worker:
             entries.append(p.ActivationEntry(chunk.request_id, chunk.start_position, chunk.num_tokens, start))
             tensors.append(rows)
         for address, (entries, tensors) in groups.items():
-            stacked = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
-            self.send(address, p.Activations(tuple(entries), tensor_to_payload(stacked)))
+            stacked = tensors[0] if len(tensors) == 1 else np.concatenate(tensors)
+            self.send(address, p.Activations(tuple(entries), array_to_payload(stacked, self._require_backend().dtype)))
 
-    def emit_tokens(self, chunks: Sequence[SequenceChunk], logits: torch.Tensor) -> None:
+    def emit_tokens(self, chunks: Sequence[SequenceChunk], logits: np.ndarray) -> None:
         states = [self.requests[chunk.request_id] for chunk in chunks]
         indices = [state.start.first_token_index + state.num_generated for state in states]
-        sampled = sample(logits, [state.start.sampling for state in states], indices)
+        rows = [chunk.num_tokens if chunk.all_logits else 1 for chunk in chunks]
+        assert self.sampler is not None
+        sampled = self.sampler.sample([c.request_id for c in chunks], [s.start.sampling for s in states], indices,
+                                      torch.from_numpy(logits), rows)
         ring = close_ring(states, indices, sampled, self.worker_id)
         # the next step's inputs first: the first stage waits on them, the scheduler only streams
         for address, message in ring.next_tokens.items():
@@ -571,7 +634,7 @@ class Worker:
 def run_worker(config: WorkerConfig) -> None:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    pin = config.pin_threads and config.device == "cpu"
+    pin = config.pin_threads and config.device == "cpu" and config.backend == "torch"  # torch's OpenMP threads
     worker = Worker(config, find_compute_threads() if pin else None)
     log.info("%s listening on %s, scheduler %s", worker.worker_id, worker.data_address, config.scheduler_address)
     worker.run()

@@ -8,6 +8,7 @@ cluster of its own; `potluck status` (table, missing key, unreachable server).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -163,7 +164,23 @@ def test_status_prints_the_cluster_as_a_table(live: LiveCluster) -> None:
         row = rows[worker["id"]]
         assert f"[{start}, {end})" in row and "ready" in row and "cpu" in row
     assert f"model {live.model}" in done.stdout and "pipeline 0:" in done.stdout
+    printed = run_status("--url", f"{live.url}/v1/", "--api-key", live.api_key)  # the URL `serve` prints
+    assert printed.returncode == 0 and printed.stdout == done.stdout, printed.stderr
     no_key = run_status("--url", live.url)
-    assert no_key.returncode == 1 and "API key" in no_key.stderr
+    assert no_key.returncode == 7 and "API key" in no_key.stderr
     nobody = run_status("--url", f"http://127.0.0.1:{free_port()}", "--api-key", "x")
-    assert nobody.returncode == 1 and "cannot reach" in nobody.stderr and not nobody.stdout
+    assert nobody.returncode == 7 and "cannot reach" in nobody.stderr and not nobody.stdout
+
+
+def test_status_devices_json_is_a_devices_file_plan_takes(live: LiveCluster, tmp_path: Path) -> None:
+    done = run_status("--url", live.url, "--api-key", live.api_key, "--devices-json")
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    from placement.io import devices_from_json
+
+    devices, _ = devices_from_json(document)
+    workers = {w["id"]: w for w in live.cluster()["workers"]}
+    assert {d.device_id for d in devices} == set(workers)
+    for device in devices:
+        assert device.memory_bytes == workers[device.device_id]["memory_bytes"]
+        assert device.flops_per_s and device.memory_bandwidth_bytes_per_s

@@ -73,3 +73,27 @@ def test_dashboard_without_the_key_asks_for_it(live: LiveCluster, tmp_path: Path
     assert "this server needs an API key" in dom
     assert 'id="keyform" style="display: flex;"' in dom
     assert '<div id="devices"></div>' in dom  # nothing drawn without the key
+
+
+def test_dashboard_plots_tokens_per_s_ttft_and_kv_over_the_last_minutes(live: LiveCluster, tmp_path: Path) -> None:
+    import time
+
+    live.complete("plot this", 8)
+    deadline = time.monotonic() + 60
+    while True:  # a sample (every 2 s) that saw the request's first token
+        history = live.http.get("/cluster/history").json()
+        if any(row[2] is not None for row in history["samples"]):
+            break
+        assert time.monotonic() < deadline, history
+        time.sleep(0.5)
+    assert history["columns"] == ["at_unix_s", "tokens_per_s", "ttft_s", "kv_used"]
+    assert any(row[1] > 0 for row in history["samples"]) and all(0 <= row[3] <= 1 for row in history["samples"])
+    dom = chromium(tmp_path, "--dump-dom", f"{live.url}/dashboard#key={live.api_key}").stdout
+    charts = {m["series"]: int(m["points"]) for m in re.finditer(r'<div class="chart" data-series="(?P<series>[^"]+)" data-points="(?P<points>\d+)">', dom)}
+    assert set(charts) == {"tokens/s", "time to first token", "KV cache used"}, dom[-3000:]
+    assert charts["tokens/s"] >= 2 and charts["KV cache used"] >= 2 and charts["time to first token"] >= 1, charts
+    lines = re.findall(r'<polyline points="([^"]*)"', dom.split("<script>")[0])  # not the page's own JS
+    assert len(lines) == 3 and all(len(points.split()) >= 1 for points in lines), lines
+    predicted = live.cluster()["plan"]["predicted_tokens_per_s"]
+    assert predicted and predicted > 0  # one machine's pipeline: its stages' times add up
+    assert re.search(rf'<b id="predicted-tps">{predicted:.1f}</b>', dom), dom[:3000]

@@ -100,3 +100,28 @@ def test_per_stage_series_for_every_worker(live: LiveCluster) -> None:
         assert value(samples, "potluck:stage_start_layer", **labels) == w["loaded_layers"][0]
         assert value(samples, "potluck:stage_end_layer", **labels) == w["loaded_layers"][1]
         assert value(samples, "potluck:stage_step_time_seconds", **labels) > 0
+
+
+def test_a_repeated_prompt_reports_cached_tokens_and_per_stage_prefix_hits(live: LiveCluster) -> None:
+    workers = live.cluster()["workers"]
+    before, _ = scrape(live)
+    prompt = "The same long history, sent again by a chat client on its next turn. " * 3
+    first = live.complete(prompt, 2)["usage"]
+    second = live.complete(prompt, 2)["usage"]
+    assert first["prompt_tokens"] == second["prompt_tokens"] > 32
+    # whole 16-token blocks, never the one holding the last prompt token
+    assert second["prompt_tokens_details"]["cached_tokens"] == (second["prompt_tokens"] - 1) // 16 * 16
+    deadline = time.monotonic() + 10
+    while True:  # heartbeats carry the counters every 0.5 s
+        after, types = scrape(live)
+        hits = [value(after, "potluck:prefix_cache_hits_total", stage=w["id"], device=w["device"])
+                - value(before, "potluck:prefix_cache_hits_total", stage=w["id"], device=w["device"]) for w in workers]
+        if all(h >= second["prompt_tokens_details"]["cached_tokens"] for h in hits) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert types["potluck:prefix_cache_queries"] == types["potluck:prefix_cache_hits"] == "counter"
+    assert all(h >= second["prompt_tokens_details"]["cached_tokens"] for h in hits), hits
+    for w in workers:
+        labels = {"stage": w["id"], "device": w["device"]}
+        queried = value(after, "potluck:prefix_cache_queries_total", **labels) - value(before, "potluck:prefix_cache_queries_total", **labels)
+        assert queried >= first["prompt_tokens"] + second["prompt_tokens"]

@@ -20,18 +20,23 @@ from api.openai_schema import (
 def test_completion_prompt_forms() -> None:
     assert CompletionRequest.model_validate({"prompt": "hi"}).prompt == "hi"
     assert CompletionRequest.model_validate({"prompt": [1, 2]}).prompt == [1, 2]
-    assert CompletionRequest.model_validate({"prompt": ["hi"]}).prompt == "hi"
-    assert CompletionRequest.model_validate({"prompt": [[3, 4]]}).prompt == [3, 4]
-    for bad in (["a", "b"], [], [[1], [2]], None, 5, [1.5]):
+    assert CompletionRequest.model_validate({"prompt": ["hi"]}).prompts == ["hi"]
+    assert CompletionRequest.model_validate({"prompt": [[3, 4]]}).prompts == [[3, 4]]
+    assert CompletionRequest.model_validate({"prompt": ["a", "b"]}).prompts == ["a", "b"]  # one choice each
+    assert CompletionRequest.model_validate({"prompt": [[1], [2]]}).prompts == [[1], [2]]
+    assert CompletionRequest.model_validate({"prompt": [1, 2]}).prompts == [[1, 2]]
+    for bad in ([], None, 5, [1.5], [[]]):
         with pytest.raises(ValidationError):
             CompletionRequest.model_validate({"prompt": bad})
 
 
 @pytest.mark.parametrize("field, value", [
-    ("n", 2), ("n", 0), ("temperature", 2.5), ("temperature", -0.1), ("top_p", 0), ("top_p", 1.5),
-    ("max_tokens", 0), ("max_tokens", -1), ("stop", ["1", "2", "3", "4", "5"]), ("logprobs", 21),
-    ("presence_penalty", 0.5), ("frequency_penalty", -1), ("logit_bias", {"1": 5}), ("echo", True),
-    ("best_of", 2), ("suffix", "x"), ("stream_options", {"include_usage": True}), ("seed", 2**64),
+    ("n", 65), ("n", 0), ("temperature", 2.5), ("temperature", -0.1), ("top_p", 0), ("top_p", 1.5),
+    ("max_tokens", 0), ("max_tokens", -1), ("stop", [str(i) for i in range(65)]), ("logprobs", 21),
+    ("presence_penalty", 2.5), ("frequency_penalty", -3), ("logit_bias", {"x": 5}), ("logit_bias", {"1": 101}),
+    ("best_of", 0), ("suffix", "x"), ("stream_options", {"include_usage": True}), ("seed", 2**64),
+    ("min_p", 1.5), ("repetition_penalty", 0), ("min_tokens", -1), ("use_beam_search", True),
+    ("include_stop_str_in_output", True), ("allowed_token_ids", [1]), ("guided_whitespace_pattern", " "),
 ])
 def test_completion_rejects(field: str, value: object) -> None:
     with pytest.raises(ValidationError) as info:
@@ -65,7 +70,8 @@ def test_chat_request() -> None:
         {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
         {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 21, "logprobs": True},
         {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
-        {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
+        {"messages": [{"role": "user", "content": "x"}], "tool_choice": "sometimes"},
+        {"messages": [{"role": "user", "content": "x"}], "continue_final_message": True},
     ]
     for body in bad_bodies:
         with pytest.raises(ValidationError):
@@ -81,4 +87,5 @@ def test_chunk_shapes() -> None:
     end = ChatCompletionChunk(id="c", created=1, model="m", choices=[ChatChunkChoice(delta=ChatDelta(), finish_reason="stop")])
     assert json.loads(end.model_dump_json())["choices"][0]["delta"] == {}
     usage = ChatCompletionChunk(id="c", created=1, model="m", choices=[], usage=Usage(prompt_tokens=2, completion_tokens=3, total_tokens=5))
-    assert json.loads(usage.model_dump_json())["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    assert json.loads(usage.model_dump_json())["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5,
+                                                            "prompt_tokens_details": None}

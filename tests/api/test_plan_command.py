@@ -62,5 +62,5 @@ def test_plan_says_how_much_memory_is_missing(model_dir: Path, tmp_path: Path) -
 
 def test_plan_rejects_a_bad_devices_file(model_dir: Path, tmp_path: Path) -> None:
     result = plan(model_dir, {"devices": [{"id": "x"}]}, tmp_path)
-    assert result.returncode == 2
+    assert result.returncode == 4
     assert "cannot read devices" in result.stderr

@@ -130,9 +130,9 @@ def test_sse_wire_format(base_url: str) -> None:
 
 
 @pytest.mark.parametrize("body, status, param", [
-    ({"n": 2}, 400, "n"), ({"temperature": 5}, 400, "temperature"), ({"max_tokens": -1}, 400, "max_tokens"),
-    ({"top_p": 0}, 400, "top_p"), ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ({"presence_penalty": 0.5}, 400, None), ({"logprobs": 21}, 400, "logprobs"),
+    ({"n": 100}, 400, "n"), ({"temperature": 5}, 400, "temperature"), ({"max_tokens": -1}, 400, "max_tokens"),
+    ({"top_p": 0}, 400, "top_p"), ({"stop": [str(i) for i in range(65)]}, 400, "stop"),
+    ({"presence_penalty": 5}, 400, None), ({"logprobs": 21}, 400, "logprobs"),
     ({"model": "gpt-17"}, 404, "model"), ({"max_tokens": 10_000}, 400, "prompt"), ({"prompt": [10**9]}, 400, None),
 ])
 def test_completion_errors(base_url: str, body: dict, status: int, param: str | None) -> None:
@@ -148,7 +148,7 @@ def test_errors_through_the_openai_client(client: openai.OpenAI, engine: TinyEng
         client.chat.completions.create(model="nope", messages=MSGS)
     assert nf.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=engine.model_id, messages=MSGS, n=2)
+        client.chat.completions.create(model=engine.model_id, messages=MSGS, n=65)
     with pytest.raises(openai.BadRequestError, match="context length"):
         client.chat.completions.create(model=engine.model_id, messages=[{"role": "user", "content": "x " * 400}])
     bad = httpx.post(f"{base_url}/v1/chat/completions", content=b'{"messages": [', headers={**AUTH, "content-type": "application/json"})

@@ -49,7 +49,7 @@ def test_potluck_join_adds_a_worker_that_gets_layers(tmp_path: Path) -> None:
 
 def test_potluck_demo_builds_a_checkpoint_and_serves_it(tmp_path: Path) -> None:
     port = free_port()
-    command = [sys.executable, "-m", "api.cli", "demo", "--dir", str(tmp_path / "demo"), "--port", str(port), "--no-profile"]
+    command = [sys.executable, "-m", "api.cli", "demo", "--random-weights", "--dir", str(tmp_path / "demo"), "--port", str(port), "--no-profile"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines: list[str] = []
     try:

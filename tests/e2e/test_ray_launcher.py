@@ -62,7 +62,9 @@ def test_ray_actors_serve_the_model_like_transformers_and_stop_with_serve(tmp_pa
         (["--ray", "127.0.0.1:1"], "no Ray cluster answers at 127.0.0.1:1"),
         (["--ray", "nonsense"], "--ray takes local, auto, HOST:PORT or ray://HOST:PORT"),
         (["--local-workers", "-1"], "--local-workers must be >= 0, got -1"),
-        (["--max-queue-wait-s", "-1"], "--max-queue-wait-s must be >= 0 (inf: off), got -1.0"),
+        (["--late-binding-s", "-1"], "--late-binding-s must be >= 0 (inf: off), got -1.0"),
+        (["--max-queue-wait-s", "0"], "--max-queue-wait-s must be > 0 (seconds a request may wait for room), got 0.0"),
+        (["--max-waiting-requests", "-1"], "--max-waiting-requests must be >= 0, got -1"),
     ],
 )
 def test_bad_serve_arguments_fail_at_once_with_a_clear_error(tmp_path: Path, args: list[str], message: str) -> None:

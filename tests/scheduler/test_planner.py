@@ -60,3 +60,13 @@ def test_invalid_mix_is_rejected() -> None:
         PlacementProblem(model_spec(MODEL), (spec,), prompt_tokens_per_output_token=-1.0)
     with pytest.raises(ValueError, match="prompt_tokens_per_output_token"):
         PlacementProblem(model_spec(MODEL), (spec,), prompt_tokens_per_output_token=float("nan"))
+
+
+def test_a_one_machine_pipeline_has_a_prediction_its_stages_times_add_up_to() -> None:
+    """Co-located stages run one after the other: 1 / predicted = the sum of 1 / each stage's rate."""
+    a = _worker("a", "10.0.0.9", (0.0040, 0.0012), 8.0e-5, 12 * 2**30)
+    b = _worker("b", "10.0.0.9", (0.0040, 0.0012), 8.0e-5, 12 * 2**30)
+    plan = plan_layers(MODEL, [a, b], PlannerConfig(max_model_len=2048, prompt_tokens_per_output_token=0.0), 1)
+    assert plan.co_located and plan.ranges == {"a": (0, 16), "b": (16, 32)}
+    one_stage = 64 / (16 * 0.0012)  # batch 64 over 16 layers of 1.2 ms per layer step
+    assert plan.predicted_tokens_per_s == pytest.approx(one_stage / 2, rel=1e-6)

@@ -15,7 +15,7 @@ from scheduler.request_state import RequestState, WorkloadStats
 from workers.protocol import SamplingParams, TokenOutput
 
 PROMPT = (5, 6, 7, 8)
-MAX_NEW = 6
+MAX_NEW = 12  # prompt + max new = one 16-token KV block: stages reserve whole blocks
 
 
 def workers(*ids: str) -> dict[str, WorkerState]:

@@ -23,11 +23,14 @@ def free_port() -> int:
 class ServedModel:
     """Runs `python -m api.cli serve --model DIR --local-workers N` until `stop()`."""
 
-    def __init__(self, model_dir: Path, num_workers: int, extra_args: Sequence[str] = (), log_path: Path | None = None) -> None:
+    def __init__(
+        self, model_dir: Path, num_workers: int, extra_args: Sequence[str] = (), log_path: Path | None = None,
+        python: str = sys.executable,  # another environment's interpreter (one with a backend package installed)
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [
-            sys.executable, "-m", "api.cli", "--log-level", "WARNING", "serve",
+            python, "-m", "api.cli", "--log-level", "WARNING", "serve",
             "--model", str(model_dir), "--local-workers", str(num_workers),
             "--host", "127.0.0.1", "--port", str(self.port), "--worker-threads", "1", *extra_args,
         ]  # fmt: skip

@@ -239,7 +239,7 @@ def test_potluck_profile_prints_json(model_dir: Path, capsys: pytest.CaptureFixt
     assert profile.layer_timings is not None and profile.layer_timings.model == model_dir.name
     from api.cli import main as cli_main
 
-    assert cli_main(["profile", "--model", str(ROOT / "no-such-model")]) == 2
+    assert cli_main(["profile", "--model", str(ROOT / "no-such-model")]) == 3
     assert "config.json" in capsys.readouterr().err
 
 

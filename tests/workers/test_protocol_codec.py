@@ -27,7 +27,7 @@ def test_activations_round_trip_keeps_dtype_and_values(dtype: torch.dtype) -> No
     )
     frames = codec.encode(message)
     assert len(frames) == 2  # header + one raw tensor frame, the tensor is not in the header
-    assert len(frames[0]) < 400
+    assert len(frames[0]) < 700  # a first hop carries the sampling message (~600 bytes); the 160+ tensor bytes are not here
     decoded = codec.decode([bytes(memoryview(f)) for f in frames])
     assert decoded.entries == message.entries
     restored = payload_to_tensor(decoded.hidden)
