@@ -17,14 +17,16 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from api.startup import ExitCode, OneLineParser, StartupError, check_model_dir, check_port_free, port_number, port_or_zero
 
 if TYPE_CHECKING:  # Ray is optional: imported only with --ray
+    from api.local_workers import LocalWorkers
     from api.ray_launcher import RayWorkers
 
 # Imports stay inside the commands so that `potluck --help` answers at once (no torch, OR-Tools or
@@ -67,6 +69,12 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"workload mix placement balances prefill and decode for, until {MIN_MIX_REQUESTS} requests have "
                              f"finished and their own mix is used (default {DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN:g}; 0: decode only)")
     parser.add_argument("--no-profile", action="store_true", help="local workers skip measuring their device at join")
+    parser.add_argument("--max-connections", type=int, default=1024, help="open HTTP connections at most; more are closed at once (default 1024)")
+    parser.add_argument("--max-request-bytes", type=int, default=8 * 2**20, help="largest HTTP request body; larger ones get 413 (default 8 MiB)")
+    parser.add_argument("--http-header-timeout-s", type=float, default=10.0, help="close a connection that sends no whole request head in this time")
+    parser.add_argument("--http-body-timeout-s", type=float, default=30.0, help="408 for a request body that stalls this long")
+    parser.add_argument("--http-idle-timeout-s", type=float, default=5.0, help="close an idle keep-alive connection after this long")
+    parser.add_argument("--token", default=os.environ.get("POTLUCK_TOKEN"), help="the cluster token workers join with (or POTLUCK_TOKEN; default: a new one, printed once)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     from workers.__main__ import build_arg_parser as worker_arguments  # argparse only: no torch
 
     join = commands.add_parser("join", help="run a worker that joins a scheduler", parents=[worker_arguments(add_help=False)])
-    join.set_defaults(host="0.0.0.0", profile=True)
+    join.set_defaults(host=None, profile=True)  # listen on the interface that reaches the scheduler
 
     plan = commands.add_parser("plan", help="will it fit, and how fast: layer placement for a model and devices")
     plan.add_argument("--model", required=True, help="Hugging Face model directory (config.json alone is enough), or a .gguf file")
@@ -122,6 +130,7 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
     import uvicorn
 
     from api.cluster_routes import PUBLIC_PATHS, extra_routers
+    from api.http_limits import BodyLimitMiddleware, HttpLimits, uvicorn_options
     from api.local_workers import LocalWorkers
     from api.server import create_app
     from scheduler.engine import Engine, EngineConfig
@@ -131,8 +140,10 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
 
     from api.load_history import LoadHistory, load_history_router, run_sampler
     from api.worker_watch import watch_local_workers
+    from workers.curve import check_token, new_token
 
     dtype = args.dtype
+    token = check_token(args.token) if args.token else new_token()
     if model_dir.suffix == ".gguf" and args.quantization != "none":
         raise ValueError("--quantization applies to safetensors checkpoints; a GGUF file is served as it is quantized")
     facts = read_model_facts(model_dir, dtype, args.quantization)
@@ -152,7 +163,8 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
     if not 0 <= args.prompt_tokens_per_output_token < float("inf"):
         raise ValueError(f"--prompt-tokens-per-output-token must be finite and >= 0, got {args.prompt_tokens_per_output_token}")
     profile_dir = None if args.no_profile else str(model_dir)
-    workers = LocalWorkers("", local_count, args.device or best_device(), args.worker_threads, profile_model_dir=profile_dir, backends=local_backends)
+    workers = LocalWorkers("", local_count, args.device or best_device(), args.worker_threads, profile_model_dir=profile_dir,
+                           token=token, backends=local_backends)
     ray_workers = _connect_ray(args, profile_dir) if args.ray else None
     if ray_workers is not None:
         print(f"potluck: Ray cluster at {ray_workers.gcs_address}; more machines join it with `ray start --address={ray_workers.gcs_address}`", flush=True)
@@ -183,6 +195,7 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
                 route_wait_s=args.max_queue_wait_s,
                 prefix_caching=args.prefix_caching,
                 prompt_tokens_per_output_token=args.prompt_tokens_per_output_token,
+                token=token,
             ),
             tokenizer,
         )
@@ -190,15 +203,21 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
         if ray_workers is not None:
             ray_workers.stop()
         raise
+    limits = HttpLimits(args.max_connections, args.max_request_bytes, args.http_header_timeout_s, args.http_body_timeout_s, args.http_idle_timeout_s)
     history = LoadHistory()
     routers = [*extra_routers(engine), load_history_router(history)]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key=args.api_key, routers=routers, public_paths=PUBLIC_PATHS, allowed_origins=args.allowed_origins), host=args.host, port=args.port, log_level="warning"))
+    app = create_app(engine, api_key=args.api_key, routers=routers, public_paths=PUBLIC_PATHS, allowed_origins=args.allowed_origins)
+    app.add_middleware(BodyLimitMiddleware, limits=limits)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", **uvicorn_options(limits)))
 
     async def announce() -> None:
         while not server.started:
             await asyncio.sleep(0.05)
         url = f"http://{args.host}:{args.port}/v1"
         print(f"potluck: serving {engine.model_id!r} at {url} (scheduler {engine.control_address})", flush=True)
+        if not args.token:  # printed once; pass it back with --token / POTLUCK_TOKEN to reuse it
+            join_host = engine.control_address.removeprefix("tcp://")
+            print(f"potluck: cluster token (keep it secret): {token}\n  join with: POTLUCK_TOKEN={token} potluck join --scheduler {join_host}", flush=True)
         try:
             await engine.wait_ready(timeout_s=600)
         except TimeoutError as exc:
@@ -226,14 +245,16 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
         workers.start()
         if ray_workers is not None:
             ray_workers.scheduler_address = engine.control_address
+            ray_workers.token = token
             ray_workers.start()
         announcer = asyncio.create_task(announce())
         watcher = asyncio.create_task(watch_local_workers(engine, workers, stop_serving, others_expected=ray_workers is not None))
+        reviver = asyncio.create_task(_revive_local_workers(engine, workers))
         sampler = asyncio.create_task(run_sampler(engine, history))
         try:
             await server.serve()
         finally:
-            for task in (announcer, watcher, sampler):
+            for task in (announcer, watcher, reviver, sampler):
                 task.cancel()
         if fatal:
             raise StartupError(fatal[0], ExitCode.WORKERS_FAILED)
@@ -244,6 +265,19 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
         if ray_workers is not None:
             ray_workers.stop()
         await engine.stop(shutdown_workers=True)
+
+
+async def _revive_local_workers(engine: Any, workers: LocalWorkers, period_s: float = 1.0) -> None:
+    """A local worker process that ended (crashed, killed) starts again and re-joins, once the
+    cluster has served: one that dies while starting is `watch_local_workers`' to report."""
+    import asyncio
+
+    while not engine.cluster.usable_routes():
+        await asyncio.sleep(period_s)
+    while True:
+        await asyncio.sleep(period_s)
+        for index in workers.restart_exited():
+            log.warning("local worker %d had exited; started it again", index)
 
 
 def _connect_ray(args: argparse.Namespace, profile_dir: str | None) -> RayWorkers:
@@ -355,6 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Every start-up mistake ends as one line on stderr and an `ExitCode` (`api/startup.py`);
     a traceback only with `--log-level debug`."""
     args = build_parser().parse_args(argv)
+    # SIGTERM stops like Ctrl-C: the same clean-up (workers told, processes stopped)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     level = args.log_level.upper()
     os.environ["POTLUCK_LOG_LEVEL"] = level  # local workers log at the same level
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

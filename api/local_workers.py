@@ -1,12 +1,14 @@
 """Worker processes started on this machine by `potluck serve --local-workers N`.
 
 Parts:
-- `LocalWorkers`: starts N `python -m workers` processes pointed at the scheduler (each on its own
-  backend when `backends` names one per worker: `--local-backends torch,mlx,torch`), shares
-  this machine's cores and memory among them, and stops every one of them (terminate, then kill).
+- `LocalWorkers`: starts N `python -m workers` processes pointed at the scheduler (the cluster token
+  in their environment, whatever their backend: `--local-backends torch,mlx,torch` gives each its
+  own), shares this machine's cores and memory among them, starts again one that died
+  (`restart_exited`), and stops every one of them (terminate, then kill).
   Their stderr passes through this process's; `exited()` lists those that ended, each with its
   exit status and last stderr line (a worker that fails says why in one line, workers/__main__.py).
-- `worker_environment(base)`: their environment (a bounded OpenMP spin, `OMP_SPIN_COUNT`).
+- `worker_environment(base, token)`: their environment (a bounded OpenMP spin, `OMP_SPIN_COUNT`; the
+  cluster token as `POTLUCK_TOKEN`, never on the command line).
 - `worker_command(...)`: the `python -m workers` command line (also what api/ray_launcher.py runs);
   `cpu_memory_share_bytes(count)`: the memory each of `count` CPU workers on one machine gets;
   `stop_processes(...)`: terminate, then kill what is left.
@@ -23,6 +25,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
+from workers.curve import TOKEN_ENV, WORKER_KEY_ENV, KeyPair
+
 
 # OpenMP threads that finish a parallel region spin this many rounds before they sleep. Within a
 # step that covers the gaps between GEMMs (a decode layer's small ops, the sampling between two
@@ -33,10 +37,12 @@ from typing import IO
 OMP_SPIN_COUNT = 20000
 
 
-def worker_environment(base: Mapping[str, str]) -> dict[str, str]:
+def worker_environment(base: Mapping[str, str], token: str = "") -> dict[str, str]:
     """The environment local workers run with: `base` plus a bounded OpenMP spin, unless `base`
-    already sets a wait policy or spin count."""
+    already sets a wait policy or spin count, and the cluster token (workers/curve.py)."""
     env = dict(base)
+    if token:
+        env[TOKEN_ENV] = token
     if "OMP_WAIT_POLICY" not in env:
         env.setdefault("GOMP_SPINCOUNT", str(OMP_SPIN_COUNT))
     return env
@@ -106,23 +112,28 @@ class LocalWorkers:
     id_prefix: str = "local"
     profile_model_dir: str | None = None  # measure the device (and one layer of this model) at join
     profile_seconds: float = 1.0
+    token: str = field(default="", repr=False)  # the cluster token, given in the environment (not argv)
     backends: Sequence[str] = ()  # one backend name per worker (empty: the worker's default); sets count
     processes: list[subprocess.Popen] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)
     last_lines: dict[str, str] = field(default_factory=dict)  # worker id -> its last stderr line
     readers: dict[str, threading.Thread] = field(default_factory=dict)
+    commands: list[tuple[list[str], dict[str, str]]] = field(default_factory=list, repr=False)
+    keys: list[KeyPair] = field(default_factory=list, repr=False)  # each worker's CURVE key pair
 
     def start(self) -> None:
         # Co-located stages run one after another on a batch (no microbatches: see LayerPlan), so
         # each may use every core; idle OpenMP threads sleep after a bounded spin (OMP_SPIN_COUNT).
         threads = self.threads_per_worker or (os.cpu_count() or 1)
-        env = worker_environment(os.environ)
+        env = worker_environment(os.environ, self.token)
         memory = self.memory_bytes_per_worker
         if memory is None and self.device == "cpu":
             memory = cpu_memory_share_bytes(self.count)
         if self.backends:
             self.count = len(self.backends)
         for index in range(self.count):
+            keys = KeyPair.generate()  # kept across restarts: a restarted worker is the same member
+            self.keys.append(keys)
             backend = self.backends[index] if self.backends else None
             command = worker_command(
                 self.scheduler_address,
@@ -138,13 +149,30 @@ class LocalWorkers:
                 extra_args=self.extra_args,
             )
             worker_id = f"{self.id_prefix}-{index}"
-            process = subprocess.Popen(command, start_new_session=True, env=env, stderr=subprocess.PIPE)
-            self.processes.append(process)
+            worker_env = {**env, WORKER_KEY_ENV: keys.secret_key}
+            self.commands.append((command, worker_env))
             self.ids.append(worker_id)
-            assert process.stderr is not None
-            reader = threading.Thread(target=self._pass_stderr, args=(worker_id, process.stderr), daemon=True)
-            reader.start()
-            self.readers[worker_id] = reader
+            self.processes.append(self._spawn(worker_id, command, worker_env))
+
+    def _spawn(self, worker_id: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+        process = subprocess.Popen(command, start_new_session=True, env=env, stderr=subprocess.PIPE)
+        assert process.stderr is not None
+        reader = threading.Thread(target=self._pass_stderr, args=(worker_id, process.stderr), daemon=True)
+        reader.start()
+        self.readers[worker_id] = reader
+        return process
+
+    def restart_exited(self) -> list[int]:
+        """Start again every worker whose process ended (crashed, killed): it registers again under
+        its id with its key. Returns their indices."""
+        restarted = []
+        for index, process in enumerate(self.processes):
+            if process.poll() is not None:
+                command, env = self.commands[index]
+                self.readers[self.ids[index]].join(timeout=1.0)  # its last words first
+                self.processes[index] = self._spawn(self.ids[index], command, env)
+                restarted.append(index)
+        return restarted
 
     def _pass_stderr(self, worker_id: str, stream: IO[bytes]) -> None:
         for raw in iter(stream.readline, b""):
@@ -168,6 +196,8 @@ class LocalWorkers:
     def stop(self, timeout_s: float = 5.0) -> None:
         stop_processes(self.processes, timeout_s)
         self.processes.clear()
+        self.commands.clear()
+        self.keys.clear()
         self.ids.clear()
 
     def __enter__(self) -> LocalWorkers:

@@ -12,6 +12,7 @@ Parts:
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -71,7 +72,8 @@ def chat_route(engine: EngineLike) -> Callable[..., Any]:
                                           "output option cannot be combined")
             grammar = plan.grammar()
             check_grammar("tools", *grammar)
-        prompt_ids = tok.encode(render_prompt(tok, body, plan), add_special_tokens=False)
+        # rendered and tokenised off the event loop: a long conversation must not stall every other stream
+        prompt_ids = await asyncio.to_thread(lambda: tok.encode(render_prompt(tok, body, plan), add_special_tokens=False))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         num_top = (body.top_logprobs or 0) if body.logprobs else None
         gen_requests = build_generation_requests(engine, rid, prompt_ids, body, body.max_new_tokens, num_top, grammar)

@@ -10,6 +10,7 @@ Parts:
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -80,7 +81,8 @@ def completions_route(engine: EngineLike) -> Callable[..., Any]:
         texts: list[str] = []
         gen_requests: list[GenerationRequest] = []
         for i, prompt in enumerate(body.prompts):
-            ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            # tokenised off the event loop: a long prompt must not stall every other stream
+            ids = await asyncio.to_thread(tok.encode, prompt) if isinstance(prompt, str) else list(prompt)
             prompts.append(ids)
             texts.append(prompt if isinstance(prompt, str) else tok.decode(ids))
             gen_requests += build_generation_requests(engine, rid if len(body.prompts) == 1 else f"{rid}-{i}", ids, body, body.max_tokens, body.logprobs,

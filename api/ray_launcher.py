@@ -59,7 +59,8 @@ def _ray() -> Any:
 class WorkerActor:
     """One worker process on the actor's node (decorated with `ray.remote` when started)."""
 
-    def __init__(self, command: Sequence[str], cpu_workers_on_node: int, device: str | None) -> None:
+    def __init__(self, command: Sequence[str], cpu_workers_on_node: int, device: str | None, token: str = "") -> None:
+        self.token = token  # the cluster token, in the worker's environment (not its argv)
         command = [*command, "--parent-pid", str(os.getpid())]
         if "--memory-bytes" not in command and _runs_on_cpu(device):  # CPU workers on a node share its memory
             command += ["--memory-bytes", str(cpu_memory_share_bytes(cpu_workers_on_node))]
@@ -68,7 +69,7 @@ class WorkerActor:
 
     def _spawn(self) -> subprocess.Popen:
         # Ray sets CUDA_VISIBLE_DEVICES for an actor holding a GPU: the worker inherits it
-        return subprocess.Popen(self.command, env=worker_environment(os.environ), start_new_session=True)
+        return subprocess.Popen(self.command, env=worker_environment(os.environ, self.token), start_new_session=True)
 
     def restart_if_exited(self) -> int | None:
         """Start the worker again if its process ended (crashed, killed); returns its exit code."""
@@ -131,6 +132,7 @@ class RayWorkers:
     profile_seconds: float = 1.0
     extra_args: Sequence[str] = ()
     poll_s: float = 5.0
+    token: str = field(default="", repr=False)  # the cluster token (set before start())
     actors: dict[str, Any] = field(default_factory=dict)  # worker id -> actor handle
     started_nodes: set[str] = field(default_factory=set)
 
@@ -215,7 +217,7 @@ class RayWorkers:
                     strategy = NodeAffinitySchedulingStrategy(node_id, soft=False)
                     self.actors[worker_id] = remote_actor.options(
                         num_cpus=0, num_gpus=gpus, scheduling_strategy=strategy
-                    ).remote(command, len(slots), self.device)
+                    ).remote(command, len(slots), self.device, self.token)
                     new.append(worker_id)
                 self.started_nodes.add(node_id)
                 log.info("started %d worker(s) on Ray node %s (%s)", len(slots), node_id[:8], host)

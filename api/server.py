@@ -126,8 +126,12 @@ def create_app(
         return error_response(500, "internal server error", "server_error", None, None)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        if getattr(engine, "cluster", None) is None:  # an engine without workers (tests)
+            return JSONResponse({"status": "ok"})
+        from scheduler.snapshots import health_snapshot
+
+        return JSONResponse(health_snapshot(engine))  # type: ignore[arg-type]  # 200: the server answers
 
     @app.get("/version")
     async def version() -> dict[str, str]:

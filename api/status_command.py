@@ -9,6 +9,7 @@ Parts:
 - `run_status(args) -> int`: prints it (the workers that failed and why below the table), or with
   `--devices-json` the workers as a devices.json for `potluck plan` (`api/device_entries.py`);
   exit 7 (`ExitCode.UNREACHABLE`) when the server is unreachable or refuses.
+- `strip_control_characters(text)`: what is printed has no terminal escape codes (worker names).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import unicodedata
 import sys
 from typing import Any
 
@@ -127,5 +129,10 @@ def run_status(args: argparse.Namespace) -> int:
         entries = [device_entry(w["profile"], w["id"], w.get("memory_bytes")) for w in cluster.get("workers", []) if w.get("profile")]
         print(json.dumps(devices_document(entries), indent=2))
         return 0
-    print(format_cluster(cluster))
+    print(strip_control_characters(format_cluster(cluster)))
     return 0
+
+
+def strip_control_characters(text: str) -> str:
+    """`text` without terminal control characters (escape sequences in a worker's name), lines kept."""
+    return "".join(c for c in text if c == "\n" or (c.isprintable() and unicodedata.category(c) != "Cf"))

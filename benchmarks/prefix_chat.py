@@ -49,7 +49,7 @@ class Chat:
         engine = Engine(config, Tokenizer.from_model_dir(model_dir))
         await engine.start()
         prefix = f"{'c' if prefix_caching else 'p'}{num_workers}"
-        workers = LocalWorkers(engine.control_address, num_workers, threads_per_worker=1, id_prefix=prefix)
+        workers = LocalWorkers(engine.control_address, num_workers, threads_per_worker=1, id_prefix=prefix, token=engine.token)
         workers.start()
         return cls(engine, workers)
 

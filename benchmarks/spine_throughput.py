@@ -1,6 +1,11 @@
 """Decode throughput of the spine beside transformers' `generate`, measured in one run.
 
     python -m benchmarks.spine_throughput [--new-tokens 64] [--prompt-tokens 32] [--trials 5]
+    python -m benchmarks.spine_throughput --curve [--workers 3] [--trials 3]
+
+`--curve`: what CurveZMQ costs instead: two clusters of `--workers` workers, CURVE on (the default
+of every cluster) and off, measured in interleaved rounds at one stream and at `--streams` streams;
+prints the on/off ratio of each round and its median (target >= 0.95).
 
 Builds a ~100M-parameter float32 Llama checkpoint (random weights), starts three potluck
 clusters at once (scheduler in this process, 1, 2 and 3 real worker processes over ZeroMQ) and
@@ -111,18 +116,20 @@ class Cluster:
     requests: int = 0
 
     @classmethod
-    async def start(cls, model_dir: Path, num_workers: int) -> Cluster:
+    async def start(cls, model_dir: Path, num_workers: int, use_curve: bool = True, id_prefix: str = "") -> Cluster:
         from api.local_workers import LocalWorkers
         from scheduler.engine import Engine, EngineConfig
         from scheduler.tokenizer import Tokenizer
         from workers.model_facts import read_model_facts
 
         config = EngineConfig(
-            str(model_dir), read_model_facts(model_dir), "bench", min_workers=num_workers, max_concurrent_sequences=16
+            str(model_dir), read_model_facts(model_dir), "bench", min_workers=num_workers, max_concurrent_sequences=16,
+            curve=use_curve,
         )
         engine = Engine(config, Tokenizer.from_model_dir(model_dir))
         await engine.start()
-        workers = LocalWorkers(engine.control_address, num_workers, id_prefix=f"w{num_workers}")
+        workers = LocalWorkers(engine.control_address, num_workers, id_prefix=id_prefix or f"w{num_workers}",
+                               token=engine.token, extra_args=[] if use_curve else ["--no-curve"])
         workers.start()
         return cls(num_workers, engine, workers, model_dir)
 
@@ -220,6 +227,29 @@ async def measure(model_dir: Path, streams: list[list[int]], new_tokens: int, tr
     print(f"target {n} streams through 3 workers >= transformers static batch {n}: {_median_and_range(ratios(f'3 {n}', f'hf {n}'))}")
 
 
+async def measure_curve(model_dir: Path, streams: list[list[int]], new_tokens: int, trials: int, num_workers: int) -> None:
+    """CURVE on vs off, same worker count, interleaved rounds; the ratio on/off within each round."""
+    clusters: dict[str, Cluster] = {}
+    try:
+        for name, use_curve in (("on", True), ("off", False)):
+            clusters[name] = await Cluster.start(model_dir, num_workers, use_curve, id_prefix=f"curve-{name}")
+        for cluster in clusters.values():
+            await cluster.engine.wait_ready(timeout_s=300)
+            await cluster.tokens_per_s([streams[0][:8]], 4)  # warm-up
+        for batch in (streams[:1], streams):
+            ratios = []
+            for trial in range(trials):
+                order = ["on", "off"] if trial % 2 == 0 else ["off", "on"]
+                rate = {name: await clusters[name].tokens_per_s(batch, new_tokens) for name in order}
+                ratios.append(rate["on"] / rate["off"])
+                print(f"{len(batch)} stream(s) round {trial + 1}: CURVE on {rate['on']:.1f} tok/s, off {rate['off']:.1f} tok/s,"
+                      f" on/off {ratios[-1]:.3f}", flush=True)
+            print(f"{num_workers} workers, {len(batch)} stream(s): CURVE on/off {_median_and_range(ratios)} (target >= 0.95)")
+    finally:
+        for cluster in clusters.values():
+            await cluster.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -227,6 +257,8 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--model-dir", default=None, help="reuse or create the checkpoint here")
     parser.add_argument("--trials", type=int, default=5, help="rounds; each ratio is the median over rounds")
+    parser.add_argument("--curve", action="store_true", help="measure CURVE on against off instead")
+    parser.add_argument("--workers", type=int, default=3, help="workers per cluster with --curve")
     args = parser.parse_args()
     for name in ("new_tokens", "prompt_tokens", "streams", "trials"):
         if getattr(args, name) < 1:
@@ -240,7 +272,10 @@ def main() -> None:
         f"checkpoint: ~{params:.0f}M parameters, float32; prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens;"
         f" {os.cpu_count()} cores; {args.trials} rounds"
     )
-    asyncio.run(measure(model_dir, streams, args.new_tokens, args.trials))
+    if args.curve:
+        asyncio.run(measure_curve(model_dir, streams, args.new_tokens, args.trials, args.workers))
+    else:
+        asyncio.run(measure(model_dir, streams, args.new_tokens, args.trials))
 
 
 if __name__ == "__main__":

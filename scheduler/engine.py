@@ -14,8 +14,11 @@ socket (registrations, heartbeats, layers ready, tokens, failures) and `_monitor
 silent workers lost and re-plans. One PUSH socket per worker carries assignments, request starts
 and releases. Every reservation a request holds on a stage changes in `RequestState` alone.
 
-Parts: `EngineConfig` (the model, the control socket, timeouts, admission limits); `Engine` (the
-loops above, planning: `replan`, `_assign`, and the snapshots the API serves).
+Every socket is CURVE and every message is checked against who may send it before it is handled
+(scheduler/membership.py, workers/curve.py).
+
+Parts: `EngineConfig` (the model, the control socket, timeouts, admission limits, the cluster
+token); `Engine` (the loops above, planning: `replan`, `_assign`, and the snapshots the API serves).
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ import zmq.asyncio
 from scheduler import snapshots
 from scheduler.admission import DEFAULT_MAX_WAITING, DEFAULT_ROUTE_WAIT_S, AdmissionQueue
 from scheduler.cluster import Cluster, LayerPlan, WorkerState
-from scheduler.errors import GenerationFailedError, NoCapacityError, OverloadedError
+from scheduler.errors import GenerationFailedError, InvalidRequestError, NoCapacityError, OverloadedError
 from scheduler.load import load_snapshot
+from scheduler.membership import Membership, check_request, ghost_requests
 from scheduler.metrics import EngineMetrics
 from scheduler.planner import DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN, MIN_MIX_REQUESTS, PlannerConfig, assignment, plan_layers
 from scheduler.output_stream import OutputStream
@@ -42,7 +46,7 @@ from scheduler.request import GenerationOutput, GenerationRequest
 from scheduler.request_state import RequestState, WorkloadStats
 from scheduler.routing import MAX_QUEUE_WAIT_S, choose_route
 from scheduler.tokenizer import Tokenizer
-from workers import codec, protocol as p
+from workers import codec, curve, protocol as p
 
 log = logging.getLogger("potluck.scheduler")
 Inbox = asyncio.Queue  # of p.TokenOutput, or None: the attempt ended, look at the RequestState
@@ -72,6 +76,8 @@ class EngineConfig:
     placement_objective: str = "throughput"  # or "latency"
     # what placement plans for until MIN_MIX_REQUESTS have finished (scheduler/planner.py)
     prompt_tokens_per_output_token: float = DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN
+    token: str | None = None  # the cluster token (None: a new one, `Engine.token`); scheduler/membership.py
+    curve: bool = True  # CurveZMQ on every socket (off only to measure what it costs)
     prefix_caching: bool = True  # workers reuse the KV of cached prompt prefixes (workers/kv_cache.py)
 
 
@@ -96,11 +102,14 @@ class Engine:
         self.admission: AdmissionQueue[str] = AdmissionQueue(config.max_waiting, config.retry_after_s, config.route_wait_s)
         self.workload = WorkloadStats()
         self.metrics = EngineMetrics(self)  # Prometheus series (scheduler/metrics.py)
+        self.membership = Membership(config.token, config.curve)  # token, keys, who may say what
+        self.token = self.membership.token
         self.prefix_index = PrefixIndex()  # which stages hold which prefixes (cache-aware routing)
 
     # ------------------------------------------------------------------------------- the request loop
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         request = request.within_context(self.max_model_len)
+        check_request(request, self.config.model.vocab_size)  # what a worker would refuse: a 400 now
         state = RequestState(request)
         inbox: Inbox = Inbox()
         stream = OutputStream(self.tokenizer, request)
@@ -208,6 +217,14 @@ class Engine:
         if inbox is not None:
             inbox.put_nowait(None)
 
+    def _fail(self, state: RequestState, error: Exception) -> None:
+        """End the request with `error` for its client."""
+        wire_id = state.wire_id
+        inbox = self.inboxes.get(wire_id)
+        self._release(wire_id, state.aborted(self.cluster.workers, error))
+        if inbox is not None:
+            inbox.put_nowait(None)
+
     def _restart_through(self, worker_id: str, reason: str) -> None:
         for state in [state for state in self.requests.values() if worker_id in state.route]:
             self._restart(state, reason)
@@ -228,6 +245,8 @@ class Engine:
     async def start(self) -> None:
         self.pull = self.async_context.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, 0)
+        self.membership.start(self.async_context)
+        self.membership.secure_server(self.pull)
         host, port = self.config.control_host, self.config.control_port
         if port:
             self.pull.bind(f"tcp://{host}:{port}")
@@ -253,6 +272,7 @@ class Engine:
         self.sockets.clear()
         if self.pull is not None:
             self.pull.close(linger=0)
+        self.membership.stop()
         self.sync_context.term()
         self.async_context.term()
 
@@ -273,9 +293,12 @@ class Engine:
         except zmq.Again:
             log.warning("worker %s is not taking messages", worker_id)
 
-    def _send_once(self, address: str, message: p.Message) -> None:
+    def _send_once(self, address: str, message: p.Message, worker_id: str) -> None:
+        if self.membership.use_curve and not self.membership.key_of.get(worker_id):
+            return
         sock = self.sync_context.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 1000)
+        self.membership.secure_client(sock, self.membership.key_of.get(worker_id, ""))
         sock.connect(address)
         try:
             sock.send_multipart(codec.encode(message), flags=zmq.NOBLOCK)
@@ -288,7 +311,9 @@ class Engine:
         while True:
             frames = await self.pull.recv_multipart(copy=False)
             try:
-                self._handle(codec.decode(frames))
+                message = self.membership.authorise(codec.decode(frames), curve.peer_key(frames[0]), self.requests, self.cluster.workers)
+                if message is not None:
+                    self._handle(message)
             except p.ProtocolError as exc:
                 log.warning("dropped a malformed message: %s", exc)
             except Exception:
@@ -303,9 +328,11 @@ class Engine:
             case p.Heartbeat():
                 if message.worker_id in self.cluster.workers:
                     self.cluster.on_heartbeat(message)
+                    if ghosts := ghost_requests(message, self.requests):  # held, unknown here: free them
+                        self._send(message.worker_id, p.ReleaseRequests(ghosts))
                 elif message.data_address:  # a worker we declared lost is back: take it in again
                     log.info("worker %s is back; asking it to register again", message.worker_id)
-                    self._send_once(message.data_address, p.Reregister("evicted after a silence"))
+                    self._send_once(message.data_address, p.Reregister("evicted after a silence"), message.worker_id)
             case p.Register():
                 self._on_register(message)
             case p.LayersReady():
@@ -315,7 +342,10 @@ class Engine:
             case p.RequestFailed():
                 if (state := self.requests.get(message.request_id)) is not None:
                     log.warning("%s failed on %s: %s", message.request_id, message.worker_id, message.message)
-                    self._restart(state, reason=message.message)
+                    if message.fatal:  # bad input: another route would refuse it too
+                        self._fail(state, InvalidRequestError(message.message))
+                    else:
+                        self._restart(state, reason=message.message)
             case _:
                 log.warning("unexpected message %s", type(message).__name__)
 
@@ -328,8 +358,10 @@ class Engine:
         self.cluster.register(message)
         sock = self.sync_context.socket(zmq.PUSH)
         sock.setsockopt(zmq.LINGER, 0)
+        self.membership.secure_client(sock, message.public_key)
         sock.connect(message.data_address)
         self.sockets[message.worker_id] = sock
+        self._send_members()
         log.info("worker %s registered from %s (%s, %d bytes)", message.worker_id, message.data_address, message.device, message.memory_bytes)
         if len(self.cluster.workers) >= self.config.min_workers:
             self.replan()
@@ -340,7 +372,13 @@ class Engine:
         self.prefix_index.forget(worker_id)
         if (sock := self.sockets.pop(worker_id, None)) is not None:
             sock.close(linger=0)
+        self._send_members()
         self._restart_through(worker_id, f"worker {worker_id} lost")
+
+    def _send_members(self) -> None:
+        members = self.membership.members_message(self.cluster.workers)
+        for worker_id in self.cluster.workers:
+            self._send(worker_id, members)
 
     async def _monitor_loop(self) -> None:
         tick_s = 0.25

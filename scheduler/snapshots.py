@@ -75,6 +75,15 @@ def worker_snapshot(worker: WorkerState) -> dict:
     }
 
 
+def health_snapshot(engine: EngineView) -> dict:
+    """`/health`: "ok" when every registered (and every expected local) worker serves on a usable
+    route, else "degraded", with the count of serving workers."""
+    serving = {worker_id for route in engine.cluster.usable_routes() for worker_id in route}
+    expected = max(len(engine.cluster.workers), engine.config.local_workers, engine.config.min_workers)
+    status = "ok" if serving and len(serving) >= expected else "degraded"
+    return {"status": status, "serving_workers": len(serving), "registered_workers": len(engine.cluster.workers)}
+
+
 def cluster_snapshot(engine: EngineView) -> dict:
     cluster = engine.cluster
     plan = cluster.plan

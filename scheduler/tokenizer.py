@@ -32,6 +32,8 @@ from scheduler.errors import InvalidRequestError
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
+LONG_TEXT_CHARS = 4096  # texts longer than this are encoded without holding the GIL
+
 
 class ChatTemplateError(InvalidRequestError):
     """The model has no chat template, or its template rejected the messages."""
@@ -270,6 +272,8 @@ class Tokenizer:
             raise InvalidRequestError(
                 f"the text is not valid Unicode: {exc.reason} at character {exc.start}"
             ) from None
+        if len(text) > LONG_TEXT_CHARS:  # encode_batch releases the GIL: other threads (the event loop) run meanwhile
+            return list(self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
         return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:

@@ -3,10 +3,12 @@ that long loads or steps never look like death.
 
 Parts:
 - `HEARTBEAT_INTERVAL_S`: how often.
+- `heartbeat_loop(worker)`: sends a `Heartbeat` (requests held, queued work, KV free/capacity, step
+  time, tokens processed, prefix-cache counts) every interval while `worker.running`, once the scheduler admitted the
+  worker's key; stops the worker when its parent process (local workers) is gone; when the
+  scheduler refuses the key in the CURVE handshake (a scheduler restarted with the same token),
+  has the worker register again.
 - `Beating`: what it reads of the worker (so this module never imports workers/worker.py).
-- `heartbeat_loop(worker)`: sends a `Heartbeat` (requests, queued work, KV free/capacity, step time,
-  tokens processed) every interval while `worker.running`; stops the worker when its parent
-  process (local workers) is gone.
 """
 
 from __future__ import annotations
@@ -17,13 +19,18 @@ import time
 from typing import Any, Protocol
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from workers import codec
+from workers import codec, curve
 from workers import protocol as p
 
 log = logging.getLogger("potluck.worker")
 
 HEARTBEAT_INTERVAL_S = 0.5
+MAX_REPORTED_REQUESTS = 4096  # request ids a heartbeat lists (the scheduler releases ghosts)
+
+
+HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
 
 class Beating(Protocol):
@@ -40,40 +47,85 @@ class Beating(Protocol):
     step_time_ewma_s: float
     tokens_processed: int
     data_address: str
+    members: Any  # keys (workers/peers.py)
+    admitted: Any  # threading.Event: the scheduler admitted this worker's key
+    registered_at_s: float
 
 
 def heartbeat_loop(worker: Beating) -> None:
-    sock = worker.context.socket(zmq.PUSH)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(worker.config.scheduler_address)
+    sock = monitor = None
     try:
         while worker.running:
             if worker.config.parent_pid and not _alive(worker.config.parent_pid):
                 log.info("parent %d is gone; stopping", worker.config.parent_pid)
                 worker.running = False
                 return
-            backend = worker.backend
-            queries_tokens, hits_tokens = backend.prefix_cache_counts() if backend else (0, 0)
-            message = p.Heartbeat(
-                worker_id=worker.worker_id,
-                epoch=worker.epoch,
-                running_requests=len(worker.requests),
-                queued_items=len(worker.pending),
-                kv_free_tokens=backend.kv_free_tokens() if backend else 0,
-                kv_capacity_tokens=backend.kv_capacity_tokens() if backend else 0,
-                step_time_ewma_s=worker.step_time_ewma_s,
-                tokens_processed=worker.tokens_processed,
-                data_address=worker.data_address,
-                prefix_cache_queries_tokens=queries_tokens,
-                prefix_cache_hits_tokens=hits_tokens,
-            )
+            if not worker.admitted.is_set():  # its key is not a member yet: the scheduler would refuse it
+                time.sleep(0.05)
+                continue
+            if sock is None:  # connected once admitted: a refused handshake is not retried by ZeroMQ
+                sock, monitor = _connect(worker)
+            if monitor is not None and _handshake_failed(monitor):
+                # a scheduler that does not know this key (restarted with the same token): join again
+                log.warning("the scheduler refused this worker's key (restarted?); registering again")
+                worker.admitted.clear()
+                worker.registered_at_s = 0.0  # the worker's loop registers at once
+                _close(sock, monitor)
+                sock = monitor = None
+                continue
             try:
-                sock.send_multipart(codec.encode(message), flags=zmq.NOBLOCK)
+                sock.send_multipart(codec.encode(_heartbeat(worker)), flags=zmq.NOBLOCK)
             except zmq.Again:
                 pass
             time.sleep(HEARTBEAT_INTERVAL_S)
     finally:
-        sock.close(linger=0)
+        if sock is not None:
+            _close(sock, monitor)
+
+
+def _heartbeat(worker: Beating) -> p.Heartbeat:
+    backend = worker.backend
+    queries_tokens, hits_tokens = backend.prefix_cache_counts() if backend else (0, 0)
+    return p.Heartbeat(
+        worker_id=worker.worker_id,
+        epoch=worker.epoch,
+        running_requests=len(worker.requests),
+        queued_items=len(worker.pending),
+        kv_free_tokens=backend.kv_free_tokens() if backend else 0,
+        kv_capacity_tokens=backend.kv_capacity_tokens() if backend else 0,
+        step_time_ewma_s=worker.step_time_ewma_s,
+        tokens_processed=worker.tokens_processed,
+        data_address=worker.data_address,
+        prefix_cache_queries_tokens=queries_tokens,
+        prefix_cache_hits_tokens=hits_tokens,
+        request_ids=tuple(list(worker.requests)[:MAX_REPORTED_REQUESTS]),
+    )
+
+
+def _connect(worker: Beating) -> tuple[zmq.Socket, zmq.Socket | None]:
+    sock = worker.context.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 0)
+    monitor = None
+    if worker.config.use_curve:
+        curve.make_client(sock, worker.members.keys, worker.members.scheduler_key)
+        monitor = sock.get_monitor_socket(HANDSHAKE_FAILED)
+    sock.connect(worker.config.scheduler_address)
+    return sock, monitor
+
+
+def _handshake_failed(monitor: zmq.Socket) -> bool:
+    failed = False
+    while monitor.poll(0):
+        event = recv_monitor_message(monitor)
+        failed |= bool(event["event"] & HANDSHAKE_FAILED)
+    return failed
+
+
+def _close(sock: zmq.Socket, monitor: zmq.Socket | None) -> None:
+    if monitor is not None:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+    sock.close(linger=0)
 
 
 def _alive(pid: int) -> bool:

@@ -1,6 +1,7 @@
 """Round-trip time and bandwidth between workers, over a real ZeroMQ socket.
 
 Parts:
+- Every probe socket takes CURVE keys (workers/curve.py) like the rest of the cluster's sockets.
 - `EchoResponder`: a REP socket on a free port served by a daemon thread; a worker runs one so
   that peers can probe it. `.address` is what peers connect to. Requests are multipart:
   `[b"echo", ...]` is answered with the same frames; `[b"sink", payload]` with `[b"ok", size]`.
@@ -24,6 +25,8 @@ from collections.abc import Iterable
 
 import zmq
 
+from workers.curve import KeyPair, make_client, make_server
+
 log = logging.getLogger(__name__)
 
 
@@ -40,8 +43,9 @@ class EchoResponder:
     """REP echo on `tcp://{host}:{free port}`; `advertise_host` is the host peers should dial."""
 
     def __init__(self, host: str = "127.0.0.1", *, advertise_host: str | None = None,
-                 context: zmq.Context | None = None) -> None:
+                 context: zmq.Context | None = None, keys: KeyPair | None = None) -> None:
         self._context = context or zmq.Context.instance()
+        self._keys = keys  # CURVE server keys (the context's Gate admits the probing members)
         self._host = host
         self._advertise = advertise_host or (host if host not in ("0.0.0.0", "*") else "127.0.0.1")
         self._stop = threading.Event()
@@ -60,6 +64,8 @@ class EchoResponder:
     def _serve(self) -> None:
         sock = self._context.socket(zmq.REP)
         sock.setsockopt(zmq.LINGER, 0)
+        if self._keys is not None:
+            make_server(sock, self._keys)
         try:
             self._port = sock.bind_to_random_port(f"tcp://{self._host}")
         except zmq.ZMQError as exc:
@@ -112,8 +118,10 @@ def _round_trip_s(sock: zmq.Socket, frames: list[bytes], slowdown: float) -> flo
 
 def probe_peer(echo_address: str, payload_bytes: int = 1 << 20, *, repeats: int = 5,
                timeout_s: float = 2.0, slowdown: float = 1.0,
-               context: zmq.Context | None = None) -> tuple[float, float]:
-    """(median round-trip seconds, bandwidth bytes/s) to the `EchoResponder` at `echo_address`."""
+               context: zmq.Context | None = None, keys: KeyPair | None = None,
+               server_public_key: str | None = None) -> tuple[float, float]:
+    """(median round-trip seconds, bandwidth bytes/s) to the `EchoResponder` at `echo_address`
+    (over CURVE with `keys` when given: the responder's public key is `server_public_key`)."""
     if payload_bytes < 1 or repeats < 1:
         raise ValueError("payload_bytes and repeats must be >= 1")
     ctx = context or zmq.Context.instance()
@@ -121,6 +129,8 @@ def probe_peer(echo_address: str, payload_bytes: int = 1 << 20, *, repeats: int 
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
     sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
+    if keys is not None and server_public_key is not None:
+        make_client(sock, keys, server_public_key)
     try:
         sock.connect(echo_address)
         payload = bytes(payload_bytes)

@@ -152,6 +152,8 @@ class Register:
     protocol_version: int = PROTOCOL_VERSION
     prefill_tokens_per_step: int = 0  # prompt tokens one step takes at most (0: not said)
     backend: str = "torch"  # the backend that runs its layers (workers/backend_plugins.py)
+    public_key: str = ""  # the worker's CURVE public key (z85), authorised by `proof`
+    proof: str = ""  # HMAC-SHA256(token, worker id + public key), hex (workers/curve.py)
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,7 @@ class Heartbeat:
     data_address: str = ""  # lets a scheduler that evicted this worker ask it to register again
     prefix_cache_queries_tokens: int = 0  # prompt tokens looked up in the prefix cache (cumulative)
     prefix_cache_hits_tokens: int = 0  # of them, found cached (cumulative)
+    request_ids: tuple[str, ...] = ()  # requests this worker holds: the scheduler releases ghosts
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,7 @@ class RequestFailed:
     worker_id: str
     request_id: str
     message: str
+    fatal: bool = False  # the request itself is bad (refused input): no retry on another route
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +247,14 @@ class Shutdown:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class Members:
+    """Who belongs to the cluster now: each worker's data address and CURVE public key (z85). A
+    worker admits these keys on its data socket and takes messages only from them and the scheduler."""
+
+    members: tuple[tuple[str, str], ...]  # (data address, public key)
+
+
 # ---------------------------------------------------------------------------------------------
 # Worker -> worker
 
@@ -281,6 +293,7 @@ MESSAGE_TYPES: dict[str, type] = {
         ReleaseRequests,
         Reregister,
         Shutdown,
+        Members,
         Activations,
         NextTokens,
         PrefixMiss,
@@ -299,6 +312,7 @@ Message = (
     | ReleaseRequests
     | Reregister
     | Shutdown
+    | Members
     | Activations
     | NextTokens
     | PrefixMiss

@@ -17,6 +17,10 @@ step that held every request of the stage, with nothing else waiting, the next d
 made ready, and the message that brings exactly its inputs runs it at once, skipping decode,
 batching and planning (workers/expected_step.py); the last stage's outputs are built by
 workers/ring_close.py. A malformed or stale message is logged and dropped; the worker stays up.
+Every socket is CURVE (workers/peers.py): a message counts only from its rightful sender (layer
+commands from the scheduler, hidden states from the stage before, next tokens from the last
+stage); every field is checked before compute (workers/validation.py), and a step that raises
+fails only its own requests.
 """
 
 from __future__ import annotations
@@ -29,13 +33,13 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 import zmq
 
-from workers import codec
+from workers import codec, curve, validation
 from workers import protocol as p
 from workers.backend import SequenceChunk, StageBackend, StageConfig, load_backend
 from workers.host_arrays import array_to_payload, payload_to_array
@@ -43,6 +47,8 @@ from workers.batching import MAX_PREFILL_TOKENS_PER_STEP, StageRequest, WorkItem
 from workers.device_memory import usable_memory_bytes
 from workers.expected_step import ExpectedStep, expect_next
 from workers.heartbeat import HEARTBEAT_INTERVAL_S, heartbeat_loop
+from workers.log_throttle import LogThrottle
+from workers.peers import Peers, source_address
 from workers.kv_cache import block_hashes
 from workers.prompt_start import start_prompts
 from workers.ring_close import close_ring
@@ -72,6 +78,12 @@ class WorkerConfig:
     profile_model_dir: str | None = None  # also time one layer of this model when profiling
     profile_seconds: float = 2.0
     pin_threads: bool = True  # CPU device: main thread on one core, OpenMP threads on the others
+    token: str = field(default="", repr=False)  # the cluster token (workers/curve.py)
+    use_curve: bool = True  # CurveZMQ on every socket (off only to measure what it costs)
+    secret_key: str = field(default="", repr=False)  # own CURVE secret key (z85); default: a new one
+
+
+REGISTER_RETRY_S = 5.0
 
 
 class Worker:
@@ -79,9 +91,16 @@ class Worker:
         self.config = config
         self.compute_threads = compute_threads  # pinned once layers are loaded (loading keeps every core)
         self.worker_id = config.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
-        self.context = zmq.Context.instance()
+        self.context = zmq.Context()  # its own: the ZAP gate is one per context
+        # keys, members, the ZAP gate (workers/peers.py, workers/curve.py)
+        self.members = Peers(self.context, config.token, config.secret_key, config.scheduler_address, config.use_curve)
+        self.admitted = threading.Event()  # the scheduler listed this worker's key as a member
+        self.registered_at_s = 0.0
+        self.expected_source_key: str | None = None  # who sends the expected step's inputs
+        self.throttle = LogThrottle()
         self.pull = self.context.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, 0)
+        self.members.secure_server(self.pull)
         if config.listen_port:
             self.pull.bind(f"tcp://{config.listen_host}:{config.listen_port}")
             port = config.listen_port
@@ -114,6 +133,11 @@ class Worker:
             sock = self.context.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 10000)
+            try:
+                self.members.secure_client(sock, address)
+            except p.ProtocolError:
+                sock.close(linger=0)
+                raise
             sock.connect(address)
             self.peers[address] = sock
         return sock
@@ -128,7 +152,9 @@ class Worker:
         try:
             self._peer(address).send_multipart(frames, copy=copy, flags=zmq.NOBLOCK)
         except zmq.Again:
-            log.warning("peer %s is not taking messages; dropped %s", address, kind)
+            self.throttle.warning(log, f"again {address}", "peer %s is not taking messages; dropped %s", address, kind)
+        except p.ProtocolError as exc:
+            self.throttle.warning(log, f"member {address}", "dropped %s: %s", kind, exc)
 
     def to_scheduler(self, message: p.Message) -> None:
         self.send(self.config.scheduler_address, message)
@@ -138,7 +164,19 @@ class Worker:
         if not self.profiled:
             self.profile, self.profiled = self.measure(), True
         profile = self.profile
-        self.to_scheduler(
+        self.admitted.clear()
+        self.registered_at_s = time.monotonic()
+        for address in self.members.scheduler_addresses:  # a refused connection is not retried: connect afresh
+            if (old := self.peers.pop(address, None)) is not None:
+                old.close(linger=0)
+        # sent with the join key (the token's): the scheduler admits this worker's own key with it
+        join_keys, public_key, proof = self.members.registration(self.worker_id)
+        sock = self.context.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 2000)
+        if self.config.use_curve:
+            curve.make_client(sock, join_keys, self.members.scheduler_key)
+        sock.connect(self.config.scheduler_address)
+        sock.send_multipart(codec.encode(
             p.Register(
                 worker_id=self.worker_id,
                 data_address=self.data_address,
@@ -147,9 +185,12 @@ class Worker:
                 profile=profile,
                 pid=os.getpid(),
                 prefill_tokens_per_step=MAX_PREFILL_TOKENS_PER_STEP,
+                public_key=public_key,
+                proof=proof,
                 backend=self.config.backend,
             )
-        )
+        ))
+        sock.close()
 
     def measure(self) -> p.DeviceProfile | None:
         if not self.config.profile:
@@ -175,6 +216,11 @@ class Worker:
                     timeout_ms = max(0, math.ceil(1000 * (self.hold_until_s - time.monotonic())))
                 if poller.poll(timeout_ms):
                     self.receive_all()
+                if not self.admitted.is_set() and time.monotonic() - self.registered_at_s > REGISTER_RETRY_S:
+                    if self.registered_at_s:  # 0: the heartbeat thread asked for a new registration
+                        self.throttle.warning(log, "not admitted", "the scheduler at %s has not admitted this worker yet "
+                                              "(is the cluster token right?); registering again", self.config.scheduler_address)
+                    self.register()
                 if self.pending and self.backend is not None:
                     self.step()
         finally:
@@ -186,28 +232,35 @@ class Worker:
         for sock in self.peers.values():
             sock.close(linger=0)
         self.pull.close(linger=0)
+        self.members.stop()
+        self.context.destroy(linger=0)
 
     # ----------------------------------------------------------------------------- receive
     def receive_all(self) -> None:
         while self.pull.get(zmq.EVENTS) & zmq.POLLIN:  # cheaper than a zmq.Again at the end
             frames = self.pull.recv_multipart(copy=False)
-            if self.expected is not None and not self.pending and self.run_expected(frames):
+            sender = curve.peer_key(frames[0]) if self.config.use_curve else None
+            if (self.expected is not None and not self.pending and sender == self.expected_source_key
+                    and self.run_expected(frames)):
                 continue
             try:
-                self.handle(codec.decode(frames))
+                message = codec.decode(frames)
+                self.handle(message, self.members.sender_address(message, sender))
             except p.ProtocolError as exc:
-                log.warning("dropped a malformed message: %s", exc)
-            except Exception:
-                log.exception("dropped a message that failed")
+                self.throttle.warning(log, str(exc)[:40], "dropped a message: %s", exc)
+            except Exception as exc:
+                self.throttle.warning(log, type(exc).__name__, "dropped a message that failed: %r", exc)
 
-    def handle(self, message: p.Message) -> None:
+    def handle(self, message: p.Message, sender: str | None = None) -> None:
         match message:
             case p.Activations():
-                self.on_activations(message)
+                self.on_activations(message, sender)
             case p.NextTokens():
-                self.on_next_tokens(message)
+                self.on_next_tokens(message, sender)
+            case p.Members():
+                self.on_members(message)
             case p.PrefixMiss():
-                self.on_prefix_miss(message)
+                self.on_prefix_miss(message, sender)
             case p.StartRequest():
                 self.on_start(message)
             case p.ReleaseRequests():
@@ -229,12 +282,18 @@ class Worker:
             case _:
                 log.warning("unexpected message %s", type(message).__name__)
 
+    def on_members(self, message: p.Members) -> None:
+        changed, admitted = self.members.update(message, self.data_address)
+        for address in changed:  # gone, or another key: connect afresh
+            if (sock := self.peers.pop(address, None)) is not None:
+                sock.close(linger=0)
+        if admitted:
+            self.admitted.set()
+
     def on_assign(self, message: p.AssignLayers) -> None:
-        self.release(tuple(self.requests))
-        self.backend = self.expected = None
-        self.num_stages_hint = max(1, message.num_stages_hint)
+        # the new layers load before the old ones go: a bad assignment leaves this stage serving
         try:
-            self.backend = load_backend(
+            backend = load_backend(
                 StageConfig(
                     model_dir=message.model_dir,
                     start_layer=message.start_layer,
@@ -253,6 +312,9 @@ class Worker:
                 p.LayersReady(self.worker_id, message.epoch, message.start_layer, message.end_layer, error=str(exc))
             )
             return
+        self.release(tuple(self.requests))
+        self.backend, self.expected = backend, None
+        self.num_stages_hint = max(1, message.num_stages_hint)
         self.epoch = message.epoch
         self.sampler = StageSampler(message.model_dir, self.backend.vocab_size)
         if self.compute_threads is not None:
@@ -276,6 +338,14 @@ class Worker:
             raise p.ProtocolError("StartRequest needs a first stage and at least one token")
         if message.request_id in self.requests:
             raise p.ProtocolError(f"request {message.request_id} already started")
+        try:
+            validation.check_token_ids(message.token_ids, backend.vocab_size)
+            validation.check_start(message.start, self.data_address)
+        except p.ProtocolError as exc:  # the scheduler sent it: tell it, so its client gets the reason
+            failed = p.RequestFailed(self.worker_id, message.request_id, f"refused by {self.worker_id}: {exc}", fatal=True)
+            self.send(self.config.scheduler_address, failed)
+            raise
+        self.members.scheduler_addresses.add(message.start.scheduler_address)
         start = message.start
         if backend.config.prefix_caching:  # later stages find the cached prefix by these hashes
             start = replace(start, block_hashes=block_hashes(message.token_ids, backend.config.kv_block_size_tokens))
@@ -284,20 +354,31 @@ class Worker:
         self.requests[message.request_id] = state
         self.pending.append(WorkItem(message.request_id, 0, state.prompt, forward_start=start, is_prompt_start=True))
 
-    def on_activations(self, message: p.Activations) -> None:
+    def on_activations(self, message: p.Activations, sender: str | None = None) -> None:
         backend = self._require_backend()
+        validation.check_entries(message.entries)
         hidden = payload_to_array(message.hidden)  # [sum(num_tokens), hidden_size]
         if message.hidden.dtype != backend.dtype:
             raise p.ProtocolError(f"activations in {message.hidden.dtype}, this stage runs {backend.dtype}")
         total = sum(entry.num_tokens for entry in message.entries)
         if hidden.ndim != 2 or hidden.shape[0] != total or hidden.shape[1] != backend.hidden_size:
             raise p.ProtocolError(f"activations of shape {tuple(hidden.shape)} do not match entries")
+        for entry in message.entries:  # every entry checked before any is taken
+            state = self.requests.get(entry.request_id)
+            if state is None and entry.start is None:
+                continue  # stale: dropped below
+            start = entry.start if entry.start is not None else state.start
+            if entry.start is not None:  # a first hop (the first stage may have reused a cached prefix)
+                validation.check_start(entry.start, self.data_address)
+            if sender is not None and source_address(start, self.data_address) != sender:
+                raise p.ProtocolError(f"activations of {entry.request_id} from {sender}, not the stage before")
         row = 0
         for entry in message.entries:
             rows = hidden[row : row + entry.num_tokens]
             row += entry.num_tokens
             state = self.requests.get(entry.request_id)
             if entry.start is not None:  # the first hop (again after a prefix miss further on)
+                self.members.scheduler_addresses.add(entry.start.scheduler_address)
                 if state is not None:
                     self._forget(entry.request_id)
                 state = self._new_request(entry.request_id, entry.start)
@@ -310,22 +391,30 @@ class Worker:
                 WorkItem(entry.request_id, entry.start_position, rows, entry.start, is_prompt_start=entry.start is not None)
             )
 
-    def on_next_tokens(self, message: p.NextTokens) -> None:
+    def on_next_tokens(self, message: p.NextTokens, sender: str | None = None) -> None:
+        vocab_size = self._require_backend().vocab_size
         for token in message.tokens:
             state = self.requests.get(token.request_id)
             if state is None or state.position != token.position:
                 continue  # released (finished, stopped or aborted) meanwhile
+            if sender is not None and source_address(state.start, self.data_address) != sender:
+                raise p.ProtocolError(f"next tokens of {token.request_id} from {sender}, not the last stage")
+            if not 0 <= token.token_id < vocab_size:
+                self.fail(token.request_id, f"next token {token.token_id} outside the vocabulary")
+                continue
             if token.finished:
                 self.release((token.request_id,))
                 continue
             inputs = np.array([token.token_id], dtype=np.int64)
             self.pending.append(WorkItem(token.request_id, token.position, inputs))
 
-    def on_prefix_miss(self, message: p.PrefixMiss) -> None:
+    def on_prefix_miss(self, message: p.PrefixMiss, sender: str | None = None) -> None:
         """First stage: a later stage lacks part of the prefix reused here; prefill it again."""
         state = self.requests.get(message.request_id)
         if state is None or state.prompt is None or state.num_generated:
             return
+        if sender is not None and sender not in state.start.route[1:]:
+            raise p.ProtocolError(f"prefix miss of {message.request_id} from {sender}, not a later stage")
         log.info("prefix miss for %s: prefilling again, reusing at most %d tokens", message.request_id, message.cached_tokens)
         self._forget(message.request_id)
         state.position = 0
@@ -409,7 +498,23 @@ class Worker:
         starts: Sequence[p.RequestStart | None],
         expected: ExpectedStep | None = None,
     ) -> None:
-        """Forward one batch, send its outputs on, then make the next decode step ready."""
+        """Forward one batch, send its outputs on, then make the next decode step ready. A step that
+        raises fails only its own requests (the reason goes to the scheduler, then the client)."""
+        try:
+            self._run_batch(chunks, inputs, starts, expected)
+        except Exception as exc:
+            self.expected = None
+            self.throttle.warning(log, f"step {type(exc).__name__}", "a step failed: %r", exc)
+            for chunk in chunks:
+                self.fail(chunk.request_id, f"a step failed on {self.worker_id}: {type(exc).__name__}: {exc}"[:500])
+
+    def _run_batch(
+        self,
+        chunks: Sequence[SequenceChunk],
+        inputs: np.ndarray,
+        starts: Sequence[p.RequestStart | None],
+        expected: ExpectedStep | None = None,
+    ) -> None:
         backend = self._require_backend()
         self.expected = None
         started = time.perf_counter()
@@ -458,6 +563,9 @@ class Worker:
             positions[chunk.request_id] = state.position
             next_addresses.append(state.next_address)
         self.expected = expect_next(backend, positions, next_addresses)
+        if self.config.use_curve:  # the fast path takes its inputs only from the one stage that sends them
+            sources = {source_address(self.requests[request_id].start, self.data_address) for request_id in positions}
+            self.expected_source_key = self.members.member_keys.get(sources.pop()) if len(sources) == 1 else ""
 
     def _fit_kv(self, batch: list[WorkItem], chunks: list[SequenceChunk]) -> tuple[list[WorkItem], list[SequenceChunk]]:
         """Keep the items that fit; fail decodes that cannot grow, leave prefills waiting."""

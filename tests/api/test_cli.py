@@ -66,10 +66,12 @@ def test_cli_defaults_are_the_schedulers() -> None:
     from scheduler.planner import DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN, MIN_MIX_REQUESTS
     from scheduler.admission import DEFAULT_MAX_WAITING, DEFAULT_ROUTE_WAIT_S
     from scheduler.routing import MAX_QUEUE_WAIT_S
+    from workers.curve import TOKEN_ENV
 
     assert (cli.MAX_QUEUE_WAIT_S, cli.DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN, cli.MIN_MIX_REQUESTS) == (
         MAX_QUEUE_WAIT_S, DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN, MIN_MIX_REQUESTS)
     assert (cli.DEFAULT_MAX_WAITING, cli.DEFAULT_ROUTE_WAIT_S) == (DEFAULT_MAX_WAITING, DEFAULT_ROUTE_WAIT_S)
+    assert TOKEN_ENV == "POTLUCK_TOKEN"  # named in `--token`'s help without importing zmq
 
 
 def _config_only(root: Path) -> Path:

@@ -17,15 +17,17 @@ from tests.support.served import ServedModel, free_port
 
 pytestmark = pytest.mark.slow
 
+JOIN_TOKEN = "ptk-test-join-token-0123456789"
+
 
 def test_potluck_join_adds_a_worker_that_gets_layers(tmp_path: Path) -> None:
     model_dir = make_checkpoint(tmp_path / "llama", "llama", num_hidden_layers=4)
     scheduler_port = free_port()
-    with ServedModel(model_dir, 1, ["--scheduler-port", str(scheduler_port), "--no-profile"], log_path=tmp_path / "serve.log") as served:
+    with ServedModel(model_dir, 1, ["--scheduler-port", str(scheduler_port), "--no-profile", "--token", JOIN_TOKEN], log_path=tmp_path / "serve.log") as served:
         served.wait_ready(model_dir.name)
         before = httpx.post(f"{served.url}/v1/completions", json={"prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0}, timeout=60).json()
         join = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "join", "--scheduler", f"127.0.0.1:{scheduler_port}", "--host", "127.0.0.1", "--worker-id", "joined", "--no-profile"],
+            [sys.executable, "-m", "api.cli", "join", "--scheduler", f"127.0.0.1:{scheduler_port}", "--host", "127.0.0.1", "--worker-id", "joined", "--no-profile", "--token", JOIN_TOKEN],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:

@@ -66,7 +66,7 @@ def test_kill_9_of_a_worker_mid_generation_loses_no_request(model_dir: Path) -> 
     async def scenario() -> None:
         engine = make_engine(model_dir, 3)
         await engine.start()
-        workers = LocalWorkers(engine.control_address, 3, threads_per_worker=1, extra_args=SLOW_STEP)
+        workers = LocalWorkers(engine.control_address, 3, threads_per_worker=1, extra_args=SLOW_STEP, token=engine.token)
         workers.start()
         try:
             await all_ready(engine, 3)
@@ -93,8 +93,8 @@ def test_a_worker_joining_mid_traffic_triggers_a_replan_while_requests_flow(mode
     async def scenario() -> None:
         engine = make_engine(model_dir, 2)
         await engine.start()
-        first = LocalWorkers(engine.control_address, 2, threads_per_worker=1, extra_args=SLOW_STEP)
-        late = LocalWorkers(engine.control_address, 1, threads_per_worker=1, extra_args=SLOW_STEP, id_prefix="late")
+        first = LocalWorkers(engine.control_address, 2, threads_per_worker=1, extra_args=SLOW_STEP, token=engine.token)
+        late = LocalWorkers(engine.control_address, 1, threads_per_worker=1, extra_args=SLOW_STEP, id_prefix="late", token=engine.token)
         first.start()
         try:
             await all_ready(engine, 2)
@@ -124,7 +124,7 @@ def test_a_silent_worker_is_evicted_and_taken_in_again_when_it_returns(model_dir
     async def scenario() -> None:
         engine = make_engine(model_dir, 2)
         await engine.start()
-        workers = LocalWorkers(engine.control_address, 2, threads_per_worker=1)
+        workers = LocalWorkers(engine.control_address, 2, threads_per_worker=1, token=engine.token)
         workers.start()
         try:
             await all_ready(engine, 2)

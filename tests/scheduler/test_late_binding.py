@@ -34,7 +34,7 @@ def test_held_requests_wait_for_the_queue_and_answer_as_alone(tmp_path: Path) ->
         config = EngineConfig(str(model_dir), read_model_facts(model_dir), "m", max_queue_wait_s=max_queue_wait_s)
         engine = Engine(config, Tokenizer.from_model_dir(model_dir))
         await engine.start()
-        workers = LocalWorkers(engine.control_address, 1, threads_per_worker=1, extra_args=["--step-delay-s", "0.02"])
+        workers = LocalWorkers(engine.control_address, 1, threads_per_worker=1, extra_args=["--step-delay-s", "0.02"], token=engine.token)
         workers.start()
         most_waiting = 0
 

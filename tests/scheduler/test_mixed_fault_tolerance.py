@@ -31,7 +31,7 @@ def test_kill_9_of_the_mlx_worker_mid_generation_loses_no_request(model_dir: Pat
         engine = make_engine(model_dir, 3)
         await engine.start()
         backends = ("torch", "mlx", "mlx")
-        workers = LocalWorkers(engine.control_address, 3, threads_per_worker=1, extra_args=SLOW_STEP, backends=backends)
+        workers = LocalWorkers(engine.control_address, 3, threads_per_worker=1, extra_args=SLOW_STEP, backends=backends, token=engine.token)
         workers.start()
         try:
             await all_ready(engine, 3)

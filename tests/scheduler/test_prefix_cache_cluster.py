@@ -71,7 +71,7 @@ async def stage_counts(engine: Engine, queried_tokens: int, timeout_s: float = 1
 async def run_concurrently(num_workers: int, model_dir: Path, **overrides) -> tuple[list, dict]:
     engine = make_engine(model_dir, num_workers, **overrides)
     await engine.start()
-    workers = LocalWorkers(engine.control_address, num_workers, threads_per_worker=1)
+    workers = LocalWorkers(engine.control_address, num_workers, threads_per_worker=1, token=engine.token)
     workers.start()
     try:
         await all_ready(engine, num_workers)
@@ -104,7 +104,7 @@ def test_a_worker_loss_with_cached_prefixes_gives_the_undisturbed_text(model_dir
     async def scenario() -> None:
         engine = make_engine(model_dir, 3)
         await engine.start()
-        workers = LocalWorkers(engine.control_address, 3, threads_per_worker=1, extra_args=["--step-delay-s", "0.01"])
+        workers = LocalWorkers(engine.control_address, 3, threads_per_worker=1, extra_args=["--step-delay-s", "0.01"], token=engine.token)
         workers.start()
         try:
             await all_ready(engine, 3)

@@ -47,9 +47,9 @@ def test_a_slowed_worker_is_measured_slower_and_gets_fewer_layers_and_less_traff
         await engine.start()
         common = dict(threads_per_worker=1, memory_bytes_per_worker=memory, profile_model_dir=str(model_dir), profile_seconds=1.0)
         started = [
-            LocalWorkers(engine.control_address, 1, id_prefix="fast", **common),
-            LocalWorkers(engine.control_address, 1, id_prefix="fleet", **common),
-            LocalWorkers(engine.control_address, 1, id_prefix="slow", extra_args=["--slowdown", "8"], **common),
+            LocalWorkers(engine.control_address, 1, id_prefix="fast", **common, token=engine.token),
+            LocalWorkers(engine.control_address, 1, id_prefix="fleet", **common, token=engine.token),
+            LocalWorkers(engine.control_address, 1, id_prefix="slow", extra_args=["--slowdown", "8"], **common, token=engine.token),
         ]
         try:
             # one at a time: each profiles itself at join, and on 2 cores profiles measured side by

@@ -127,7 +127,7 @@ def test_a_ring_of_workers_runs_its_decode_steps_on_the_fast_path(llama_checkpoi
     context = zmq.Context.instance()
     scheduler = context.socket(zmq.PULL)
     port = scheduler.bind_to_random_port("tcp://127.0.0.1")
-    workers = [Worker(WorkerConfig(scheduler_address=f"tcp://127.0.0.1:{port}")) for _ in range(num_stages)]
+    workers = [Worker(WorkerConfig(scheduler_address=f"tcp://127.0.0.1:{port}", token="t" * 32, use_curve=False)) for _ in range(num_stages)]
     try:
         bounds = [round(i * num_layers / num_stages) for i in range(num_stages + 1)]
         for worker, start, end in zip(workers, bounds, bounds[1:]):

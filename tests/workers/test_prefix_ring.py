@@ -36,7 +36,7 @@ def test_a_stage_that_evicted_the_prefix_makes_the_first_stage_prefill_again(lla
     context = zmq.Context.instance()
     scheduler = context.socket(zmq.PULL)
     port = scheduler.bind_to_random_port("tcp://127.0.0.1")
-    workers = [Worker(WorkerConfig(scheduler_address=f"tcp://127.0.0.1:{port}")) for _ in range(3)]
+    workers = [Worker(WorkerConfig(scheduler_address=f"tcp://127.0.0.1:{port}", token="t" * 32, use_curve=False)) for _ in range(3)]
     try:
         bounds = [round(i * num_layers / 3) for i in range(4)]
         for worker, start, end in zip(workers, bounds, bounds[1:]):

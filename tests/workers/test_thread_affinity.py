@@ -42,8 +42,8 @@ def test_main_thread_and_openmp_threads_get_separate_cores():
 
 def test_pinning_is_on_by_default_and_can_be_turned_off():
     parser = build_arg_parser()
-    assert config_from_args(parser.parse_args(["--scheduler", "127.0.0.1:1"])).pin_threads
-    assert not config_from_args(parser.parse_args(["--scheduler", "127.0.0.1:1", "--no-pin-threads"])).pin_threads
+    assert config_from_args(parser.parse_args(["--scheduler", "127.0.0.1:1", "--token", "t" * 32])).pin_threads
+    assert not config_from_args(parser.parse_args(["--scheduler", "127.0.0.1:1", "--token", "t" * 32, "--no-pin-threads"])).pin_threads
 
 
 @pytest.mark.slow  # worker subprocesses

@@ -37,7 +37,7 @@ def test_malformed_messages_are_dropped_and_the_worker_stays_up(tmp_path: Path) 
     async def scenario() -> None:
         engine = Engine(EngineConfig(str(model_dir), read_model_facts(model_dir), "m"), Tokenizer.from_model_dir(model_dir))
         await engine.start()
-        workers = LocalWorkers(engine.control_address, 1, threads_per_worker=1)
+        workers = LocalWorkers(engine.control_address, 1, threads_per_worker=1, token=engine.token)
         workers.start()
         context = zmq.Context()
         push = context.socket(zmq.PUSH)
