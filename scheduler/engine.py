@@ -17,8 +17,8 @@ and releases. Every reservation a request holds on a stage changes in `RequestSt
 Every socket is CURVE and every message is checked against who may send it before it is handled
 (scheduler/membership.py, workers/curve.py).
 
-Parts: `EngineConfig` (the model, the control socket, timeouts, admission limits, the cluster
-token); `Engine` (the loops above, planning: `replan`, `_assign`, and the snapshots the API serves).
+Parts: `Engine` (the loops above, planning: `replan`, `_assign`, and the snapshots the API serves).
+`EngineConfig` (imported from here too): scheduler/engine_config.py; worker sockets: worker_links.py.
 """
 
 from __future__ import annotations
@@ -27,58 +27,31 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import zmq
 import zmq.asyncio
 
 from scheduler import snapshots
-from scheduler.admission import DEFAULT_MAX_WAITING, DEFAULT_ROUTE_WAIT_S, AdmissionQueue
+from scheduler.admission import AdmissionQueue
 from scheduler.cluster import Cluster, LayerPlan, WorkerState
+from scheduler.engine_config import EngineConfig
 from scheduler.errors import GenerationFailedError, InvalidRequestError, NoCapacityError, OverloadedError
 from scheduler.load import load_snapshot
 from scheduler.membership import Membership, check_request, ghost_requests
 from scheduler.metrics import EngineMetrics
-from scheduler.planner import DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN, MIN_MIX_REQUESTS, PlannerConfig, assignment, plan_layers
+from scheduler.planner import MIN_MIX_REQUESTS, PlannerConfig, assignment, plan_layers
 from scheduler.output_stream import OutputStream
 from scheduler.prefix_index import PrefixIndex, prompt_hashes
 from scheduler.request import GenerationOutput, GenerationRequest
 from scheduler.request_state import RequestState, WorkloadStats
-from scheduler.routing import MAX_QUEUE_WAIT_S, choose_route
+from scheduler.routing import choose_route
 from scheduler.tokenizer import Tokenizer
+from scheduler.worker_links import WorkerLinks
 from workers import codec, curve, protocol as p
 
 log = logging.getLogger("potluck.scheduler")
 Inbox = asyncio.Queue  # of p.TokenOutput, or None: the attempt ended, look at the RequestState
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model_dir: str
-    model: p.ModelFacts
-    served_model_name: str
-    control_host: str = "127.0.0.1"
-    control_port: int = 0  # 0: a free port
-    dtype: str = "auto"
-    quantization: str = "none"  # none | int8 | int4 (safetensors only; a GGUF is quantized already)
-    min_workers: int = 1  # plan once this many workers have registered
-    local_workers: int = 0  # workers started with this scheduler: requests wait for them to join
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    max_concurrent_sequences: int = 16  # KV reserve is sized for this many full-length sequences
-    heartbeat_timeout_s: float = 5.0
-    token_timeout_s: float = 120.0  # no token for this long: the request fails
-    route_wait_s: float = DEFAULT_ROUTE_WAIT_S  # how long a request waits for layers being loaded or a path with room
-    max_restarts: int = 8
-    max_waiting: int = DEFAULT_MAX_WAITING  # admission queue bound: beyond it, HTTP 429
-    max_queue_wait_s: float = MAX_QUEUE_WAIT_S  # late binding (scheduler/routing.py); inf: off
-    retry_after_s: float = 2.0
-    placement: str = "auto"  # auto | solver | pipeline (scheduler/planner.py)
-    placement_objective: str = "throughput"  # or "latency"
-    # what placement plans for until MIN_MIX_REQUESTS have finished (scheduler/planner.py)
-    prompt_tokens_per_output_token: float = DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN
-    token: str | None = None  # the cluster token (None: a new one, `Engine.token`); scheduler/membership.py
-    curve: bool = True  # CurveZMQ on every socket (off only to measure what it costs)
-    prefix_caching: bool = True  # workers reuse the KV of cached prompt prefixes (workers/kv_cache.py)
 
 
 class Engine:
@@ -92,8 +65,6 @@ class Engine:
         self.cluster = Cluster(num_layers=config.model.num_layers)
         self.requests: dict[str, RequestState] = {}  # routed requests, by wire id
         self.inboxes: dict[str, Inbox] = {}  # each routed request's tokens, by wire id
-        self.sockets: dict[str, zmq.Socket] = {}
-        self.sync_context = zmq.Context()
         self.async_context = zmq.asyncio.Context()
         self.pull: zmq.asyncio.Socket | None = None
         self.control_address = ""
@@ -104,6 +75,7 @@ class Engine:
         self.metrics = EngineMetrics(self)  # Prometheus series (scheduler/metrics.py)
         self.membership = Membership(config.token, config.curve)  # token, keys, who may say what
         self.token = self.membership.token
+        self.links = WorkerLinks(self.membership)  # a PUSH socket to each registered worker
         self.prefix_index = PrefixIndex()  # which stages hold which prefixes (cache-aware routing)
 
     # ------------------------------------------------------------------------------- the request loop
@@ -267,13 +239,11 @@ class Engine:
         for wire_id, state in list(self.requests.items()):
             state.aborted(self.cluster.workers, NoCapacityError("the server is shutting down"))
             self.inboxes[wire_id].put_nowait(None)
-        for sock in self.sockets.values():
-            sock.close(linger=100 if shutdown_workers else 0)
-        self.sockets.clear()
+        self.links.close_all(linger_ms=100 if shutdown_workers else 0)
         if self.pull is not None:
             self.pull.close(linger=0)
         self.membership.stop()
-        self.sync_context.term()
+        self.links.term()
         self.async_context.term()
 
     async def wait_ready(self, timeout_s: float) -> None:
@@ -286,25 +256,7 @@ class Engine:
 
     # ------------------------------------------------------------------------------- messages
     def _send(self, worker_id: str, message: p.Message) -> None:
-        if (sock := self.sockets.get(worker_id)) is None:
-            return
-        try:
-            sock.send_multipart(codec.encode(message), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            log.warning("worker %s is not taking messages", worker_id)
-
-    def _send_once(self, address: str, message: p.Message, worker_id: str) -> None:
-        if self.membership.use_curve and not self.membership.key_of.get(worker_id):
-            return
-        sock = self.sync_context.socket(zmq.PUSH)
-        sock.setsockopt(zmq.LINGER, 1000)
-        self.membership.secure_client(sock, self.membership.key_of.get(worker_id, ""))
-        sock.connect(address)
-        try:
-            sock.send_multipart(codec.encode(message), flags=zmq.NOBLOCK)
-        except zmq.Again:
-            pass
-        sock.close()
+        self.links.send(worker_id, message)
 
     async def _receive_loop(self) -> None:
         assert self.pull is not None
@@ -332,7 +284,7 @@ class Engine:
                         self._send(message.worker_id, p.ReleaseRequests(ghosts))
                 elif message.data_address:  # a worker we declared lost is back: take it in again
                     log.info("worker %s is back; asking it to register again", message.worker_id)
-                    self._send_once(message.data_address, p.Reregister("evicted after a silence"), message.worker_id)
+                    self.links.send_once(message.data_address, p.Reregister("evicted after a silence"), message.worker_id)
             case p.Register():
                 self._on_register(message)
             case p.LayersReady():
@@ -356,11 +308,7 @@ class Engine:
         if message.worker_id in self.cluster.workers:
             self._lose(message.worker_id, "registered again")
         self.cluster.register(message)
-        sock = self.sync_context.socket(zmq.PUSH)
-        sock.setsockopt(zmq.LINGER, 0)
-        self.membership.secure_client(sock, message.public_key)
-        sock.connect(message.data_address)
-        self.sockets[message.worker_id] = sock
+        self.links.connect(message.worker_id, message.data_address, message.public_key)
         self._send_members()
         log.info("worker %s registered from %s (%s, %d bytes)", message.worker_id, message.data_address, message.device, message.memory_bytes)
         if len(self.cluster.workers) >= self.config.min_workers:
@@ -370,8 +318,7 @@ class Engine:
         log.warning("worker %s lost: %s", worker_id, reason)
         self.cluster.remove(worker_id)
         self.prefix_index.forget(worker_id)
-        if (sock := self.sockets.pop(worker_id, None)) is not None:
-            sock.close(linger=0)
+        self.links.close(worker_id)
         self._send_members()
         self._restart_through(worker_id, f"worker {worker_id} lost")
 
