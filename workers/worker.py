@@ -1,10 +1,12 @@
 """The worker process: sockets and the continuous-batching loop (heartbeats: workers/heartbeat.py).
 
 Parts:
-- `WorkerConfig`: where the scheduler is, where to listen, which device and how much memory.
+- `WorkerConfig` (workers/worker_config.py, imported from here too): where the scheduler is, where
+  to listen, which device and how much memory.
 - `Worker`: owns one PULL socket (everything it receives: control from the scheduler, activations
   and next tokens from peers) and one PUSH socket per peer; runs `StageBackend.forward` on
-  whatever work is pending, in one batch per step.
+  whatever work is pending, in one batch per step. What it does with each message it receives
+  (`handle`, `on_start`, `on_activations`, ...): `MessageIntake`, workers/worker_intake.py.
 - `run_worker`: builds a `Worker` and runs its loop (`python -m workers` / `potluck join`).
 
 The loop (`run`) is: receive everything pending -> take a batch (workers/batching.py) -> forward
@@ -17,10 +19,10 @@ step that held every request of the stage, with nothing else waiting, the next d
 made ready, and the message that brings exactly its inputs runs it at once, skipping decode,
 batching and planning (workers/expected_step.py); the last stage's outputs are built by
 workers/ring_close.py. A malformed or stale message is logged and dropped; the worker stays up.
-Every socket is CURVE (workers/peers.py): a message counts only from its rightful sender (layer
-commands from the scheduler, hidden states from the stage before, next tokens from the last
-stage); every field is checked before compute (workers/validation.py), and a step that raises
-fails only its own requests.
+Every socket is CURVE (workers/peers.py; made in workers/worker_sockets.py): a message counts
+only from its rightful sender (layer commands from the scheduler, hidden states from the stage
+before, next tokens from the last stage); every field is checked before compute
+(workers/validation.py), and a step that raises fails only its own requests.
 """
 
 from __future__ import annotations
@@ -28,65 +30,43 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
 import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 import zmq
 
-from workers import codec, curve, validation
+from workers import codec, curve
 from workers import protocol as p
-from workers.backend import SequenceChunk, StageBackend, StageConfig, load_backend
-from workers.host_arrays import array_to_payload, payload_to_array
+from workers.backend import SequenceChunk, StageBackend
+from workers.host_arrays import array_to_payload
 from workers.batching import MAX_PREFILL_TOKENS_PER_STEP, StageRequest, WorkItem, take_batch
 from workers.device_memory import usable_memory_bytes
 from workers.expected_step import ExpectedStep, expect_next
 from workers.heartbeat import HEARTBEAT_INTERVAL_S, heartbeat_loop
 from workers.log_throttle import LogThrottle
 from workers.peers import Peers, source_address
-from workers.kv_cache import block_hashes
 from workers.prompt_start import start_prompts
 from workers.ring_close import close_ring
 from workers.request_sampler import StageSampler
-from workers.thread_affinity import ComputeThreads, find_compute_threads, pin_compute_threads
+from workers.thread_affinity import ComputeThreads, find_compute_threads
+from workers.worker_config import WorkerConfig
+from workers.worker_intake import MessageIntake
+from workers.worker_sockets import bind_data_socket, peer_socket, send_registration
 
 log = logging.getLogger("potluck.worker")
 
 _yield_cpu = getattr(os, "sched_yield", lambda: None)  # not on Windows
 
 
-@dataclass(frozen=True)
-class WorkerConfig:
-    scheduler_address: str  # "tcp://HOST:PORT"
-    listen_host: str = "127.0.0.1"
-    listen_port: int = 0  # 0: a free port
-    advertise_host: str | None = None  # address peers use to reach us (default: listen_host)
-    device: str = "cpu"
-    backend: str = "torch"  # the installed backend that runs the layers (workers/backend_plugins.py)
-    memory_bytes: int | None = None  # usable for weights + KV (default: measured)
-    worker_id: str | None = None
-    num_threads: int | None = None
-    parent_pid: int | None = None  # exit when this process is gone (local workers)
-    step_delay_s: float = 0.0  # fault injection for tests: extra time per step (off by default)
-    slowdown: float = 1.0  # fault injection: every step (and the profile) takes this many times as long
-    profile: bool = False  # measure the device at join (workers/profiler.py)
-    profile_model_dir: str | None = None  # also time one layer of this model when profiling
-    profile_seconds: float = 2.0
-    pin_threads: bool = True  # CPU device: main thread on one core, OpenMP threads on the others
-    token: str = field(default="", repr=False)  # the cluster token (workers/curve.py)
-    use_curve: bool = True  # CurveZMQ on every socket (off only to measure what it costs)
-    secret_key: str = field(default="", repr=False)  # own CURVE secret key (z85); default: a new one
-
-
 REGISTER_RETRY_S = 5.0
 
 
-class Worker:
+class Worker(MessageIntake):  # what it does with each message it receives: workers/worker_intake.py
     def __init__(self, config: WorkerConfig, compute_threads: ComputeThreads | None = None) -> None:
         self.config = config
         self.compute_threads = compute_threads  # pinned once layers are loaded (loading keeps every core)
@@ -98,18 +78,7 @@ class Worker:
         self.registered_at_s = 0.0
         self.expected_source_key: str | None = None  # who sends the expected step's inputs
         self.throttle = LogThrottle()
-        self.pull = self.context.socket(zmq.PULL)
-        self.pull.setsockopt(zmq.RCVHWM, 0)
-        self.members.secure_server(self.pull)
-        if config.listen_port:
-            self.pull.bind(f"tcp://{config.listen_host}:{config.listen_port}")
-            port = config.listen_port
-        else:
-            port = self.pull.bind_to_random_port(f"tcp://{config.listen_host}")
-        host = config.advertise_host or config.listen_host
-        if host in ("0.0.0.0", "*"):
-            host = socket.gethostbyname(socket.gethostname())
-        self.data_address = f"tcp://{host}:{port}"
+        self.pull, self.data_address = bind_data_socket(self.context, self.members, config)  # workers/worker_sockets.py
         self.peers: dict[str, zmq.Socket] = {}
         self.backend: StageBackend | None = None
         self.epoch = -1
@@ -130,16 +99,7 @@ class Worker:
     def _peer(self, address: str) -> zmq.Socket:
         sock = self.peers.get(address)
         if sock is None:
-            sock = self.context.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 10000)
-            try:
-                self.members.secure_client(sock, address)
-            except p.ProtocolError:
-                sock.close(linger=0)
-                raise
-            sock.connect(address)
-            self.peers[address] = sock
+            sock = self.peers[address] = peer_socket(self.context, self.members, address)
         return sock
 
     def send(self, address: str, message: p.Message) -> None:
@@ -171,12 +131,7 @@ class Worker:
                 old.close(linger=0)
         # sent with the join key (the token's): the scheduler admits this worker's own key with it
         join_keys, public_key, proof = self.members.registration(self.worker_id)
-        sock = self.context.socket(zmq.PUSH)
-        sock.setsockopt(zmq.LINGER, 2000)
-        if self.config.use_curve:
-            curve.make_client(sock, join_keys, self.members.scheduler_key)
-        sock.connect(self.config.scheduler_address)
-        sock.send_multipart(codec.encode(
+        send_registration(self.context, self.config, self.members, join_keys,
             p.Register(
                 worker_id=self.worker_id,
                 data_address=self.data_address,
@@ -189,8 +144,7 @@ class Worker:
                 proof=proof,
                 backend=self.config.backend,
             )
-        ))
-        sock.close()
+        )
 
     def measure(self) -> p.DeviceProfile | None:
         if not self.config.profile:
@@ -250,179 +204,6 @@ class Worker:
                 self.throttle.warning(log, str(exc)[:40], "dropped a message: %s", exc)
             except Exception as exc:
                 self.throttle.warning(log, type(exc).__name__, "dropped a message that failed: %r", exc)
-
-    def handle(self, message: p.Message, sender: str | None = None) -> None:
-        match message:
-            case p.Activations():
-                self.on_activations(message, sender)
-            case p.NextTokens():
-                self.on_next_tokens(message, sender)
-            case p.Members():
-                self.on_members(message)
-            case p.PrefixMiss():
-                self.on_prefix_miss(message, sender)
-            case p.StartRequest():
-                self.on_start(message)
-            case p.ReleaseRequests():
-                self.release(message.request_ids)
-            case p.AssignLayers():
-                self.on_assign(message)
-            case p.UnloadLayers():
-                self.release(tuple(self.requests))
-                self.backend = self.expected = None
-                self.epoch = message.epoch
-            case p.Reregister():
-                log.warning("the scheduler asks for a new registration: %s", message.reason)
-                self.release(tuple(self.requests))
-                self.backend = self.expected = None
-                self.register()
-            case p.Shutdown():
-                log.info("shutdown: %s", message.reason)
-                self.running = False
-            case _:
-                log.warning("unexpected message %s", type(message).__name__)
-
-    def on_members(self, message: p.Members) -> None:
-        changed, admitted = self.members.update(message, self.data_address)
-        for address in changed:  # gone, or another key: connect afresh
-            if (sock := self.peers.pop(address, None)) is not None:
-                sock.close(linger=0)
-        if admitted:
-            self.admitted.set()
-
-    def on_assign(self, message: p.AssignLayers) -> None:
-        # the new layers load before the old ones go: a bad assignment leaves this stage serving
-        try:
-            backend = load_backend(
-                StageConfig(
-                    model_dir=message.model_dir,
-                    start_layer=message.start_layer,
-                    end_layer=message.end_layer,
-                    dtype=message.dtype,
-                    device=self.config.device,
-                    kv_budget_bytes=message.kv_budget_bytes,
-                    prefix_caching=message.prefix_caching,
-                    quantization=None if message.quantization == "none" else message.quantization,
-                ),
-                self.config.backend,
-            )
-        except Exception as exc:  # report, stay up, wait for another assignment
-            log.exception("loading layers failed")
-            self.to_scheduler(
-                p.LayersReady(self.worker_id, message.epoch, message.start_layer, message.end_layer, error=str(exc))
-            )
-            return
-        self.release(tuple(self.requests))
-        self.backend, self.expected = backend, None
-        self.num_stages_hint = max(1, message.num_stages_hint)
-        self.epoch = message.epoch
-        self.sampler = StageSampler(message.model_dir, self.backend.vocab_size)
-        if self.compute_threads is not None:
-            pinned = pin_compute_threads(self.compute_threads)
-            log.info("pinned threads to cores (thread id: core): %s", pinned)
-            self.compute_threads = None
-        self.to_scheduler(
-            p.LayersReady(
-                worker_id=self.worker_id,
-                epoch=message.epoch,
-                start_layer=message.start_layer,
-                end_layer=message.end_layer,
-                kv_capacity_tokens=self.backend.kv_capacity_tokens(),
-                weight_bytes=self.backend.weight_bytes,
-            )
-        )
-
-    def on_start(self, message: p.StartRequest) -> None:
-        backend = self._require_backend()
-        if not backend.is_first or not message.token_ids:
-            raise p.ProtocolError("StartRequest needs a first stage and at least one token")
-        if message.request_id in self.requests:
-            raise p.ProtocolError(f"request {message.request_id} already started")
-        try:
-            validation.check_token_ids(message.token_ids, backend.vocab_size)
-            validation.check_start(message.start, self.data_address)
-        except p.ProtocolError as exc:  # the scheduler sent it: tell it, so its client gets the reason
-            failed = p.RequestFailed(self.worker_id, message.request_id, f"refused by {self.worker_id}: {exc}", fatal=True)
-            self.send(self.config.scheduler_address, failed)
-            raise
-        self.members.scheduler_addresses.add(message.start.scheduler_address)
-        start = message.start
-        if backend.config.prefix_caching:  # later stages find the cached prefix by these hashes
-            start = replace(start, block_hashes=block_hashes(message.token_ids, backend.config.kv_block_size_tokens))
-        state = self._new_request(message.request_id, start)
-        state.prompt = np.array(message.token_ids, dtype=np.int64)
-        self.requests[message.request_id] = state
-        self.pending.append(WorkItem(message.request_id, 0, state.prompt, forward_start=start, is_prompt_start=True))
-
-    def on_activations(self, message: p.Activations, sender: str | None = None) -> None:
-        backend = self._require_backend()
-        validation.check_entries(message.entries)
-        hidden = payload_to_array(message.hidden)  # [sum(num_tokens), hidden_size]
-        if message.hidden.dtype != backend.dtype:
-            raise p.ProtocolError(f"activations in {message.hidden.dtype}, this stage runs {backend.dtype}")
-        total = sum(entry.num_tokens for entry in message.entries)
-        if hidden.ndim != 2 or hidden.shape[0] != total or hidden.shape[1] != backend.hidden_size:
-            raise p.ProtocolError(f"activations of shape {tuple(hidden.shape)} do not match entries")
-        for entry in message.entries:  # every entry checked before any is taken
-            state = self.requests.get(entry.request_id)
-            if state is None and entry.start is None:
-                continue  # stale: dropped below
-            start = entry.start if entry.start is not None else state.start
-            if entry.start is not None:  # a first hop (the first stage may have reused a cached prefix)
-                validation.check_start(entry.start, self.data_address)
-            if sender is not None and source_address(start, self.data_address) != sender:
-                raise p.ProtocolError(f"activations of {entry.request_id} from {sender}, not the stage before")
-        row = 0
-        for entry in message.entries:
-            rows = hidden[row : row + entry.num_tokens]
-            row += entry.num_tokens
-            state = self.requests.get(entry.request_id)
-            if entry.start is not None:  # the first hop (again after a prefix miss further on)
-                self.members.scheduler_addresses.add(entry.start.scheduler_address)
-                if state is not None:
-                    self._forget(entry.request_id)
-                state = self._new_request(entry.request_id, entry.start)
-                state.position = entry.start_position  # what the first stage reused of its cache
-                self.requests[entry.request_id] = state
-            elif state is None or state.position != entry.start_position:
-                log.debug("dropped stale activations for %s", entry.request_id)
-                continue
-            self.pending.append(
-                WorkItem(entry.request_id, entry.start_position, rows, entry.start, is_prompt_start=entry.start is not None)
-            )
-
-    def on_next_tokens(self, message: p.NextTokens, sender: str | None = None) -> None:
-        vocab_size = self._require_backend().vocab_size
-        for token in message.tokens:
-            state = self.requests.get(token.request_id)
-            if state is None or state.position != token.position:
-                continue  # released (finished, stopped or aborted) meanwhile
-            if sender is not None and source_address(state.start, self.data_address) != sender:
-                raise p.ProtocolError(f"next tokens of {token.request_id} from {sender}, not the last stage")
-            if not 0 <= token.token_id < vocab_size:
-                self.fail(token.request_id, f"next token {token.token_id} outside the vocabulary")
-                continue
-            if token.finished:
-                self.release((token.request_id,))
-                continue
-            inputs = np.array([token.token_id], dtype=np.int64)
-            self.pending.append(WorkItem(token.request_id, token.position, inputs))
-
-    def on_prefix_miss(self, message: p.PrefixMiss, sender: str | None = None) -> None:
-        """First stage: a later stage lacks part of the prefix reused here; prefill it again."""
-        state = self.requests.get(message.request_id)
-        if state is None or state.prompt is None or state.num_generated:
-            return
-        if sender is not None and sender not in state.start.route[1:]:
-            raise p.ProtocolError(f"prefix miss of {message.request_id} from {sender}, not a later stage")
-        log.info("prefix miss for %s: prefilling again, reusing at most %d tokens", message.request_id, message.cached_tokens)
-        self._forget(message.request_id)
-        state.position = 0
-        self.requests[message.request_id] = state
-        self.pending.append(
-            WorkItem(message.request_id, 0, state.prompt, forward_start=state.start, is_prompt_start=True,
-                     prefix_cap_tokens=message.cached_tokens)
-        )  # fmt: skip
 
     def _forget(self, request_id: str) -> None:
         """Drop the request's state, KV and pending work here (no message sent)."""
