@@ -43,7 +43,9 @@ def _choices(text: str) -> list[str]:
     return choices
 
 
-_PLAIN_CHAR = '[^"\\\\\\x00-\\x1f]'  # a JSON string character that needs no escape
+# a JSON string character that needs no escape, printable ASCII: a negated class let byte-level
+# tokens end a string inside a multi-byte UTF-8 character (invalid text, too long once decoded)
+_PLAIN_CHAR = '[ !#-\\[\\]-~]'
 
 
 def _bounded_strings(schema: Any) -> Any:

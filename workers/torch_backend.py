@@ -279,11 +279,14 @@ PLUGIN = BackendPlugin(
     name="torch",
     load=TorchStageBackend,
     devices=_torch_devices,
-    weight_formats=frozenset({"safetensors"}),
+    weight_formats=frozenset({"safetensors", "gguf"}),
+    quantizations=frozenset({"int8", "int4"}),  # weight-only, on CPU (workers/quantized_linear.py)
     profile=_profile,
     priority=10,
     description="PyTorch: CPU (oneDNN/MKL), CUDA, MPS",
 )
+
+
 def _logit_rows(chunks: Sequence[SequenceChunk], device: torch.device) -> torch.Tensor:
     """Rows whose logits the last stage returns: every row of an `all_logits` chunk, else its last."""
     rows: list[int] = []
