@@ -82,7 +82,6 @@ class StageSampler:
         logits = logits.detach().float().cpu()
         last_rows = []
         row = 0
-        prompt_parts: dict[int, PromptLogprobs] = {}
         for i, (rid, p, rows) in enumerate(zip(request_ids, params, chunk_rows)):
             if rows > 1:  # logits of a prompt chunk: position j predicts prompt token j + 1
                 state = self._state(rid, p)
