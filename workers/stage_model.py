@@ -380,7 +380,7 @@ class StageModel(nn.Module):
         # embeddings held here too, where one [vocab, hidden] tensor serves both; quantized
         # (a QuantizedLinear) when the file's table is.
         self.lm_head_t = self.lm_head = None
-        if isinstance(lm_head, (QuantizedRows, GroupCodes)):  # a tied GGUF table: its bytes held once
+        if isinstance(lm_head, (QuantizedRows, GroupCodes)):  # a tied GGUF table shares its bytes
             self.lm_head_t = QuantizedLinear(lm_head)
         elif lm_head is not None and embed is not None and lm_head.data_ptr() == embed.data_ptr():
             self.lm_head = self.embed_tokens

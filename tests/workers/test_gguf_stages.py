@@ -3,8 +3,9 @@
 Tolerances (`_atol`), from the quant type and the kernel that runs it: F32 files run dense in
 float32 (atol 1e-4, as the safetensors tests). Quantized types run by the C block kernel
 (workers/native_kernel.py) are exact: float32 activations times the blocks' float32 values, the
-same numbers transformers multiplies after dequantizing, so they get F32's atol 1e-4 and every
-greedy token must match. Where that kernel cannot be built, quantized weights run through the int4 kernel on bfloat16 activations with float32 accumulation: each
+same numbers transformers multiplies after dequantizing; the kernel sums each 32-weight group
+before scaling it (d * sum(x * code)), a different float32 order than F32's, measured up to
+1.02e-4 on these logits (|logit| <= ~5), so atol 3e-4, and every greedy token must match. Where that kernel cannot be built, quantized weights run through the int4 kernel on bfloat16 activations with float32 accumulation: each
 matmul's input is rounded to bfloat16 (relative 2^-9) and its output too (2^-9), so a linear
 layer's relative error is ~2^-8; through a few layers, with the residual stream in float32, we
 allow 8% of the largest reference logit (measured up to 6.6%, llama Q4_K: these random-weight
@@ -61,8 +62,10 @@ def _reference(path: Path) -> tuple[list[int], torch.Tensor]:
 
 def _atol(quant: str, ref_logits: torch.Tensor) -> tuple[float, bool]:
     """(absolute logit tolerance, whether every greedy token must match) for `quant` here."""
-    if quant == "F32" or native_kernel() is not None:
+    if quant == "F32":
         return 1e-4, True
+    if native_kernel() is not None:  # exact values, float32 sums in another order
+        return 3e-4, True
     return 0.08 * float(ref_logits.abs().max()), False
 
 
