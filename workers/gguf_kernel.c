@@ -359,8 +359,14 @@ static inline float hsum256(__m256 v) {
                     const float *xp = x + t * k + at;                                                  \
                     __m256 s0 = _mm256_fmadd_ps(f1, _mm256_loadu_ps(xp + 8), _mm256_mul_ps(f0, _mm256_loadu_ps(xp))); \
                     __m256 s1 = _mm256_fmadd_ps(f3, _mm256_loadu_ps(xp + 24), _mm256_mul_ps(f2, _mm256_loadu_ps(xp + 16))); \
-                    acc[t] = _mm256_fmadd_ps(d1, s1, _mm256_fmadd_ps(d0, s0, acc[t]));                 \
-                    macc[t] += gr.m * xsum[t * (k / 32) + at / 32];                                    \
+                    if (HAS_MIN_##NAME) {                                                              \
+                        acc[t] = _mm256_fmadd_ps(d1, s1, _mm256_fmadd_ps(d0, s0, acc[t]));             \
+                        macc[t] += gr.m * xsum[t * (k / 32) + at / 32];                                \
+                    } else if (TWO_SCALES_##NAME) {                                                    \
+                        acc[t] = _mm256_fmadd_ps(d1, s1, _mm256_fmadd_ps(d0, s0, acc[t]));             \
+                    } else {                                                                           \
+                        acc[t] = _mm256_fmadd_ps(d0, _mm256_add_ps(s0, s1), acc[t]);                   \
+                    }                                                                                  \
                 }                                                                                      \
             }                                                                                          \
         }                                                                                              \
@@ -388,6 +394,11 @@ static inline float hsum256(__m256 v) {
         default: fast_##NAME##_r(row, x, xsum, k, 1, out);                                            \
         }                                                                                              \
     }
+/* whether a type has an additive offset per group, and two scales per group (Q6_K's 16s) */
+enum { HAS_MIN_q4_0 = 0, HAS_MIN_q4_1 = 1, HAS_MIN_q5_0 = 0, HAS_MIN_q5_1 = 1, HAS_MIN_q8_0 = 0,
+       HAS_MIN_q4_k = 1, HAS_MIN_q5_k = 1, HAS_MIN_q6_k = 0 };
+enum { TWO_SCALES_q4_0 = 0, TWO_SCALES_q4_1 = 0, TWO_SCALES_q5_0 = 0, TWO_SCALES_q5_1 = 0, TWO_SCALES_q8_0 = 0,
+       TWO_SCALES_q4_k = 0, TWO_SCALES_q5_k = 0, TWO_SCALES_q6_k = 1 };
 FAST_ROW(q4_0, 32, 18)
 FAST_ROW(q4_1, 32, 20)
 FAST_ROW(q5_0, 32, 22)
