@@ -57,6 +57,8 @@ class MessageIntake:
                 self.release(tuple(self.requests))
                 self.backend = self.expected = None
                 self.register()
+            case p.ProbeLinks():
+                self.links.ask(message.peers)
             case p.Shutdown():
                 log.info("shutdown: %s", message.reason)
                 self.running = False
