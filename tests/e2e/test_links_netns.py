@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from scheduler.link_table import LinkTable
+from tests.scheduler.test_link_planning import _worker, check_slow_link_rule
 from tests.support.checkpoints import make_checkpoint
 from tests.support.netns_boxes import Boxes, netns_available
 from tests.support.served import ServedModel, free_port
@@ -95,6 +96,11 @@ def test_links_are_measured_planned_for_and_predict_latency(tmp_path: Path) -> N
             for row in cluster["links"]:
                 table.record(row["workers"][0], [(row["workers"][1], row["rtt_s"], row["bandwidth_bytes_per_s"])])
             assert table.slow_pairs("abc") == {("a", "c"), ("b", "c")}
+            # the planner over these measured links (devices: the 12.5 GiB model of the planner test)
+            plan, _ = check_slow_link_rule(table, [_worker("a", 1.0), _worker("b", 1.0), _worker("c", 12.0)])
+            assert plan.pipelines == (("a", "b"),)  # c would add 2%: kept off its slow link
+            plan, _ = check_slow_link_rule(table, [_worker("a", 1.0), _worker("b", 1.0), _worker("c", 1.0)])
+            assert len(plan.pipelines[0]) == 3  # c adds 45%: crossing its link is worth it
 
             status = subprocess.run([sys.executable, "-m", "api.cli", "status", "--url", served.url],
                                     capture_output=True, text=True, timeout=60)
