@@ -8,7 +8,7 @@ own namespace on the bridge's address; each box runs `potluck join`. Needs root 
 
 Shown, all through the production path (workers probe each other when they join, the scheduler
 keeps the table, `/cluster` and `potluck status` show it):
-- measured RTT and bandwidth within 25% of the settings (medians of several probes);
+- measured RTT and bandwidth (also in `potluck status` and on the dashboard) within 25% of the settings (medians of several probes);
 - the planner, given those measured links, keeps consecutive stages off the slow link when an
   alternative keeps >= 90% of the throughput, and crosses it only when no alternative does;
 - the predicted per-token latency of a pipeline over the slow link (a -> b -> c, ring back to
@@ -18,6 +18,8 @@ keeps the table, `/cluster` and `potluck status` show it):
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -106,6 +108,12 @@ def test_links_are_measured_planned_for_and_predict_latency(tmp_path: Path) -> N
                                     capture_output=True, text=True, timeout=60)
             assert status.returncode == 0, status.stderr
             assert "a - c" in status.stdout and "ms" in status.stdout, status.stdout
+            if (browser := shutil.which("chromium") or shutil.which("chromium-browser")) is not None:
+                dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                                      f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=5000", "--dump-dom",
+                                      f"{served.url}/dashboard"], capture_output=True, text=True, timeout=90).stdout
+                rows = re.findall(r'<tr class="link"><td class="name">(\w) – (\w)</td><td>([0-9.]+) ms</td>', dom)
+                assert {(x, y) for x, y, _ in rows} == {("a", "b"), ("a", "c"), ("b", "c")}, dom[-3000:]
 
             # predicted vs measured seconds per token on a -> b -> c
             assert cluster["plan"]["usable_pipelines"] == [["a", "b", "c"]]
@@ -116,6 +124,10 @@ def test_links_are_measured_planned_for_and_predict_latency(tmp_path: Path) -> N
                 short_s, long_s = _request_s(served.url, model_dir.name, 8), _request_s(served.url, model_dir.name, 48)
                 per_token_s.append((long_s - short_s) / 40)
             measured_s = sorted(per_token_s)[1]
+            # asked again: every pair is measured once more (the table's times move on)
+            before = {tuple(row["workers"]): row["measured_at_unix_s"] for row in cluster["links"]}
+            assert httpx.post(f"{served.url}/cluster/links/probe", timeout=10).json()["asked_workers"] == 2
+            _wait_for(served.url, lambda c: all(row["measured_at_unix_s"] > before[tuple(row["workers"])] for row in c["links"]))
             cluster = httpx.get(f"{served.url}/cluster", timeout=10).json()  # after the steps: their measured times
             print("steps ms", {w["id"]: round(1e3 * w["step_time_ewma_s"], 2) for w in cluster["workers"]},
                   "predicted before", round(1e3 * predicted_s, 1))
