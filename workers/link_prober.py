@@ -47,12 +47,14 @@ Peer = tuple[str, str, str]  # (worker id, echo address, public key)
 
 class LinkProber:
     def __init__(self, context: zmq.Context, keys: curve.KeyPair, worker_id: str, listen_host: str,
-                 advertise_host: str, scheduler_address: str, scheduler_key: str, use_curve: bool) -> None:
+                 advertise_host: str, scheduler_address: str, scheduler_key: str, use_curve: bool,
+                 timeout_s: float = PROBE_TIMEOUT_S) -> None:
         self.context = context
         self.keys = keys if use_curve else None
         self.worker_id = worker_id
         self.scheduler_address = scheduler_address
         self.scheduler_key = scheduler_key
+        self.timeout_s = timeout_s  # a peer silent this long is not measured (tried once more)
         self.responder = EchoResponder(listen_host, advertise_host=advertise_host, context=context, keys=self.keys)
         self.requests: queue.Queue[tuple[Peer, ...] | None] = queue.Queue()
         self.measured: dict[str, tuple[Peer, float]] = {}  # worker id -> (peer, reported rtt_s)
@@ -89,7 +91,7 @@ class LinkProber:
         return min(r[0] for r in rounds), max(r[1] for r in rounds)
 
     def _probe(self, peer: Peer, payload_bytes: int, repeats: int) -> tuple[float, float]:
-        return probe_peer(peer[1], payload_bytes, repeats=repeats, timeout_s=PROBE_TIMEOUT_S, context=self.context,
+        return probe_peer(peer[1], payload_bytes, repeats=repeats, timeout_s=self.timeout_s, context=self.context,
                           keys=self.keys, server_public_key=peer[2] if self.keys is not None else None, best=True)
 
     def _run(self) -> None:
