@@ -81,11 +81,10 @@ def test_links_are_measured_planned_for_and_predict_latency(tmp_path: Path) -> N
         args = ["--scheduler-host", boxes.root_ip, "--scheduler-port", str(scheduler_port), "--no-profile",
                 "--token", TOKEN, "--placement", "pipeline"]
         with ServedModel(model_dir, 0, args, log_path=tmp_path / "serve.log") as served:
-            for box in ("a", "b", "c"):  # in order: each joiner probes the boxes already in
+            for box in ("a", "b", "c"):  # each joiner probes the boxes registered before it: every pair once
                 boxes.popen(box, [sys.executable, "-m", "api.cli", "join", "--scheduler", f"tcp://{boxes.root_ip}:{scheduler_port}",
                                   "--host", boxes.ip_of(box), "--worker-id", box, "--no-profile", "--token", TOKEN, "--threads", "1"],
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"join-{box}.log", "w"), preexec_fn=_not_nice)
-                _wait_for(served.url, lambda c, box=box: any(w["id"] == box for w in c["workers"]))
             cluster = _wait_for(served.url, lambda c: len(c["links"]) == 3 and len(c["workers"]) == 3
                                 and all(w["state"] == "ready" for w in c["workers"]))
             links = {tuple(row["workers"]): row for row in cluster["links"]}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from placement.problem import PlacementProblem
 from placement.solver import solve_placement
 from scheduler.cluster import LayerPlan, WorkerState
@@ -65,6 +67,7 @@ def check_slow_link_rule(table: LinkTable, workers: list[WorkerState]) -> tuple[
     return plan, avoiding
 
 
+@pytest.mark.slow  # CP-SAT, three solves
 def test_a_slow_box_that_adds_little_is_kept_off_the_slow_link() -> None:
     workers = [_worker("a", 1.0), _worker("b", 1.0), _worker("c", 12.0)]
     plan, _ = check_slow_link_rule(_table(MEASURED), workers)
@@ -72,6 +75,7 @@ def test_a_slow_box_that_adds_little_is_kept_off_the_slow_link() -> None:
     assert ("a", "b") in plan.pipelines or ("b", "a") in plan.pipelines
 
 
+@pytest.mark.slow  # CP-SAT, three solves
 def test_the_slow_link_is_crossed_only_when_no_plan_without_it_comes_close() -> None:
     # c is as fast as a and b: a third of the layers each beats two halves by far
     workers = [_worker("a", 1.0), _worker("b", 1.0), _worker("c", 1.0)]
