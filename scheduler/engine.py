@@ -37,7 +37,7 @@ from scheduler.admission import AdmissionQueue
 from scheduler.cluster import Cluster, LayerPlan, WorkerState
 from scheduler.engine_config import EngineConfig
 from scheduler.errors import GenerationFailedError, InvalidRequestError, NoCapacityError, OverloadedError
-from scheduler.link_table import LinkTable, probe_peers
+from scheduler.link_table import LinkTable, probe_requests
 from scheduler.load import load_snapshot
 from scheduler.membership import Membership, check_request, ghost_requests
 from scheduler.metrics import EngineMetrics
@@ -290,7 +290,8 @@ class Engine:
             case p.Register():
                 self._on_register(message)
             case p.LinkReport():  # a re-plan when a link is new or changed (the plan may avoid it)
-                if message.worker_id in self.cluster.workers and self.link_table.record(message.worker_id, message.links):
+                workers = self.cluster.workers
+                if message.worker_id in workers and self.link_table.record(message.worker_id, message.links, workers):
                     if self.cluster.plan is not None:
                         self.replan()
             case p.LayersReady():
@@ -337,15 +338,10 @@ class Engine:
 
     def probe_links(self, worker_ids: tuple[str, ...] = ()) -> int:
         """Ask these workers (all: every pair once) to measure their links; how many were asked."""
-        ids = worker_ids or tuple(sorted(self.cluster.workers))
-        asked = 0
-        for worker_id in ids:
-            peers = probe_peers(self.cluster.workers, worker_id, self.membership.key_of)
-            peers = peers if worker_ids else tuple(peer for peer in peers if peer[0] > worker_id)
-            if peers:
-                self._send(worker_id, p.ProbeLinks(peers))
-                asked += 1
-        return asked
+        asks = probe_requests(self.cluster.workers, self.membership.key_of, worker_ids)
+        for worker_id, message in asks.items():
+            self._send(worker_id, message)
+        return len(asks)
 
     async def _monitor_loop(self) -> None:
         tick_s = 0.25

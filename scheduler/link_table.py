@@ -3,8 +3,9 @@
 Parts:
 - `MeasuredLink`: one worker pair's median round trip and bandwidth, and when it was measured.
 - `LinkTable`: the scheduler's table, undirected (a pair is measured from one end).
-  - `record(worker_id, report_links) -> bool`: take a `LinkReport`'s links; whether some link is
-    new or changed by more than `CHANGE_FRACTION` (worth a re-plan).
+  - `record(worker_id, report_links, known) -> bool`: take a `LinkReport`'s links (to `known`
+    workers, with finite positive figures; others are dropped); whether some link is new or
+    changed by more than `CHANGE_FRACTION` (worth a re-plan).
   - `forget(worker_id)`: a worker left.
   - `link_specs(worker_ids)`: placement's `LinkSpec`s over those workers (one-way latency = half
     the round trip); pairs not measured get placement's default link, so they stay connected;
@@ -13,18 +14,22 @@ Parts:
     (`SLOW_FACTOR` x its per-hop time or worse): what the planner tries to keep stages off.
   - `hop_latency_s()`, `hop_bandwidth_bytes_per_s()`: the router's hop maps, both directions.
   - `rows()`: the table as JSON rows for `/cluster`.
-- `probe_peers(workers, new_id)`: whom a worker should probe: the other workers that run an
-  echo responder on another host (co-located workers share the machine, not a link).
+- `probe_peers(workers, new_id, public_keys)`: whom a worker should probe: the other workers that
+  run an echo responder on another host (co-located workers share the machine, not a link).
+- `probe_requests(workers, public_keys, worker_ids)`: the `ProbeLinks` to send: each of
+  `worker_ids` probes every other worker; with none given, every pair is probed once.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 
 from placement.problem import DEFAULT_BANDWIDTH_BYTES_PER_S, DEFAULT_LATENCY_S, LinkSpec
 from scheduler.cluster import WorkerState
+from workers import protocol as p
 
 CHANGE_FRACTION = 0.25
 SLOW_FACTOR = 4.0
@@ -55,10 +60,12 @@ class LinkTable:
     def __init__(self) -> None:
         self.links: dict[tuple[str, str], MeasuredLink] = {}
 
-    def record(self, worker_id: str, report_links: Iterable[tuple[str, float, float]]) -> bool:
+    def record(self, worker_id: str, report_links: Iterable[tuple[str, float, float]],
+               known: Container[str] | None = None) -> bool:
         changed = False
         for peer_id, rtt_s, bandwidth in report_links:
-            if peer_id == worker_id or not (rtt_s > 0 and bandwidth > 0):
+            if peer_id == worker_id or (known is not None and peer_id not in known) \
+                    or not (0 < rtt_s < math.inf and 0 < bandwidth < math.inf):
                 continue
             key = _pair(worker_id, peer_id)
             old = self.links.get(key)
@@ -119,3 +126,14 @@ def probe_peers(workers: Mapping[str, WorkerState], new_id: str, public_keys: Ma
     new = workers[new_id]
     return tuple((wid, w.echo_address, public_keys.get(wid, "")) for wid, w in sorted(workers.items())
                  if wid != new_id and w.echo_address and _host(w.echo_address) != _host(new.echo_address))
+
+
+def probe_requests(workers: Mapping[str, WorkerState], public_keys: Mapping[str, str],
+                   worker_ids: tuple[str, ...] = ()) -> dict[str, p.ProbeLinks]:
+    asks = {}
+    for worker_id in worker_ids or tuple(sorted(workers)):
+        peers = probe_peers(workers, worker_id, public_keys)
+        peers = peers if worker_ids else tuple(peer for peer in peers if peer[0] > worker_id)
+        if peers:
+            asks[worker_id] = p.ProbeLinks(peers)
+    return asks

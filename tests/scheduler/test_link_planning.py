@@ -14,7 +14,7 @@ import pytest
 from placement.problem import PlacementProblem
 from placement.solver import solve_placement
 from scheduler.cluster import LayerPlan, WorkerState
-from scheduler.link_table import LinkTable
+from scheduler.link_table import LinkTable, probe_requests
 from scheduler.planner import SLOW_LINK_KEEP_FRACTION, PlannerConfig, device_spec, model_spec, plan_layers
 from scheduler.routing import LoadSnapshot, StageLoad, choose_route, RouteRequest
 from workers.device_profile import DeviceProfile, LayerTimings
@@ -109,5 +109,17 @@ def test_link_table_records_forgets_and_reports_changes() -> None:
     assert table.hop_latency_s() == {("a", "b"): 0.020, ("b", "a"): 0.020}
     specs = table.link_specs(["a", "b", "c"])  # c unmeasured: default links keep it connected
     assert {(s.src, s.dst) for s in specs} == {("a", "b"), ("a", "c"), ("b", "c")}
+    assert not table.record("a", [("z", 0.01, 1e8), ("c", float("inf"), 1e8), ("c", 0.01, float("nan"))], known="abc")
+    assert len(table.rows()) == 1  # an unknown peer and figures that are not finite and positive: dropped
     table.forget("a")
     assert table.rows() == [] and table.link_specs(["a", "b"]) == ()
+
+
+def test_probe_requests_ask_for_each_pair_on_another_host_once() -> None:
+    workers = {w: WorkerState(w, f"tcp://{host}:7000", 2**30, "cpu", None, 1, 0.0, 0.0, echo_address=f"tcp://{host}:{port}")
+               for w, host, port in (("a", "10.0.0.1", 7001), ("b", "10.0.0.2", 7001), ("c", "10.0.0.2", 7002))}
+    keys = {"a": "ka", "b": "kb", "c": "kc"}
+    everyone = probe_requests(workers, keys)
+    assert {w: [peer[0] for peer in m.peers] for w, m in everyone.items()} == {"a": ["b", "c"]}  # b, c share a host
+    joined = probe_requests(workers, keys, ("c",))
+    assert joined["c"].peers == (("a", "tcp://10.0.0.1:7001", "ka"),)
