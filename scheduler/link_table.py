@@ -1,7 +1,8 @@
 """The links between workers, as the workers measured them (workers/link_prober.py).
 
 Parts:
-- `MeasuredLink`: one worker pair's median round trip and bandwidth, and when it was measured.
+- `MeasuredLink`: one worker pair's round trip and bandwidth (the best of the samples its
+  worker took, workers/link_prober.py), and when it was measured.
 - `LinkTable`: the scheduler's table, undirected (a pair is measured from one end).
   - `record(worker_id, report_links, known) -> bool`: take a `LinkReport`'s links (to `known`
     workers, with finite positive figures; others are dropped); whether some link is new or
@@ -22,8 +23,8 @@ Parts:
 
 from __future__ import annotations
 
-import time
 import math
+import time
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 

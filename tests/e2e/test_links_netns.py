@@ -17,6 +17,7 @@ keeps the table, `/cluster` and `potluck status` show it):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -75,7 +76,8 @@ def _request_s(url: str, model: str, max_tokens: int) -> float:
 
 def test_links_are_measured_planned_for_and_predict_latency(tmp_path: Path) -> None:
     model_dir = make_checkpoint(tmp_path / "llama", "llama", num_hidden_layers=6)
-    with Boxes(slow_box="c", slow_delay_s=SLOW_DELAY_S, slow_rate_mbit=SLOW_RATE_BYTES_PER_S * 8 / 1e6) as boxes:
+    with Boxes(slow_box="c", slow_delay_s=SLOW_DELAY_S, slow_rate_mbit=SLOW_RATE_BYTES_PER_S * 8 / 1e6) as boxes, \
+            contextlib.ExitStack() as logs:
         scheduler_port = free_port()
         # one chain a -> b -> c: the per-token ring crosses the slow link twice (b -> c, c -> a)
         args = ["--scheduler-host", boxes.root_ip, "--scheduler-port", str(scheduler_port), "--no-profile",
@@ -84,7 +86,8 @@ def test_links_are_measured_planned_for_and_predict_latency(tmp_path: Path) -> N
             for box in ("a", "b", "c"):  # each joiner probes the boxes registered before it: every pair once
                 boxes.popen(box, [sys.executable, "-m", "api.cli", "join", "--scheduler", f"tcp://{boxes.root_ip}:{scheduler_port}",
                                   "--host", boxes.ip_of(box), "--worker-id", box, "--no-profile", "--token", TOKEN, "--threads", "1"],
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"join-{box}.log", "w"), preexec_fn=_not_nice)
+                            stdout=subprocess.DEVNULL, stderr=logs.enter_context(open(tmp_path / f"join-{box}.log", "w")),
+                            preexec_fn=_not_nice)
             cluster = _wait_for(served.url, lambda c: len(c["links"]) == 3 and len(c["workers"]) == 3
                                 and all(w["state"] == "ready" for w in c["workers"]))
             links = {tuple(row["workers"]): row for row in cluster["links"]}
