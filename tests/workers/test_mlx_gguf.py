@@ -173,3 +173,16 @@ def test_mlx_refuses_quantization_of_a_gguf(gguf_files):
     path = gguf_files["llama", "Q4_0"]
     with pytest.raises(ValueError, match="already quantized"):
         load_backend(StageConfig(str(path), 0, 3, quantization="int8"), "mlx")
+
+
+def test_mlx_last_stage_returns_all_logits_when_asked(gguf_files):
+    """A chunk with `all_logits` (echo / prompt logprobs) gets a row per token; others their last."""
+    path = gguf_files["llama", "Q4_K"]
+    _, ref_logits = _reference(path)
+    first, last = _stages(path, [(0, 1), (1, 3)], ["mlx", "mlx"])
+    chunks = [SequenceChunk("a", 0, len(PROMPT), all_logits=True), SequenceChunk("b", 0, 3)]
+    ids = np.array(PROMPT + PROMPT[:3], np.int64)
+    logits = last.forward(chunks, first.forward(chunks, ids))
+    assert logits.shape == (len(PROMPT) + 1, last.vocab_size) and logits.dtype == np.float32
+    assert float(np.abs(logits[: len(PROMPT)] - ref_logits[: len(PROMPT)]).max()) <= MLX_ATOL
+    assert float(np.abs(logits[-1] - ref_logits[2]).max()) <= MLX_ATOL
