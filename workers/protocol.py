@@ -154,6 +154,8 @@ class Register:
     backend: str = "torch"  # the backend that runs its layers (workers/backend_plugins.py)
     public_key: str = ""  # the worker's CURVE public key (z85), authorised by `proof`
     proof: str = ""  # HMAC-SHA256(token, worker id + public key), hex (workers/curve.py)
+    weight_formats: tuple[str, ...] = ()  # what its backend reads ("safetensors", "gguf"); (): not said
+    quantizations: tuple[str, ...] = ()  # what its backend quantizes at load ("int8", "int4")
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ import zmq
 from workers import codec, curve
 from workers import protocol as p
 from workers.backend import SequenceChunk, StageBackend
+from workers.backend_plugins import claimed_formats
 from workers.host_arrays import array_to_payload
 from workers.batching import MAX_PREFILL_TOKENS_PER_STEP, StageRequest, WorkItem, take_batch
 from workers.device_memory import usable_memory_bytes
@@ -143,6 +144,7 @@ class Worker(MessageIntake):  # what it does with each message it receives: work
                 public_key=public_key,
                 proof=proof,
                 backend=self.config.backend,
+                **claimed_formats(self.config.backend),
             )
         )
 
