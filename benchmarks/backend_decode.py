@@ -1,9 +1,10 @@
 """Decode speed of one stage on each backend, side by side (the MLX stage beside the torch stage).
 
     python -m benchmarks.backend_decode [--backends torch,mlx] [--rounds 5] [--steps 32] [--batch 1,8]
+        [--model DIR_OR_GGUF]
 
-Builds a random-weight Llama checkpoint (hidden 512, 8 layers, float32; --hidden / --layers),
-loads the whole model as one stage on every backend named, fills a context of --context tokens
+Builds a random-weight Llama checkpoint (hidden 512, 8 layers, float32; --hidden / --layers), or
+takes --model (a GGUF too: e.g. SmolLM2-135M Q4_1, each backend keeping it quantized), loads the whole model as one stage on every backend named, fills a context of --context tokens
 per request, then times decode steps (one token per request) in interleaved rounds: each round
 runs every backend once, in alternating order, so that a slow minute of a shared machine weighs
 on all. Prints per backend and batch size the median step time and tokens/s over the rounds, and
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--model", default=None, help="a model directory or GGUF file instead of a random checkpoint")
     parser.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.torch_threads:
@@ -74,13 +76,19 @@ def main() -> None:
     names = args.backends.split(",")
     batches = [int(b) for b in args.batch.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_checkpoint(Path(tmp) / "llama", args.hidden, args.layers)
+        if args.model:
+            from workers.model_config import ModelConfig
+
+            model, args.layers = Path(args.model), ModelConfig.from_path(args.model).num_hidden_layers
+        else:
+            model = build_checkpoint(Path(tmp) / "llama", args.hidden, args.layers)
         stages = {}
         for name in names:
             config = StageConfig(str(model), 0, args.layers, "float32", "cpu", kv_budget_bytes=2**30)
+            begin = time.perf_counter()
             stages[name] = load_backend(config, name)
-        params = stages[names[0]].weight_bytes // 4
-        print(f"Llama hidden {args.hidden}, {args.layers} layers, {params / 1e6:.1f}M parameters, float32, one stage, "
+            print(f"{name}: loaded in {time.perf_counter() - begin:.1f} s, {stages[name].weight_bytes / 1e6:.1f} MB of weights")
+        print(f"{model.name}, {args.layers} layers, float32 activations, one stage, "
               f"context {args.context}, {args.steps} decode steps x {args.rounds} rounds")  # fmt: skip
         results: dict[tuple[str, int], list[float]] = {(n, b): [] for n in names for b in batches}
         for round_index in range(args.rounds):

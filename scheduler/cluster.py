@@ -5,7 +5,11 @@ Parts:
   layer range, last heartbeat.
 - `LayerPlan`: the ranges the planner chose and the pipelines (routes) they form.
 - `Cluster`: the registry. Pure state, no sockets: the engine feeds it messages and asks it which
-  routes are usable now.
+  routes are usable now. It knows the served model's weight format and quantization, and marks
+  a worker whose backend does not claim them `refused` (with the one-line reason) at registration:
+  such a worker stays registered but is left out of every plan.
+- `format_refusal(worker, weight_format, quantization)`: that reason, or None;
+  `weight_format(model_path)`: "gguf" or "safetensors".
 - `WorkerFailure`: a worker that failed to start or to load its layers, and why (kept in
   `Cluster.failures` until a worker of that id registers again; `/cluster` and `potluck status`
   list them).
@@ -46,6 +50,9 @@ class WorkerState:
     prefill_tokens_per_step: int = 0  # the worker's chunked-prefill budget (0: not reported)
     backend: str = "torch"  # what runs its layers (Register.backend); placement sees one more device
     echo_address: str = ""  # where peers measure their links to it (Register.echo_address)
+    weight_formats: tuple[str, ...] = ()  # what its backend claims (Register); (): not said, any
+    quantizations: tuple[str, ...] = ()  # claimed quantizations (meaningful when weight_formats is said)
+    refused: str | None = None  # why its backend cannot run the served model (never planned), or None
 
     @property
     def is_ready(self) -> bool:
@@ -77,6 +84,26 @@ class LayerPlan:
     co_located: bool = False
 
 
+def weight_format(model_path: str) -> str:
+    """"gguf" for a .gguf file, else "safetensors" (a Hugging Face model directory)."""
+    return "gguf" if str(model_path).endswith(".gguf") else "safetensors"
+
+
+def format_refusal(worker: WorkerState, weight_format: str, quantization: str) -> str | None:
+    """One line saying why `worker`'s backend cannot serve a model in `weight_format` ("gguf" |
+    "safetensors") with `quantization` ("none" | "int8" | "int4"); None when it can, or when the
+    worker did not say what it claims (a worker older than the claim)."""
+    if not worker.weight_formats:
+        return None
+    if weight_format not in worker.weight_formats:
+        claimed = ", ".join(worker.weight_formats)
+        return f"backend {worker.backend} does not read {weight_format} weights (it reads {claimed})"
+    if quantization != "none" and quantization not in worker.quantizations:
+        claimed = ", ".join(worker.quantizations) or "none"
+        return f"backend {worker.backend} does not run {quantization} quantization (it runs {claimed})"
+    return None
+
+
 @dataclass
 class Cluster:
     num_layers: int
@@ -84,6 +111,8 @@ class Cluster:
     plan: LayerPlan | None = None
     epoch: int = 0
     failures: dict[str, WorkerFailure] = field(default_factory=dict)
+    weight_format: str = "safetensors"  # the served model's: "safetensors" | "gguf"
+    quantization: str = "none"  # applied to safetensors at load: none | int8 | int4
 
     def record_failure(self, worker_id: str, reason: str) -> WorkerFailure:
         failure = WorkerFailure(worker_id, reason, time.time())
@@ -104,7 +133,10 @@ class Cluster:
             echo_address=message.echo_address,
             registered_at_s=now_s,
             last_seen_s=now_s,
+            weight_formats=tuple(message.weight_formats),
+            quantizations=tuple(message.quantizations),
         )
+        state.refused = format_refusal(state, self.weight_format, self.quantization)
         self.workers[message.worker_id] = state
         self.failures.pop(message.worker_id, None)
         return state

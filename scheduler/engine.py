@@ -34,7 +34,7 @@ import zmq.asyncio
 
 from scheduler import snapshots
 from scheduler.admission import AdmissionQueue
-from scheduler.cluster import Cluster, LayerPlan, WorkerState
+from scheduler.cluster import Cluster, LayerPlan, WorkerState, weight_format
 from scheduler.engine_config import EngineConfig
 from scheduler.errors import GenerationFailedError, InvalidRequestError, NoCapacityError, OverloadedError
 from scheduler.link_table import LinkTable, probe_requests
@@ -63,7 +63,7 @@ class Engine:
         self.max_model_len = config.max_model_len or config.model.max_position_embeddings
         self.planner_config = PlannerConfig(self.max_model_len, config.max_concurrent_sequences, placement=config.placement,
             objective=config.placement_objective, prompt_tokens_per_output_token=config.prompt_tokens_per_output_token)
-        self.cluster = Cluster(num_layers=config.model.num_layers)
+        self.cluster = Cluster(config.model.num_layers, weight_format=weight_format(config.model_dir), quantization=config.quantization)
         self.requests: dict[str, RequestState] = {}  # routed requests, by wire id
         self.inboxes: dict[str, Inbox] = {}  # each routed request's tokens, by wire id
         self.async_context = zmq.asyncio.Context()
@@ -314,7 +314,8 @@ class Engine:
             return
         if message.worker_id in self.cluster.workers:
             self._lose(message.worker_id, "registered again")
-        self.cluster.register(message)
+        if refused := self.cluster.register(message).refused:
+            log.warning("worker %s is left out of the plan: %s", message.worker_id, refused)
         self.links.connect(message.worker_id, message.data_address, message.public_key)
         self._send_members()
         self.probe_links((message.worker_id,))
@@ -371,7 +372,7 @@ class Engine:
 
     def replan(self) -> None:
         """Plan for the registered workers; only workers whose range changes reload."""
-        workers = [w for w in self.cluster.workers.values() if not w.draining]
+        workers = [w for w in self.cluster.workers.values() if not w.draining and not w.refused]
         if not workers:
             self.cluster.plan = None
             return

@@ -42,6 +42,8 @@ class EngineView(Protocol):
 
 
 def worker_state_name(worker: WorkerState) -> str:
+    if worker.refused:
+        return "refused"
     if worker.error:
         return "error"
     if worker.draining:
@@ -65,6 +67,7 @@ def worker_snapshot(worker: WorkerState) -> dict:
         "loaded_layers": list(worker.loaded) if worker.loaded else None,
         "state": worker_state_name(worker),
         "error": worker.error,
+        "refused": worker.refused,  # why its backend cannot run this model (left out of the plan)
         "weight_bytes": worker.weight_bytes,
         "kv_capacity_tokens": worker.kv_capacity_tokens,
         "kv_free_tokens": worker.kv_free_tokens,
@@ -82,9 +85,10 @@ def worker_snapshot(worker: WorkerState) -> dict:
 
 def health_snapshot(engine: EngineView) -> dict:
     """`/health`: "ok" when every registered (and every expected local) worker serves on a usable
-    route, else "degraded", with the count of serving workers."""
+    route, else "degraded", with the count of serving workers (refused workers are not expected to)."""
     serving = {worker_id for route in engine.cluster.usable_routes() for worker_id in route}
-    expected = max(len(engine.cluster.workers), engine.config.local_workers, engine.config.min_workers)
+    refused = sum(1 for w in engine.cluster.workers.values() if w.refused)  # cannot serve this model
+    expected = max(len(engine.cluster.workers), engine.config.local_workers, engine.config.min_workers) - refused
     status = "ok" if serving and len(serving) >= expected else "degraded"
     return {"status": status, "serving_workers": len(serving), "registered_workers": len(engine.cluster.workers)}
 

@@ -14,6 +14,8 @@ Parts:
   installed, or beside an editable install of another checkout, finds its own backends).
 - `get_plugin(name)`, `resolve_backend(name)` ("auto": the plugin with devices and the highest
   priority), `installed_backends()` (name -> plugin or the error that loading it raised).
+- `claimed_formats(name)`: the weight formats and quantizations a backend claims, as the fields
+  a worker's Register carries (the scheduler plans a model only onto workers that claim its format).
 """
 
 from __future__ import annotations
@@ -155,3 +157,9 @@ def describe_backends() -> list[str]:
         quant = ", ".join(sorted(plugin.quantizations)) or "none"
         lines.append(f"{name:<10} devices: {devices}; weights: {formats}; quantization: {quant}")
     return lines
+
+
+def claimed_formats(name: str) -> dict[str, tuple[str, ...]]:
+    """`weight_formats` and `quantizations` of the backend `name`, as Register carries them."""
+    plugin = get_plugin(name)
+    return {"weight_formats": tuple(sorted(plugin.weight_formats)), "quantizations": tuple(sorted(plugin.quantizations))}

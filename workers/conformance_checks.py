@@ -7,8 +7,9 @@ Parts:
   workers of a pipeline would (prefill, then one token per step), through the numpy boundary.
 - `CHECKS`: name -> check. Equivalence with transformers for every family (one stage, two stages,
   batched and chunked steps), pipelines with torch on either side, bfloat16 across the boundary,
-  KV allocation / capacity / free, `prepare`, bad input, the profile, the formats it claims (or a
-  clear refusal of the ones it does not).
+  KV allocation / capacity / free, `prepare`, bad input, the profile, the formats it claims (GGUF:
+  F32 equal to transformers, Q8_0 / Q4_0 close to it on the file's weights; int8 / int4), or a
+  clear one-line refusal of the ones it does not.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from workers.backend import KVCacheFull, SequenceChunk, StageBackend, StageConfig, load_backend
 from workers.backend_plugins import get_plugin
-from workers.conformance_models import FAMILIES, reference, tiny_checkpoint
+from workers.conformance_models import FAMILIES, reference, tiny_checkpoint, tiny_gguf
 
 PROMPT = (5, 17, 42, 9, 101, 7, 64, 33, 250, 3, 12)
 NEW_TOKENS = 8
@@ -235,6 +236,21 @@ def check_formats(suite: Suite) -> None:
         gguf = suite.root / "model.gguf"
         gguf.write_bytes(b"GGUF")
         _refused(lambda: suite.stage(gguf, 0, 4), "gguf")
+        return
+    # a GGUF: float32 exactly; quantized types against transformers on the file's weights
+    # dequantized (a floor: a backend may run quantized weights on lower-precision activations)
+    for quant, min_corr in (("F32", None), ("Q8_0", 0.99), ("Q4_0", 0.99)):
+        path, dequantized = tiny_gguf(suite.root, "llama", quant)
+        ref = reference(dequantized, PROMPT, NEW_TOKENS)
+        stages = [suite.stage(path, 0, 2, "auto"), suite.stage(path, 2, 4, "auto")]
+        assert stages[0].dtype == "float32", f"GGUF {quant}: dtype auto is {stages[0].dtype}, not float32"
+        first, tokens = greedy(stages, PROMPT, NEW_TOKENS)
+        if min_corr is None:
+            _close(first, ref.logits[-1], f"GGUF {quant}")
+            assert tuple(tokens) == ref.greedy, f"GGUF {quant}: greedy {tokens} != transformers {ref.greedy}"
+        else:
+            corr = float(np.corrcoef(first, ref.logits[-1])[0, 1])
+            assert corr >= min_corr, f"GGUF {quant}: logits correlate {corr:.4f} with its weights' (< {min_corr})"
 
 
 def _refused(load: Callable[[], object], what: str) -> None:

@@ -5,6 +5,9 @@ Parts:
 - `tiny_checkpoint(root, family, dtype)`: a random-weight safetensors checkpoint (4 layers, hidden
   64, GQA 4/2 heads, vocab 256; norms and biases perturbed so their wiring is tested), built once
   per (root, family, dtype) with `transformers`, which the suite needs (the `test` extra).
+- `tiny_gguf(root, family, quant)`: that checkpoint written as a GGUF (F32, Q8_0, Q4_0, with the
+  `gguf` package, as llama.cpp's converter lays it out), and beside it a safetensors checkpoint of
+  the weights the GGUF holds (dequantized), transformers' reference for a backend reading it.
 - `Reference`: transformers' float32 logits of a prompt at every position, and its greedy tokens.
 
 The conformance suite (workers/conformance.py) compares a backend's outputs against these.
@@ -63,6 +66,57 @@ def tiny_checkpoint(root: str | Path, family: str, dtype: str = "float32") -> Pa
     model.to(getattr(torch, dtype)).save_pretrained(path, safe_serialization=True)
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2]}))
     return path
+
+
+def tiny_gguf(root: str | Path, family: str, quant: str) -> tuple[Path, Path]:
+    """(the GGUF of the tiny `family` checkpoint in `quant`, a checkpoint of its weights dequantized)."""
+    import gguf
+    from safetensors.numpy import load_file, save_file
+
+    from workers.gguf_file import LLAMA_PERMUTED, gguf_name, unpermute_rows
+
+    source = tiny_checkpoint(root, family)
+    path, dequantized_dir = Path(root) / f"{family}-{quant}.gguf", Path(root) / f"{family}-{quant}-dequantized"
+    if path.is_file() and (dequantized_dir / "config.json").is_file():
+        return path, dequantized_dir
+    config = json.loads((source / "config.json").read_text())
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    rope = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    writer = gguf.GGUFWriter(str(path), config["model_type"])
+    for add, value in (
+        (writer.add_block_count, config["num_hidden_layers"]), (writer.add_context_length, config["max_position_embeddings"]),
+        (writer.add_embedding_length, config["hidden_size"]), (writer.add_feed_forward_length, config["intermediate_size"]),
+        (writer.add_head_count, heads), (writer.add_head_count_kv, kv_heads), (writer.add_key_length, head_dim),
+        (writer.add_value_length, head_dim), (writer.add_layer_norm_rms_eps, config["rms_norm_eps"]),
+        (writer.add_rope_freq_base, rope), (writer.add_vocab_size, config["vocab_size"]),
+    ):  # fmt: skip
+        add(value)
+    dequantized = {}
+    for name, array in load_file(str(source / "model.safetensors")).items():
+        array = array.astype(np.float32)
+        qtype = gguf.GGMLQuantizationType[quant]
+        if array.ndim == 2 and quant != "F32":  # rows quantize independently: permuting commutes
+            array = gguf.quants.dequantize(gguf.quants.quantize(array, qtype), qtype).reshape(array.shape)
+        dequantized[name] = array
+        stored = array
+        if config["model_type"] in LLAMA_PERMUTED and ("q_proj" in name or "k_proj" in name):
+            order = unpermute_rows(array.shape[0], heads if "q_proj" in name else kv_heads)
+            stored = np.empty_like(array)
+            stored[order] = array  # llama.cpp's q/k row permutation
+        if array.ndim == 1 or quant == "F32":
+            writer.add_tensor(gguf_name(name), np.ascontiguousarray(stored))
+        else:
+            writer.add_tensor(gguf_name(name), gguf.quants.quantize(stored, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    dequantized_dir.mkdir(parents=True, exist_ok=True)
+    save_file(dequantized, str(dequantized_dir / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("config.json", "generation_config.json"):
+        (dequantized_dir / name).write_text((source / name).read_text())
+    return path, dequantized_dir
 
 
 @dataclass(frozen=True)

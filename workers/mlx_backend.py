@@ -1,7 +1,8 @@
 """The MLX implementation of `StageBackend`: Metal on Apple silicon, the CPU elsewhere (`mlx[cpu]`).
 
 Parts:
-- `MLXStageBackend`: reads only its stage's tensors from the safetensors files (`mx.load`, lazy),
+- `MLXStageBackend`: reads only its stage's tensors from the safetensors files (`mx.load`, lazy)
+  or a GGUF's byte ranges,
   builds an `MLXStage` (workers/mlx_layers.py) in the run dtype, quantizes its linear weights
   when `StageConfig.quantization` is int8 / int4 (`mx.quantize`), and accounts KV blocks with a
   `KVBlockLedger` sized from `kv_budget_bytes`. Takes and returns numpy arrays
@@ -12,15 +13,17 @@ Parts:
   (workers/profiler.py `measure_layer_timings`).
 - `PLUGIN`: the entry point `potluck.backends: mlx`.
 
-Weight formats: safetensors. GGUF files are refused with a one-line error (the reader lives in the
-torch loading path); placement never sends them here (the plugin does not claim "gguf").
+Weight formats: safetensors (float, or quantized at load with `quantization` int8 / int4) and
+GGUF (workers/mlx_gguf.py: Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K kept quantized as MLX affine
+4/5/8-bit groups of 32, Q6_K dequantized at load, F32/F16/BF16 dense); a stage reads only its own
+tensors' byte ranges (`gguf_bytes_read`). Dense families only: an MoE model is refused at load.
+The last stage returns logits at every token of a chunk whose `all_logits` is set (prompt logprobs).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -41,17 +44,21 @@ def _mx():
 class MLXStageBackend(StageBackend):
     def __init__(self, config: StageConfig) -> None:
         mx = _mx()
-        from workers.checkpoint import checkpoint_files, stage_tensor_names
         from workers.model_config import ModelConfig
+        from workers.mlx_gguf import load_gguf_stage
         from workers.mlx_layers import MLXStage
 
         self.config = config
-        if Path(config.model_dir).suffix == ".gguf":
-            raise ValueError("the mlx backend reads safetensors checkpoints; GGUF is not supported by it")
+        gguf_file = str(config.model_dir).endswith(".gguf")
         quantization = getattr(config, "quantization", None) or None
-        if quantization not in (None, "int8", "int4"):
+        if quantization not in (None, "none", "int8", "int4"):
             raise ValueError(f"quantization {quantization!r} is not supported by mlx (int8, int4)")
-        mc = self.model_config = ModelConfig.from_hf(config.model_dir)
+        quantization = None if quantization == "none" else quantization
+        if gguf_file and quantization:
+            raise ValueError("--quantization applies to safetensors checkpoints; a GGUF is already quantized")
+        mc = self.model_config = ModelConfig.from_path(config.model_dir)
+        if mc.is_moe:
+            raise ValueError(f"the mlx backend runs dense models; {mc.model_type} has MoE layers (use torch)")
         if not 0 <= config.start_layer < config.end_layer <= mc.num_hidden_layers:
             raise ValueError(
                 f"layer range [{config.start_layer}, {config.end_layer}) outside the model's "
@@ -67,6 +74,28 @@ class MLXStageBackend(StageBackend):
             raise ValueError(f"mlx sees no device {config.device!r} here (devices: {', '.join(mlx_devices())})")
         mx.set_default_device(device)
 
+        self.gguf_bytes_read: tuple[tuple[str, int, int], ...] = ()
+        if gguf_file:
+            tensors, self.gguf_bytes_read = load_gguf_stage(
+                config.model_dir, config.start_layer, config.end_layer, mc.num_hidden_layers,
+                mc.tie_word_embeddings, self._mx_dtype,
+            )  # fmt: skip
+        else:
+            tensors = self._read_safetensors(config, mc)
+        self._loaded_names = frozenset(tensors)
+        inv_freq = mc.rope_inv_freq().numpy()
+        self.stage = MLXStage(
+            mc, config.start_layer, config.end_layer, tensors, self._mx_dtype, inv_freq, quantization
+        )
+        del tensors
+        itemsize = 4 if self.dtype == "float32" else 2
+        per_token = 2 * (config.end_layer - config.start_layer) * mc.num_key_value_heads * mc.head_dim * itemsize
+        self.ledger = KVBlockLedger(config.kv_budget_bytes, per_token, config.kv_block_size_tokens)
+
+    def _read_safetensors(self, config: StageConfig, mc) -> dict[str, object]:
+        mx = _mx()
+        from workers.checkpoint import checkpoint_files, stage_tensor_names
+
         files = checkpoint_files(config.model_dir)
         names = stage_tensor_names(
             set(files), config.start_layer, config.end_layer, mc.num_hidden_layers, mc.tie_word_embeddings
@@ -80,15 +109,7 @@ class MLXStageBackend(StageBackend):
                 tensors[name] = arrays[name].astype(self._mx_dtype)
             mx.eval(list(tensors.values()))
             del arrays
-        self._loaded_names = frozenset(tensors)
-        inv_freq = mc.rope_inv_freq().numpy()
-        self.stage = MLXStage(
-            mc, config.start_layer, config.end_layer, tensors, self._mx_dtype, inv_freq, quantization
-        )
-        del tensors
-        itemsize = 4 if self.dtype == "float32" else 2
-        per_token = 2 * (config.end_layer - config.start_layer) * mc.num_key_value_heads * mc.head_dim * itemsize
-        self.ledger = KVBlockLedger(config.kv_budget_bytes, per_token, config.kv_block_size_tokens)
+        return tensors
 
     # ------------------------------------------------------------------ the step
     def prepare(self, chunks: Sequence[SequenceChunk]) -> object | None:
@@ -122,7 +143,8 @@ class MLXStageBackend(StageBackend):
             if self.dtype == "bfloat16":
                 x = x.view(mx.bfloat16)
         self.ledger.allocate(chunks)  # KVCacheFull / ValueError change nothing; idempotent after prepare
-        out = self.stage.forward([(c.request_id, c.start_position, c.num_tokens) for c in chunks], x)
+        spans = [(c.request_id, c.start_position, c.num_tokens) for c in chunks]
+        out = self.stage.forward(spans, x, [c.all_logits for c in chunks] if self.is_last else ())
         if out.dtype == mx.bfloat16:
             out = out.view(mx.uint16)
         mx.eval(out)
@@ -205,7 +227,7 @@ PLUGIN = BackendPlugin(
     name="mlx",
     load=MLXStageBackend,
     devices=mlx_devices,
-    weight_formats=frozenset({"safetensors"}),
+    weight_formats=frozenset({"safetensors", "gguf"}),
     quantizations=frozenset({"int8", "int4"}),
     profile=mlx_profile,
     priority=20 if "gpu" in mlx_devices() else 0,  # auto: MLX on a Mac's Metal, else torch

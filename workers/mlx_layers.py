@@ -2,7 +2,8 @@
 
 Parts:
 - `Linear`: a [out, in] weight, dense (`x @ w.T`) or quantized with `mx.quantize` (int8 / int4,
-  affine, groups of 64 or 32 input columns) and run by `mx.quantized_matmul`.
+  affine, groups of 64 or 32 input columns), or a GGUF weight already quantized
+  (workers/mlx_gguf.py `MLXQuantized`), and run by `mx.quantized_matmul`.
 - `MLXLayer`: RMSNorm -> q/k/v (+ Qwen2 bias, + Qwen3 per-head q/k norm) -> RoPE -> attention over
   each request's cached K/V (`mx.fast.scaled_dot_product_attention`, GQA without tiling) ->
   o_proj -> residual; RMSNorm -> SwiGLU -> residual.
@@ -23,12 +24,19 @@ from collections.abc import Sequence
 import mlx.core as mx
 import numpy as np
 
+from workers.mlx_gguf import MLXQuantized
+
 QUANT_BITS = {"int8": 8, "int4": 4}
 
 
 class Linear:
-    def __init__(self, weight: mx.array, bias: mx.array | None = None, quantization: str | None = None) -> None:
+    def __init__(self, weight, bias: mx.array | None = None, quantization: str | None = None) -> None:
         self.bias = bias
+        if isinstance(weight, MLXQuantized):  # a GGUF weight, kept as the file quantized it
+            self.bits, self.group_size = weight.bits, weight.group_size
+            self.q, self.scales, self.biases = weight.q, weight.scales, weight.biases
+            self.nbytes = weight.nbytes
+            return
         self.bits = QUANT_BITS[quantization] if quantization else None
         if self.bits is None:
             self.weight_t = weight.T  # [in, out]
@@ -164,22 +172,32 @@ class MLXStage:
         self.embed = embed if self.is_first else None
         self.norm = tensors.get("model.norm.weight") if self.is_last else None
         self.lm_head = None
-        if self.is_last:  # the LM head stays dense: logits are compared and sampled in float32
+        shared_head = False
+        if self.is_last:  # dense weights: the LM head stays dense (logits compared and sampled in
+            # float32); a GGUF's quantized head (or tied quantized embeddings) stays quantized
             head = tensors.get("lm_head.weight", embed)
-            self.lm_head = Linear(head) if head is not embed or not self.is_first else None
-            self._tied = self.lm_head is None
+            shared_head = head is embed and self.is_first
+            self.lm_head = None if shared_head and not isinstance(embed, MLXQuantized) else Linear(head)
         held = [a for a in (self.embed, self.norm) if a is not None]
         self.weight_bytes = sum(a.nbytes for a in held) + sum(l.nbytes for l in self.layers)
-        if self.lm_head is not None:
+        if self.lm_head is not None and not shared_head:
             self.weight_bytes += self.lm_head.nbytes
         self.kv: dict[str, list[list[mx.array]]] = {}  # request -> per layer [K, V]
 
-    def forward(self, spans: Sequence[tuple[str, int, int]], inputs: mx.array) -> mx.array:
+    def forward(
+        self, spans: Sequence[tuple[str, int, int]], inputs: mx.array, all_logits: Sequence[bool] = ()
+    ) -> mx.array:
         """spans: (request_id, start_position, num_tokens) in batch order; inputs: token ids [N]
-        (first stage) or hidden [N, d]. Returns hidden [N, d] or float32 logits [len(spans), vocab]."""
+        (first stage) or hidden [N, d]. Returns hidden [N, d] or float32 logits, one row per span
+        at its last token, or at every token of the spans whose `all_logits` is true."""
         positions = np.concatenate([np.arange(s, s + n) for _, s, n in spans])
         cos, sin = rope_tables(self.inv_freq, positions, self.dtype)
-        hidden = self.embed[inputs] if self.is_first else inputs
+        if not self.is_first:
+            hidden = inputs
+        elif isinstance(self.embed, MLXQuantized):
+            hidden = self.embed.dequantize_rows(inputs, self.dtype)
+        else:
+            hidden = self.embed[inputs]
         rows, row = [], 0
         for request_id, start, count in spans:
             rows.append((row, count, start))
@@ -194,7 +212,8 @@ class MLXStage:
             hidden = layer(hidden, cos, sin, rows, [caches[index] for caches in caches_by_request])
         if not self.is_last:
             return hidden
-        last = mx.array([r + c - 1 for r, c, _ in rows])
+        every = list(all_logits) or [False] * len(rows)
+        last = mx.array([i for (r, c, _), e in zip(rows, every) for i in (range(r, r + c) if e else (r + c - 1,))])
         x = _rms_norm(hidden[last], self.norm, self.config.rms_norm_eps)
         logits = x @ self.embed.T if self.lm_head is None else self.lm_head(x)
         return logits.astype(mx.float32)

@@ -155,6 +155,8 @@ class Register:
     public_key: str = ""  # the worker's CURVE public key (z85), authorised by `proof`
     proof: str = ""  # HMAC-SHA256(token, worker id + public key), hex (workers/curve.py)
     echo_address: str = ""  # where peers probe this worker's links (workers/peer_probe.py); "": none
+    weight_formats: tuple[str, ...] = ()  # what its backend reads ("safetensors", "gguf"); (): not said
+    quantizations: tuple[str, ...] = ()  # what its backend quantizes at load ("int8", "int4")
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ import zmq
 from workers import codec, curve
 from workers import protocol as p
 from workers.backend import SequenceChunk, StageBackend
+from workers.backend_plugins import claimed_formats
 from workers.host_arrays import array_to_payload
 from workers.batching import MAX_PREFILL_TOKENS_PER_STEP, StageRequest, WorkItem, take_batch
 from workers.device_memory import usable_memory_bytes
@@ -149,6 +150,7 @@ class Worker(MessageIntake):  # what it does with each message it receives: work
                 proof=proof,
                 backend=self.config.backend,
                 echo_address=self.links.echo_address,
+                **claimed_formats(self.config.backend),
             )
         )
 

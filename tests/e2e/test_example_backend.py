@@ -57,3 +57,28 @@ def test_the_example_backend_serves_a_stage(python: str, tmp_path: Path) -> None
         detok = httpx.post(f"{served.url}/detokenize", json={"model": model_dir.name, "tokens": tokens}, timeout=30)
         assert result["choices"][0]["text"] == detok.json()["prompt"]
     assert not served.leftover
+
+
+def test_a_backend_that_refuses_gguf_is_left_out_of_the_plan(python: str, tmp_path: Path) -> None:
+    """The numpy backend claims safetensors only: serving a GGUF, its worker registers, is reported
+    refused with a one-line reason, and the torch worker alone serves (no load is tried there)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from gguf_checkpoints import write_gguf
+
+    model_dir = make_checkpoint(tmp_path / "llama", "llama", num_hidden_layers=4)
+    path = write_gguf(model_dir, tmp_path / "tiny.gguf", "F32")
+    with ServedModel(path, 2, ["--local-backends", "torch,numpy", "--no-profile"], tmp_path / "serve.log", python=python) as served:
+        served.wait_ready(path.stem)
+        cluster = httpx.get(f"{served.url}/cluster", timeout=30).json()
+        workers = sorted(cluster["workers"], key=lambda w: w["id"])
+        assert [(w["backend"], w["state"]) for w in workers] == [("torch", "ready"), ("numpy", "refused")]
+        assert workers[1]["refused"] == "backend numpy does not read gguf weights (it reads safetensors)"
+        assert workers[1]["assigned_layers"] is None and workers[1]["error"] is None
+        assert list(cluster["plan"]["ranges"]) == [workers[0]["id"]]
+        assert httpx.get(f"{served.url}/health", timeout=30).json()["status"] == "ok"
+        tokens, _ = reference(model_dir, [5, 17, 42, 9], max_new_tokens=8)
+        result = complete(served.url, path.stem, [5, 17, 42, 9], max_tokens=8)
+        detok = httpx.post(f"{served.url}/detokenize", json={"model": path.stem, "tokens": tokens}, timeout=30)
+        assert result["choices"][0]["text"] == detok.json()["prompt"]
+    assert not served.leftover
+    assert "left out of the plan: backend numpy does not read gguf weights" in (tmp_path / "serve.log").read_text()
