@@ -77,6 +77,7 @@ class Engine:
         self.token = self.membership.token
         self.links = WorkerLinks(self.membership)  # a PUSH socket to each registered worker
         self.prefix_index = PrefixIndex()  # which stages hold which prefixes (cache-aware routing)
+        self.layer_source = ("", "")  # (address, public key) joiners fetch layers from (api/cli.py sets it)
 
     # ------------------------------------------------------------------------------- the request loop
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
@@ -289,7 +290,9 @@ class Engine:
                 self._on_register(message)
             case p.LayersReady():
                 if (state := self.cluster.on_layers_ready(message)) is not None and state.error:
-                    log.error("%s failed to load layers: %s", state.worker_id, state.error)
+                    log.error("%s cannot load layers %s: %s; planning without it", state.worker_id, state.assigned, state.error)
+                    state.draining = True  # out of the plan (its error in /cluster) until it registers again
+                    self.replan()
                 self._routes_changed()
             case p.RequestFailed():
                 if (state := self.requests.get(message.request_id)) is not None:
@@ -386,7 +389,8 @@ class Engine:
             return
         message = assignment(self.config.model_dir, self.config.dtype, self.config.model, worker, new_range, plan,
                              self.planner_config, self.config.prefix_caching)
-        self._send(worker.worker_id, replace(message, quantization=self.config.quantization))
+        address, key = self.layer_source
+        self._send(worker.worker_id, replace(message, quantization=self.config.quantization, layers_address=address, layers_key=key))
 
     # ------------------------------------------------------------------------------- snapshots
     def worker_snapshot(self, worker_id: str) -> dict:

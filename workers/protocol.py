@@ -212,6 +212,8 @@ class AssignLayers:
     num_stages_hint: int = 1  # stages in this worker's pipelines (sizes decode microbatches)
     prefix_caching: bool = True  # keep full KV blocks of prompts and reuse them (workers/kv_cache.py)
     quantization: str = "none"  # none | int8 | int4: weight-only, quantized while loading
+    layers_address: str = ""  # a layer source (workers/layer_server.py) for a box without the model
+    layers_key: str = ""  # its CURVE public key
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from workers.backend import StageConfig, load_backend
 from workers.batching import WorkItem
 from workers.host_arrays import payload_to_array
 from workers.kv_cache import block_hashes
+from workers.layer_fetch import stage_model_path
 from workers.peers import source_address
 from workers.request_sampler import StageSampler
 from workers.thread_affinity import pin_compute_threads
@@ -73,7 +74,9 @@ class MessageIntake:
 
     def on_assign(self, message: p.AssignLayers) -> None:
         # the new layers load before the old ones go: a bad assignment leaves this stage serving
-        try:
+        try:  # a box without the model fetches the stage's pieces first (workers/layer_fetch.py)
+            message = replace(message, model_dir=stage_model_path(message, self.context, self.members.keys,
+                              self.config.layer_cache_dir, self.config.fetch_layers, self.config.use_curve))
             backend = load_backend(
                 StageConfig(
                     model_dir=message.model_dir,
@@ -90,7 +93,8 @@ class MessageIntake:
         except Exception as exc:  # report, stay up, wait for another assignment
             log.exception("loading layers failed")
             self.to_scheduler(
-                p.LayersReady(self.worker_id, message.epoch, message.start_layer, message.end_layer, error=str(exc))
+                p.LayersReady(self.worker_id, message.epoch, message.start_layer, message.end_layer,
+                          error=f"{type(exc).__name__}: {exc}"[:500])
             )
             return
         self.release(tuple(self.requests))
