@@ -323,10 +323,12 @@ def _local_backends(value: str | None, local_workers: int | None) -> tuple[str, 
 
 
 def run_join(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from workers.__main__ import config_from_args
     from workers.worker import run_worker
 
-    run_worker(config_from_args(args))
+    run_worker(replace(config_from_args(args), may_fetch_layers=True))  # a box that may lack the model
 
 
 def _demo_model(args: argparse.Namespace) -> Path:

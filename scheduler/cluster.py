@@ -45,6 +45,7 @@ class WorkerState:
     error: str | None = None
     prefill_tokens_per_step: int = 0  # the worker's chunked-prefill budget (0: not reported)
     backend: str = "torch"  # what runs its layers (Register.backend); placement sees one more device
+    fetches_layers: bool = False  # may fetch its layers first (Register.fetches_layers; scheduler/rollout.py)
 
     @property
     def is_ready(self) -> bool:
@@ -100,6 +101,7 @@ class Cluster:
             pid=message.pid,
             prefill_tokens_per_step=message.prefill_tokens_per_step,
             backend=message.backend,
+            fetches_layers=message.fetches_layers,
             registered_at_s=now_s,
             last_seen_s=now_s,
         )

@@ -45,6 +45,7 @@ from scheduler.output_stream import OutputStream
 from scheduler.prefix_index import PrefixIndex, prompt_hashes
 from scheduler.request import GenerationOutput, GenerationRequest
 from scheduler.request_state import RequestState, WorkloadStats
+from scheduler.rollout import Rollout
 from scheduler.routing import choose_route
 from scheduler.tokenizer import Tokenizer
 from scheduler.worker_links import WorkerLinks
@@ -78,6 +79,7 @@ class Engine:
         self.links = WorkerLinks(self.membership)  # a PUSH socket to each registered worker
         self.prefix_index = PrefixIndex()  # which stages hold which prefixes (cache-aware routing)
         self.layer_source = ("", "")  # (address, public key) joiners fetch layers from (api/cli.py sets it)
+        self.rollout = Rollout()  # a plan held while joiners fetch their layers (scheduler/rollout.py)
 
     # ------------------------------------------------------------------------------- the request loop
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
@@ -288,6 +290,8 @@ class Engine:
                     self.links.send_once(message.data_address, p.Reregister("evicted after a silence"), message.worker_id)
             case p.Register():
                 self._on_register(message)
+            case p.LayersReady() if message.prefetched:
+                self.rollout.on_prefetched(self, message)
             case p.LayersReady():
                 if (state := self.cluster.on_layers_ready(message)) is not None and state.error:
                     log.error("%s cannot load layers %s: %s; planning without it", state.worker_id, state.assigned, state.error)
@@ -358,6 +362,7 @@ class Engine:
 
     def replan(self) -> None:
         """Plan for the registered workers; only workers whose range changes reload."""
+        self.rollout.cancel()
         workers = [w for w in self.cluster.workers.values() if not w.draining]
         if not workers:
             self.cluster.plan = None
@@ -371,6 +376,10 @@ class Engine:
         except NoCapacityError as exc:
             log.error("cannot plan: %s", exc)
             return
+        if not self.rollout.start(self, plan):  # else the current plan serves until the fetches are done
+            self.apply_plan(plan)
+
+    def apply_plan(self, plan: LayerPlan) -> None:
         self.cluster.plan = plan
         for worker in self.cluster.workers.values():
             new_range = plan.ranges.get(worker.worker_id)

@@ -13,6 +13,8 @@ Parts:
 - `needs_fetch(model_dir, source, always)`: whether an assignment's model is to be fetched: the
   path is not on this box (or `--fetch-layers` says always) and the scheduler named a source.
 - `stage_model_path(assign, ...)`: the path a worker loads an `AssignLayers` from (fetched or not).
+- `Prefetch`: an `AssignLayers(prefetch=True)` fetched on a thread while the worker serves on
+  (scheduler/rollout.py holds the re-plan until then); its answer is `LayersReady(prefetched=True)`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,3 +186,29 @@ def stage_model_path(message: p.AssignLayers, context: zmq.Context, keys: curve.
     path, stats = fetch_stage(context, keys, source, message.start_layer, message.end_layer, cache, use_curve=use_curve)
     log.info("fetched %s", stats.line(message.start_layer, message.end_layer))
     return str(path)
+
+
+class Prefetch:
+    """`AssignLayers(prefetch=True)` run on a thread, so the worker keeps serving its current
+    layers meanwhile; `answer()` is the `LayersReady(prefetched=True)` once done (else None)."""
+
+    def __init__(self, message: p.AssignLayers, worker_id: str, context: zmq.Context, keys: curve.KeyPair,
+                 cache_dir: str, always: bool, use_curve: bool) -> None:
+        self.message, self.worker_id = message, worker_id
+        self.error: str | None = None
+        self.thread = threading.Thread(target=self._run, args=(context, keys, cache_dir, always, use_curve),
+                                       name="layer-prefetch", daemon=True)
+        self.thread.start()
+
+    def _run(self, context: zmq.Context, keys: curve.KeyPair, cache_dir: str, always: bool, use_curve: bool) -> None:
+        try:
+            stage_model_path(self.message, context, keys, cache_dir, always, use_curve)
+        except Exception as exc:
+            log.exception("fetching layers failed")
+            self.error = f"{type(exc).__name__}: {exc}"[:500]
+
+    def answer(self) -> p.LayersReady | None:
+        if self.thread.is_alive():
+            return None
+        m = self.message
+        return p.LayersReady(self.worker_id, m.epoch, m.start_layer, m.end_layer, error=self.error, prefetched=True)

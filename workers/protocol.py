@@ -154,6 +154,7 @@ class Register:
     backend: str = "torch"  # the backend that runs its layers (workers/backend_plugins.py)
     public_key: str = ""  # the worker's CURVE public key (z85), authorised by `proof`
     proof: str = ""  # HMAC-SHA256(token, worker id + public key), hex (workers/curve.py)
+    fetches_layers: bool = False  # may fetch its layers (`potluck join`): a re-plan waits for them first
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ class LayersReady:
     kv_capacity_tokens: int = 0
     weight_bytes: int = 0
     error: str | None = None
+    prefetched: bool = False  # the answer to a prefetch: the layers are in the cache, not loaded
 
 
 @dataclass(frozen=True)
@@ -214,6 +216,7 @@ class AssignLayers:
     quantization: str = "none"  # none | int8 | int4: weight-only, quantized while loading
     layers_address: str = ""  # a layer source (workers/layer_server.py) for a box without the model
     layers_key: str = ""  # its CURVE public key
+    prefetch: bool = False  # only fetch the layers into the cache (scheduler/rollout.py); load nothing
 
 
 @dataclass(frozen=True)
