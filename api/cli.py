@@ -141,6 +141,7 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
     from api.load_history import LoadHistory, load_history_router, run_sampler
     from api.worker_watch import watch_local_workers
     from workers.curve import check_token, new_token
+    from workers.layer_server import LayerServer
 
     dtype = args.dtype
     token = check_token(args.token) if args.token else new_token()
@@ -230,6 +231,7 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
               f"potluck: the cluster: http://{args.host}:{args.port}/dashboard, or `potluck status --url {url}`", flush=True)
 
     fatal: list[str] = []
+    layer_server: LayerServer | None = None
 
     def stop_serving(line: str) -> None:  # every local worker died while starting
         fatal.append(line)
@@ -241,6 +243,9 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
         except Exception as exc:  # zmq.ZMQError: the scheduler port was taken in between
             raise StartupError(f"the scheduler cannot listen on {args.scheduler_host}:{args.scheduler_port}: {exc}",
                                ExitCode.ADDRESS_IN_USE) from None
+        # joiners without the model fetch their layers here, members only (workers/layer_server.py)
+        layer_server = LayerServer(model_dir, engine.membership.keys, lambda key: key in engine.membership.worker_of)
+        engine.layer_source = (layer_server.start(control_host), engine.membership.keys.public_key)
         workers.scheduler_address = engine.control_address
         workers.start()
         if ray_workers is not None:
@@ -265,6 +270,8 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
         if ray_workers is not None:
             ray_workers.stop()
         await engine.stop(shutdown_workers=True)
+        if layer_server is not None:
+            layer_server.stop()
 
 
 async def _revive_local_workers(engine: Any, workers: LocalWorkers, period_s: float = 1.0) -> None:
@@ -316,10 +323,12 @@ def _local_backends(value: str | None, local_workers: int | None) -> tuple[str, 
 
 
 def run_join(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from workers.__main__ import config_from_args
     from workers.worker import run_worker
 
-    run_worker(config_from_args(args))
+    run_worker(replace(config_from_args(args), may_fetch_layers=True))  # a box that may lack the model
 
 
 def _demo_model(args: argparse.Namespace) -> Path:

@@ -53,6 +53,7 @@ class WorkerState:
     weight_formats: tuple[str, ...] = ()  # what its backend claims (Register); (): not said, any
     quantizations: tuple[str, ...] = ()  # claimed quantizations (meaningful when weight_formats is said)
     refused: str | None = None  # why its backend cannot run the served model (never planned), or None
+    fetches_layers: bool = False  # may fetch its layers first (Register.fetches_layers; scheduler/rollout.py)
 
     @property
     def is_ready(self) -> bool:
@@ -131,6 +132,7 @@ class Cluster:
             prefill_tokens_per_step=message.prefill_tokens_per_step,
             backend=message.backend,
             echo_address=message.echo_address,
+            fetches_layers=message.fetches_layers,
             registered_at_s=now_s,
             last_seen_s=now_s,
             weight_formats=tuple(message.weight_formats),

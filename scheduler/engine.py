@@ -46,6 +46,7 @@ from scheduler.output_stream import OutputStream
 from scheduler.prefix_index import PrefixIndex, prompt_hashes
 from scheduler.request import GenerationOutput, GenerationRequest
 from scheduler.request_state import RequestState, WorkloadStats
+from scheduler.rollout import Rollout
 from scheduler.routing import choose_route
 from scheduler.tokenizer import Tokenizer
 from scheduler.worker_links import WorkerLinks
@@ -79,6 +80,8 @@ class Engine:
         self.links = WorkerLinks(self.membership)  # a PUSH socket to each registered worker
         self.prefix_index = PrefixIndex()  # which stages hold which prefixes (cache-aware routing)
         self.link_table = LinkTable()  # links the workers measured (scheduler/link_table.py)
+        self.layer_source = ("", "")  # (address, public key) joiners fetch layers from (api/cli.py sets it)
+        self.rollout = Rollout()  # a plan held while joiners fetch their layers (scheduler/rollout.py)
 
     # ------------------------------------------------------------------------------- the request loop
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
@@ -294,9 +297,13 @@ class Engine:
                 if message.worker_id in workers and self.link_table.record(message.worker_id, message.links, workers):
                     if self.cluster.plan is not None:
                         self.replan()
+            case p.LayersReady() if message.prefetched:
+                self.rollout.on_prefetched(self, message)
             case p.LayersReady():
                 if (state := self.cluster.on_layers_ready(message)) is not None and state.error:
-                    log.error("%s failed to load layers: %s", state.worker_id, state.error)
+                    log.error("%s cannot load layers %s: %s; planning without it", state.worker_id, state.assigned, state.error)
+                    state.draining = True  # out of the plan (its error in /cluster) until it registers again
+                    self.replan()
                 self._routes_changed()
             case p.RequestFailed():
                 if (state := self.requests.get(message.request_id)) is not None:
@@ -372,6 +379,7 @@ class Engine:
 
     def replan(self) -> None:
         """Plan for the registered workers; only workers whose range changes reload."""
+        self.rollout.cancel()
         workers = [w for w in self.cluster.workers.values() if not w.draining and not w.refused]
         if not workers:
             self.cluster.plan = None
@@ -385,6 +393,10 @@ class Engine:
         except NoCapacityError as exc:
             log.error("cannot plan: %s", exc)
             return
+        if not self.rollout.start(self, plan):  # else the current plan serves until the fetches are done
+            self.apply_plan(plan)
+
+    def apply_plan(self, plan: LayerPlan) -> None:
         self.cluster.plan = plan
         for worker in self.cluster.workers.values():
             new_range = plan.ranges.get(worker.worker_id)
@@ -403,7 +415,8 @@ class Engine:
             return
         message = assignment(self.config.model_dir, self.config.dtype, self.config.model, worker, new_range, plan,
                              self.planner_config, self.config.prefix_caching)
-        self._send(worker.worker_id, replace(message, quantization=self.config.quantization))
+        address, key = self.layer_source
+        self._send(worker.worker_id, replace(message, quantization=self.config.quantization, layers_address=address, layers_key=key))
 
     # ------------------------------------------------------------------------------- snapshots
     def worker_snapshot(self, worker_id: str) -> dict:

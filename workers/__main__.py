@@ -42,6 +42,8 @@ def build_arg_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--no-pin-threads", dest="pin_threads", action="store_false",
         help="on CPU, leave thread placement to the OS (default: main thread on one core, OpenMP threads on the others)",
     )  # fmt: skip
+    parser.add_argument("--layer-cache", default=None, metavar="DIR", help="where layers fetched from the cluster are kept, by digest (default: $POTLUCK_LAYER_CACHE or ~/.cache/potluck/layers)")
+    parser.add_argument("--fetch-layers", action="store_true", help="fetch this worker's layers from the cluster even when the model path exists here (default: only when it does not)")
     parser.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--step-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--slowdown", type=float, default=1.0, help=argparse.SUPPRESS)
@@ -115,6 +117,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         token=check_token(args.token or os.environ.get(TOKEN_ENV)),
         use_curve=args.use_curve,
         secret_key=os.environ.get(WORKER_KEY_ENV, ""),
+        layer_cache_dir=getattr(args, "layer_cache", None) or "",
+        fetch_layers=getattr(args, "fetch_layers", False),
     )
 
 

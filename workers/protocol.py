@@ -157,6 +157,7 @@ class Register:
     echo_address: str = ""  # where peers probe this worker's links (workers/peer_probe.py); "": none
     weight_formats: tuple[str, ...] = ()  # what its backend reads ("safetensors", "gguf"); (): not said
     quantizations: tuple[str, ...] = ()  # what its backend quantizes at load ("int8", "int4")
+    fetches_layers: bool = False  # may fetch its layers (`potluck join`): a re-plan waits for them first
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,7 @@ class LayersReady:
     kv_capacity_tokens: int = 0
     weight_bytes: int = 0
     error: str | None = None
+    prefetched: bool = False  # the answer to a prefetch: the layers are in the cache, not loaded
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,9 @@ class AssignLayers:
     num_stages_hint: int = 1  # stages in this worker's pipelines (sizes decode microbatches)
     prefix_caching: bool = True  # keep full KV blocks of prompts and reuse them (workers/kv_cache.py)
     quantization: str = "none"  # none | int8 | int4: weight-only, quantized while loading
+    layers_address: str = ""  # a layer source (workers/layer_server.py) for a box without the model
+    layers_key: str = ""  # its CURVE public key
+    prefetch: bool = False  # only fetch the layers into the cache (scheduler/rollout.py); load nothing
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,7 @@ class Worker(MessageIntake):  # what it does with each message it receives: work
         self.profile: p.DeviceProfile | None = None
         self.profiled = False  # measured once, at the first registration
         self.sampler: StageSampler | None = None  # last stage: per-request sampling state
+        self.prefetches: list = []  # layer fetches under way (workers/layer_fetch.py `Prefetch`)
 
     # ----------------------------------------------------------------------------- sockets
     def _peer(self, address: str) -> zmq.Socket:
@@ -151,6 +152,7 @@ class Worker(MessageIntake):  # what it does with each message it receives: work
                 backend=self.config.backend,
                 echo_address=self.links.echo_address,
                 **claimed_formats(self.config.backend),
+                fetches_layers=self.config.may_fetch_layers,
             )
         )
 
@@ -178,6 +180,8 @@ class Worker(MessageIntake):  # what it does with each message it receives: work
                     timeout_ms = max(0, math.ceil(1000 * (self.hold_until_s - time.monotonic())))
                 if poller.poll(timeout_ms):
                     self.receive_all()
+                if self.prefetches:
+                    self.report_prefetches()
                 if not self.admitted.is_set() and time.monotonic() - self.registered_at_s > REGISTER_RETRY_S:
                     if self.registered_at_s:  # 0: the heartbeat thread asked for a new registration
                         self.throttle.warning(log, "not admitted", "the scheduler at %s has not admitted this worker yet "

@@ -30,5 +30,8 @@ class WorkerConfig:
     token: str = field(default="", repr=False)  # the cluster token (workers/curve.py)
     use_curve: bool = True  # CurveZMQ on every socket (off only to measure what it costs)
     secret_key: str = field(default="", repr=False)  # own CURVE secret key (z85); default: a new one
+    layer_cache_dir: str = ""  # fetched layers (workers/layer_cache.py); "": the user's cache dir
+    fetch_layers: bool = False  # fetch layers from the cluster even when the model path exists here
+    may_fetch_layers: bool = False  # `potluck join`: may lack the model, so a re-plan lets it prefetch
 
 

@@ -3,7 +3,8 @@
 Parts: `MessageIntake`, a part of `Worker` (workers/worker.py), with
 - `handle(message, sender)`: the dispatch, one case per message type (`ProbeLinks` goes to the
   link prober's thread, workers/link_prober.py);
-- `on_members`, `on_assign` (load the new layers before the old ones go; report `LayersReady`);
+- `on_members`, `on_assign` (load the new layers before the old ones go; report `LayersReady`;
+  a prefetch runs on a thread, `report_prefetches` answers it);
 - `on_start` (first stage: a request's prompt), `on_activations` (hidden states from the stage
   before), `on_next_tokens` (the last stage's tokens back at the first), `on_prefix_miss` (a
   later stage lacks the reused prefix: prefill again).
@@ -23,6 +24,7 @@ from workers.backend import StageConfig, load_backend
 from workers.batching import WorkItem
 from workers.host_arrays import payload_to_array
 from workers.kv_cache import block_hashes
+from workers.layer_fetch import Prefetch, stage_model_path
 from workers.peers import source_address
 from workers.request_sampler import StageSampler
 from workers.thread_affinity import pin_compute_threads
@@ -75,8 +77,14 @@ class MessageIntake:
             self.admitted.set()
 
     def on_assign(self, message: p.AssignLayers) -> None:
+        if message.prefetch:  # into the cache only, on a thread: this stage keeps serving meanwhile
+            self.prefetches.append(Prefetch(message, self.worker_id, self.context, self.members.keys,
+                                            self.config.layer_cache_dir, self.config.fetch_layers, self.config.use_curve))
+            return
         # the new layers load before the old ones go: a bad assignment leaves this stage serving
-        try:
+        try:  # a box without the model fetches the stage's pieces first (workers/layer_fetch.py)
+            message = replace(message, model_dir=stage_model_path(message, self.context, self.members.keys,
+                              self.config.layer_cache_dir, self.config.fetch_layers, self.config.use_curve))
             backend = load_backend(
                 StageConfig(
                     model_dir=message.model_dir,
@@ -93,7 +101,8 @@ class MessageIntake:
         except Exception as exc:  # report, stay up, wait for another assignment
             log.exception("loading layers failed")
             self.to_scheduler(
-                p.LayersReady(self.worker_id, message.epoch, message.start_layer, message.end_layer, error=str(exc))
+                p.LayersReady(self.worker_id, message.epoch, message.start_layer, message.end_layer,
+                          error=f"{type(exc).__name__}: {exc}"[:500])
             )
             return
         self.release(tuple(self.requests))
@@ -115,6 +124,13 @@ class MessageIntake:
                 weight_bytes=self.backend.weight_bytes,
             )
         )
+
+    def report_prefetches(self) -> None:
+        """Tell the scheduler of each prefetch that finished (scheduler/rollout.py waits for it)."""
+        for prefetch in list(self.prefetches):
+            if (answer := prefetch.answer()) is not None:
+                self.prefetches.remove(prefetch)
+                self.to_scheduler(answer)
 
     def on_start(self, message: p.StartRequest) -> None:
         backend = self._require_backend()
