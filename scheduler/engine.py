@@ -287,6 +287,10 @@ class Engine:
                     self.links.send_once(message.data_address, p.Reregister("evicted after a silence"), message.worker_id)
             case p.Register():
                 self._on_register(message)
+            case p.Leave():  # Ctrl-C / SIGTERM on the worker: its requests replay now
+                if message.worker_id in self.cluster.workers:
+                    self._lose(message.worker_id, f"left ({message.reason})")
+                    self.replan()
             case p.LayersReady():
                 if (state := self.cluster.on_layers_ready(message)) is not None and state.error:
                     log.error("%s failed to load layers: %s", state.worker_id, state.error)

@@ -197,6 +197,14 @@ class RequestFailed:
     fatal: bool = False  # the request itself is bad (refused input): no retry on another route
 
 
+@dataclass(frozen=True)
+class Leave:
+    """The worker is stopping (Ctrl-C, SIGTERM): its requests move now, not after a heartbeat timeout."""
+
+    worker_id: str
+    reason: str = ""
+
+
 # ---------------------------------------------------------------------------------------------
 # Scheduler -> worker
 
@@ -297,6 +305,7 @@ MESSAGE_TYPES: dict[str, type] = {
         Activations,
         NextTokens,
         PrefixMiss,
+        Leave,
     )
 }
 
@@ -316,4 +325,5 @@ Message = (
     | Activations
     | NextTokens
     | PrefixMiss
+    | Leave
 )

@@ -64,6 +64,7 @@ _yield_cpu = getattr(os, "sched_yield", lambda: None)  # not on Windows
 
 
 REGISTER_RETRY_S = 5.0
+LEAVE_LINGER_S = 1.0  # how long a stopping worker waits for its `Leave` to reach the scheduler
 
 
 class Worker(MessageIntake):  # what it does with each message it receives: workers/worker_intake.py
@@ -177,10 +178,23 @@ class Worker(MessageIntake):  # what it does with each message it receives: work
                     self.register()
                 if self.pending and self.backend is not None:
                     self.step()
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (workers/__main__.py): tell the scheduler first
+            self.leave("stopped by Ctrl-C or SIGTERM")
+            raise
         finally:
             self.running = False
             heartbeat.join(timeout=2 * HEARTBEAT_INTERVAL_S)
             self.close()
+
+    def leave(self, reason: str, linger_s: float = LEAVE_LINGER_S) -> None:
+        """A `Leave` to the scheduler, flushed before the sockets close: this worker's requests
+        replay elsewhere at once instead of after a heartbeat timeout."""
+        if not self.admitted.is_set():
+            return  # not a member: nothing runs here
+        self.to_scheduler(p.Leave(self.worker_id, reason))
+        if (sock := self.peers.pop(self.config.scheduler_address, None)) is not None:
+            sock.close(linger=int(1000 * linger_s))  # the context's end waits up to this for the send
+        log.warning("%s left the cluster (%s): the scheduler moves its requests now", self.worker_id, reason)
 
     def close(self) -> None:
         for sock in self.peers.values():
