@@ -264,7 +264,7 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
         workers.stop()
         if ray_workers is not None:
             ray_workers.stop()
-        await engine.stop(shutdown_workers=True)
+        await engine.stop()  # joined workers stay up and register again with the next scheduler
 
 
 async def _revive_local_workers(engine: Any, workers: LocalWorkers, period_s: float = 1.0) -> None:

@@ -311,7 +311,9 @@ class Engine:
             return
         if message.worker_id in self.cluster.workers:
             self._lose(message.worker_id, "registered again")
-        self.cluster.register(message)
+        held = self.cluster.register(message)
+        if message.loaded_model_dir == self.config.model_dir and message.loaded_end_layer > message.loaded_start_layer:
+            held.loaded = (message.loaded_start_layer, message.loaded_end_layer)  # the re-plan keeps it where it can
         self.links.connect(message.worker_id, message.data_address, message.public_key)
         self._send_members()
         log.info("worker %s registered from %s (%s, %d bytes)", message.worker_id, message.data_address, message.device, message.memory_bytes)

@@ -154,6 +154,10 @@ class Register:
     backend: str = "torch"  # the backend that runs its layers (workers/backend_plugins.py)
     public_key: str = ""  # the worker's CURVE public key (z85), authorised by `proof`
     proof: str = ""  # HMAC-SHA256(token, worker id + public key), hex (workers/curve.py)
+    # layers it still holds from an earlier registration (a restarted scheduler): "" / 0 / 0 for none
+    loaded_model_dir: str = ""
+    loaded_start_layer: int = 0
+    loaded_end_layer: int = 0
 
 
 @dataclass(frozen=True)

@@ -56,14 +56,14 @@ from workers.request_sampler import StageSampler
 from workers.thread_affinity import ComputeThreads, find_compute_threads
 from workers.worker_config import WorkerConfig
 from workers.worker_intake import MessageIntake
-from workers.worker_sockets import bind_data_socket, peer_socket, send_registration
+from workers.join_attempts import JoinAttempts, held_layers
+from workers.worker_sockets import bind_data_socket, peer_socket
 
 log = logging.getLogger("potluck.worker")
 
 _yield_cpu = getattr(os, "sched_yield", lambda: None)  # not on Windows
 
 
-REGISTER_RETRY_S = 5.0
 LEAVE_LINGER_S = 1.0  # how long a stopping worker waits for its `Leave` to reach the scheduler
 
 
@@ -77,6 +77,7 @@ class Worker(MessageIntake):  # what it does with each message it receives: work
         self.members = Peers(self.context, config.token, config.secret_key, config.scheduler_address, config.use_curve)
         self.admitted = threading.Event()  # the scheduler listed this worker's key as a member
         self.registered_at_s = 0.0
+        self.joining = JoinAttempts(config.scheduler_address)  # registrations, watched and retried
         self.expected_source_key: str | None = None  # who sends the expected step's inputs
         self.throttle = LogThrottle()
         self.pull, self.data_address = bind_data_socket(self.context, self.members, config)  # workers/worker_sockets.py
@@ -95,6 +96,7 @@ class Worker(MessageIntake):  # what it does with each message it receives: work
         self.profile: p.DeviceProfile | None = None
         self.profiled = False  # measured once, at the first registration
         self.sampler: StageSampler | None = None  # last stage: per-request sampling state
+        self.assignment: p.AssignLayers | None = None  # what the loaded backend holds (kept if assigned again)
 
     # ----------------------------------------------------------------------------- sockets
     def _peer(self, address: str) -> zmq.Socket:
@@ -130,9 +132,10 @@ class Worker(MessageIntake):  # what it does with each message it receives: work
         for address in self.members.scheduler_addresses:  # a refused connection is not retried: connect afresh
             if (old := self.peers.pop(address, None)) is not None:
                 old.close(linger=0)
-        # sent with the join key (the token's): the scheduler admits this worker's own key with it
+        # sent with the join key (the token's): the scheduler admits this worker's own key with it;
+        # the attempt is watched and, failed, retried after a backoff (workers/join_attempts.py)
         join_keys, public_key, proof = self.members.registration(self.worker_id)
-        send_registration(self.context, self.config, self.members, join_keys,
+        self.joining.send(self.context, join_keys if self.config.use_curve else None, self.members.scheduler_key,
             p.Register(
                 worker_id=self.worker_id,
                 data_address=self.data_address,
@@ -144,7 +147,9 @@ class Worker(MessageIntake):  # what it does with each message it receives: work
                 public_key=public_key,
                 proof=proof,
                 backend=self.config.backend,
-            )
+                **held_layers(self.assignment if self.backend is not None else None),
+            ),
+            self.registered_at_s,
         )
 
     def measure(self) -> p.DeviceProfile | None:
@@ -171,10 +176,9 @@ class Worker(MessageIntake):  # what it does with each message it receives: work
                     timeout_ms = max(0, math.ceil(1000 * (self.hold_until_s - time.monotonic())))
                 if poller.poll(timeout_ms):
                     self.receive_all()
-                if not self.admitted.is_set() and time.monotonic() - self.registered_at_s > REGISTER_RETRY_S:
-                    if self.registered_at_s:  # 0: the heartbeat thread asked for a new registration
-                        self.throttle.warning(log, "not admitted", "the scheduler at %s has not admitted this worker yet "
-                                              "(is the cluster token right?); registering again", self.config.scheduler_address)
+                # not admitted: the attempt failed (one line, workers/join_attempts.py) and its backoff is
+                # over, or the heartbeat thread asked for a new registration (registered_at_s 0)
+                if self.joining.watch(self.admitted.is_set(), time.monotonic()) or not self.registered_at_s:
                     self.register()
                 if self.pending and self.backend is not None:
                     self.step()
@@ -197,6 +201,7 @@ class Worker(MessageIntake):  # what it does with each message it receives: work
         log.warning("%s left the cluster (%s): the scheduler moves its requests now", self.worker_id, reason)
 
     def close(self) -> None:
+        self.joining.close()
         for sock in self.peers.values():
             sock.close(linger=0)
         self.pull.close(linger=0)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 class Joiner:
     def __init__(self, scheduler: str, worker_id: str, token: str, extra_args: Sequence[str] = ()) -> None:
         command = [
-            sys.executable, "-m", "api.cli", "join", "--scheduler", scheduler.removeprefix("tcp://"),
+            sys.executable, "-m", "api.cli", "--log-level", "info", "join", "--scheduler", scheduler.removeprefix("tcp://"),
             "--host", "127.0.0.1", "--worker-id", worker_id, "--no-profile", "--threads", "1", *extra_args,
         ]  # fmt: skip
         env = {**os.environ, "POTLUCK_TOKEN": token, "PYTHONUNBUFFERED": "1"}
