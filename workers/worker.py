@@ -8,6 +8,8 @@ Parts:
   whatever work is pending, in one batch per step. What it does with each message it receives
   (`handle`, `on_start`, `on_activations`, ...): `MessageIntake`, workers/worker_intake.py.
 - `run_worker`: builds a `Worker` and runs its loop (`python -m workers` / `potluck join`).
+  Registering is a series of watched attempts (workers/join_attempts.py); Ctrl-C or SIGTERM
+  sends `Leave` before the worker exits (`Worker.leave`), so its requests move at once.
 
 The loop (`run`) is: receive everything pending -> take a batch (workers/batching.py) -> forward
 -> send. A request joins or leaves the batch between steps (continuous batching). The first stage
@@ -48,6 +50,7 @@ from workers.batching import MAX_PREFILL_TOKENS_PER_STEP, StageRequest, WorkItem
 from workers.device_memory import usable_memory_bytes
 from workers.expected_step import ExpectedStep, expect_next
 from workers.heartbeat import HEARTBEAT_INTERVAL_S, heartbeat_loop
+from workers.join_attempts import JoinAttempts, held_layers
 from workers.log_throttle import LogThrottle
 from workers.peers import Peers, source_address
 from workers.prompt_start import start_prompts
@@ -56,7 +59,6 @@ from workers.request_sampler import StageSampler
 from workers.thread_affinity import ComputeThreads, find_compute_threads
 from workers.worker_config import WorkerConfig
 from workers.worker_intake import MessageIntake
-from workers.join_attempts import JoinAttempts, held_layers
 from workers.worker_sockets import bind_data_socket, peer_socket
 
 log = logging.getLogger("potluck.worker")
