@@ -269,7 +269,7 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
         workers.stop()
         if ray_workers is not None:
             ray_workers.stop()
-        await engine.stop(shutdown_workers=True)
+        await engine.stop()  # joined workers stay up and register again with the next scheduler
         if layer_server is not None:
             layer_server.stop()
 

@@ -299,6 +299,10 @@ class Engine:
                         self.replan()
             case p.LayersReady() if message.prefetched:
                 self.rollout.on_prefetched(self, message)
+            case p.Leave():  # Ctrl-C / SIGTERM on the worker: its requests replay now
+                if message.worker_id in self.cluster.workers:
+                    self._lose(message.worker_id, f"left ({message.reason})")
+                    self.replan()
             case p.LayersReady():
                 if (state := self.cluster.on_layers_ready(message)) is not None and state.error:
                     log.error("%s cannot load layers %s: %s; planning without it", state.worker_id, state.assigned, state.error)
@@ -321,8 +325,11 @@ class Engine:
             return
         if message.worker_id in self.cluster.workers:
             self._lose(message.worker_id, "registered again")
-        if refused := self.cluster.register(message).refused:
-            log.warning("worker %s is left out of the plan: %s", message.worker_id, refused)
+        held = self.cluster.register(message)
+        if held.refused:
+            log.warning("worker %s is left out of the plan: %s", message.worker_id, held.refused)
+        if message.loaded_model_dir == self.config.model_dir and message.loaded_end_layer > message.loaded_start_layer:
+            held.loaded = (message.loaded_start_layer, message.loaded_end_layer)  # the re-plan keeps it where it can
         self.links.connect(message.worker_id, message.data_address, message.public_key)
         self._send_members()
         self.probe_links((message.worker_id,))

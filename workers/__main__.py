@@ -8,7 +8,7 @@ Parts:
 - `address_towards(address)`: the interface `potluck join` listens on by default (the one that
   reaches the scheduler, not 0.0.0.0). The cluster token comes from `--token` or `POTLUCK_TOKEN`.
 - `bound_malloc()`: glibc's trim threshold and arena count, so worker memory levels off.
-- `main`.
+- `main`: SIGTERM stops the worker as Ctrl-C does (it leaves the cluster, workers/worker.py).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -153,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = config_from_args(args)
     except (LookupError, ValueError) as exc:
         raise SystemExit(f"potluck worker: {exc}") from None
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM leaves the cluster as Ctrl-C does
     try:
         run_worker(config)
     except KeyboardInterrupt:

@@ -7,7 +7,8 @@ Parts:
   time, tokens processed, prefix-cache counts) every interval while `worker.running`, once the scheduler admitted the
   worker's key; stops the worker when its parent process (local workers) is gone; when the
   scheduler refuses the key in the CURVE handshake (a scheduler restarted with the same token),
-  has the worker register again.
+  has the worker register again; says when the connection to the scheduler is lost (it stopped:
+  the worker stays up, and registers again with the scheduler that comes back).
 - `Beating`: what it reads of the worker (so this module never imports workers/worker.py).
 """
 
@@ -65,7 +66,7 @@ def heartbeat_loop(worker: Beating) -> None:
                 continue
             if sock is None:  # connected once admitted: a refused handshake is not retried by ZeroMQ
                 sock, monitor = _connect(worker)
-            if monitor is not None and _handshake_failed(monitor):
+            if monitor is not None and _handshake_failed(monitor, worker.config.scheduler_address):
                 # a scheduler that does not know this key (restarted with the same token): join again
                 log.warning("the scheduler refused this worker's key (restarted?); registering again")
                 worker.admitted.clear()
@@ -108,16 +109,20 @@ def _connect(worker: Beating) -> tuple[zmq.Socket, zmq.Socket | None]:
     monitor = None
     if worker.config.use_curve:
         curve.make_client(sock, worker.members.keys, worker.members.scheduler_key)
-        monitor = sock.get_monitor_socket(HANDSHAKE_FAILED)
+        monitor = sock.get_monitor_socket(HANDSHAKE_FAILED | zmq.EVENT_DISCONNECTED)
     sock.connect(worker.config.scheduler_address)
     return sock, monitor
 
 
-def _handshake_failed(monitor: zmq.Socket) -> bool:
-    failed = False
+def _handshake_failed(monitor: zmq.Socket, scheduler_address: str = "") -> bool:
+    failed = disconnected = False
     while monitor.poll(0):
         event = recv_monitor_message(monitor)
         failed |= bool(event["event"] & HANDSHAKE_FAILED)
+        disconnected |= event["event"] == zmq.EVENT_DISCONNECTED
+    if disconnected and not failed:  # stopped or restarting: ZeroMQ reconnects by itself
+        log.warning("lost the connection to the scheduler at %s; keeping the layers, registering again "
+                    "when it is back", scheduler_address)
     return failed
 
 

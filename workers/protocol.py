@@ -158,6 +158,10 @@ class Register:
     weight_formats: tuple[str, ...] = ()  # what its backend reads ("safetensors", "gguf"); (): not said
     quantizations: tuple[str, ...] = ()  # what its backend quantizes at load ("int8", "int4")
     fetches_layers: bool = False  # may fetch its layers (`potluck join`): a re-plan waits for them first
+    # layers it still holds from an earlier registration (a restarted scheduler): "" / 0 / 0 for none
+    loaded_model_dir: str = ""
+    loaded_start_layer: int = 0
+    loaded_end_layer: int = 0
 
 
 @dataclass(frozen=True)
@@ -209,6 +213,14 @@ class RequestFailed:
     request_id: str
     message: str
     fatal: bool = False  # the request itself is bad (refused input): no retry on another route
+
+
+@dataclass(frozen=True)
+class Leave:
+    """The worker is stopping (Ctrl-C, SIGTERM): its requests move now, not after a heartbeat timeout."""
+
+    worker_id: str
+    reason: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,6 +336,7 @@ MESSAGE_TYPES: dict[str, type] = {
         PrefixMiss,
         LinkReport,
         ProbeLinks,
+        Leave,
     )
 }
 
@@ -345,4 +358,5 @@ Message = (
     | PrefixMiss
     | LinkReport
     | ProbeLinks
+    | Leave
 )

@@ -8,6 +8,8 @@ Parts:
   whatever work is pending, in one batch per step. What it does with each message it receives
   (`handle`, `on_start`, `on_activations`, ...): `MessageIntake`, workers/worker_intake.py.
 - `run_worker`: builds a `Worker` and runs its loop (`python -m workers` / `potluck join`).
+  Registering is a series of watched attempts (workers/join_attempts.py); Ctrl-C or SIGTERM
+  sends `Leave` before the worker exits (`Worker.leave`), so its requests move at once.
 
 The loop (`run`) is: receive everything pending -> take a batch (workers/batching.py) -> forward
 -> send. A request joins or leaves the batch between steps (continuous batching). The first stage
@@ -49,6 +51,7 @@ from workers.batching import MAX_PREFILL_TOKENS_PER_STEP, StageRequest, WorkItem
 from workers.device_memory import usable_memory_bytes
 from workers.expected_step import ExpectedStep, expect_next
 from workers.heartbeat import HEARTBEAT_INTERVAL_S, heartbeat_loop
+from workers.join_attempts import JoinAttempts, held_layers
 from workers.link_prober import LinkProber
 from workers.log_throttle import LogThrottle
 from workers.peers import Peers, source_address
@@ -58,14 +61,14 @@ from workers.request_sampler import StageSampler
 from workers.thread_affinity import ComputeThreads, find_compute_threads
 from workers.worker_config import WorkerConfig
 from workers.worker_intake import MessageIntake
-from workers.worker_sockets import bind_data_socket, peer_socket, send_registration
+from workers.worker_sockets import bind_data_socket, peer_socket
 
 log = logging.getLogger("potluck.worker")
 
 _yield_cpu = getattr(os, "sched_yield", lambda: None)  # not on Windows
 
 
-REGISTER_RETRY_S = 5.0
+LEAVE_LINGER_S = 1.0  # how long a stopping worker waits for its `Leave` to reach the scheduler
 
 
 class Worker(MessageIntake):  # what it does with each message it receives: workers/worker_intake.py
@@ -78,6 +81,7 @@ class Worker(MessageIntake):  # what it does with each message it receives: work
         self.members = Peers(self.context, config.token, config.secret_key, config.scheduler_address, config.use_curve)
         self.admitted = threading.Event()  # the scheduler listed this worker's key as a member
         self.registered_at_s = 0.0
+        self.joining = JoinAttempts(config.scheduler_address)  # registrations, watched and retried
         self.expected_source_key: str | None = None  # who sends the expected step's inputs
         self.throttle = LogThrottle()
         self.pull, self.data_address = bind_data_socket(self.context, self.members, config)  # workers/worker_sockets.py
@@ -101,6 +105,7 @@ class Worker(MessageIntake):  # what it does with each message it receives: work
         self.profiled = False  # measured once, at the first registration
         self.sampler: StageSampler | None = None  # last stage: per-request sampling state
         self.prefetches: list = []  # layer fetches under way (workers/layer_fetch.py `Prefetch`)
+        self.assignment: p.AssignLayers | None = None  # what the loaded backend holds (kept if assigned again)
 
     # ----------------------------------------------------------------------------- sockets
     def _peer(self, address: str) -> zmq.Socket:
@@ -136,9 +141,10 @@ class Worker(MessageIntake):  # what it does with each message it receives: work
         for address in self.members.scheduler_addresses:  # a refused connection is not retried: connect afresh
             if (old := self.peers.pop(address, None)) is not None:
                 old.close(linger=0)
-        # sent with the join key (the token's): the scheduler admits this worker's own key with it
+        # sent with the join key (the token's): the scheduler admits this worker's own key with it;
+        # the attempt is watched and, failed, retried after a backoff (workers/join_attempts.py)
         join_keys, public_key, proof = self.members.registration(self.worker_id)
-        send_registration(self.context, self.config, self.members, join_keys,
+        self.joining.send(self.context, join_keys if self.config.use_curve else None, self.members.scheduler_key,
             p.Register(
                 worker_id=self.worker_id,
                 data_address=self.data_address,
@@ -153,7 +159,9 @@ class Worker(MessageIntake):  # what it does with each message it receives: work
                 echo_address=self.links.echo_address,
                 **claimed_formats(self.config.backend),
                 fetches_layers=self.config.may_fetch_layers,
-            )
+                **held_layers(self.assignment if self.backend is not None else None),
+            ),
+            self.registered_at_s,
         )
 
     def measure(self) -> p.DeviceProfile | None:
@@ -182,20 +190,33 @@ class Worker(MessageIntake):  # what it does with each message it receives: work
                     self.receive_all()
                 if self.prefetches:
                     self.report_prefetches()
-                if not self.admitted.is_set() and time.monotonic() - self.registered_at_s > REGISTER_RETRY_S:
-                    if self.registered_at_s:  # 0: the heartbeat thread asked for a new registration
-                        self.throttle.warning(log, "not admitted", "the scheduler at %s has not admitted this worker yet "
-                                              "(is the cluster token right?); registering again", self.config.scheduler_address)
+                # not admitted: the attempt failed (one line, workers/join_attempts.py) and its backoff is
+                # over, or the heartbeat thread asked for a new registration (registered_at_s 0)
+                if self.joining.watch(self.admitted.is_set(), time.monotonic()) or not self.registered_at_s:
                     self.register()
                 if self.pending and self.backend is not None:
                     self.step()
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (workers/__main__.py): tell the scheduler first
+            self.leave("stopped by Ctrl-C or SIGTERM")
+            raise
         finally:
             self.running = False
             heartbeat.join(timeout=2 * HEARTBEAT_INTERVAL_S)
             self.close()
 
+    def leave(self, reason: str, linger_s: float = LEAVE_LINGER_S) -> None:
+        """A `Leave` to the scheduler, flushed before the sockets close: this worker's requests
+        replay elsewhere at once instead of after a heartbeat timeout."""
+        if not self.admitted.is_set():
+            return  # not a member: nothing runs here
+        self.to_scheduler(p.Leave(self.worker_id, reason))
+        if (sock := self.peers.pop(self.config.scheduler_address, None)) is not None:
+            sock.close(linger=int(1000 * linger_s))  # the context's end waits up to this for the send
+        log.warning("%s left the cluster (%s): the scheduler moves its requests now", self.worker_id, reason)
+
     def close(self) -> None:
         self.links.close()
+        self.joining.close()
         for sock in self.peers.values():
             sock.close(linger=0)
         self.pull.close(linger=0)

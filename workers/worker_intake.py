@@ -3,8 +3,9 @@
 Parts: `MessageIntake`, a part of `Worker` (workers/worker.py), with
 - `handle(message, sender)`: the dispatch, one case per message type (`ProbeLinks` goes to the
   link prober's thread, workers/link_prober.py);
-- `on_members`, `on_assign` (load the new layers before the old ones go; report `LayersReady`;
-  a prefetch runs on a thread, `report_prefetches` answers it);
+- `on_members`, `on_assign` (load the new layers before the old ones go, or keep them when they are
+  the ones held, as after a scheduler restart; report `LayersReady`; a prefetch runs on a thread,
+  `report_prefetches` answers it);
 - `on_start` (first stage: a request's prompt), `on_activations` (hidden states from the stage
   before), `on_next_tokens` (the last stage's tokens back at the first), `on_prefix_miss` (a
   later stage lacks the reused prefix: prefill again).
@@ -81,7 +82,19 @@ class MessageIntake:
             self.prefetches.append(Prefetch(message, self.worker_id, self.context, self.members.keys,
                                             self.config.layer_cache_dir, self.config.fetch_layers, self.config.use_curve))
             return
+        held = self.assignment
+        if self.backend is not None and held is not None and replace(held, epoch=message.epoch,
+                                                                     num_stages_hint=message.num_stages_hint) == message:
+            # the layers it holds (a restarted scheduler planned them again): keep them, no reload
+            log.info("keeping layers [%d, %d) of %s: already loaded", message.start_layer, message.end_layer, message.model_dir)
+            self.release(tuple(self.requests))
+            self.expected, self.assignment = None, message
+            self.num_stages_hint, self.epoch = max(1, message.num_stages_hint), message.epoch
+            self.to_scheduler(p.LayersReady(self.worker_id, message.epoch, message.start_layer, message.end_layer,
+                                            self.backend.kv_capacity_tokens(), self.backend.weight_bytes))
+            return
         # the new layers load before the old ones go: a bad assignment leaves this stage serving
+        assigned = message  # as the scheduler names it: what `held_layers` reports after a restart
         try:  # a box without the model fetches the stage's pieces first (workers/layer_fetch.py)
             message = replace(message, model_dir=stage_model_path(message, self.context, self.members.keys,
                               self.config.layer_cache_dir, self.config.fetch_layers, self.config.use_curve))
@@ -106,7 +119,7 @@ class MessageIntake:
             )
             return
         self.release(tuple(self.requests))
-        self.backend, self.expected = backend, None
+        self.backend, self.expected, self.assignment = backend, None, assigned
         self.num_stages_hint = max(1, message.num_stages_hint)
         self.epoch = message.epoch
         self.sampler = StageSampler(message.model_dir, self.backend.vocab_size)

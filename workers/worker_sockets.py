@@ -5,8 +5,7 @@ Parts:
   receive limit), bound to the configured or a free port; returns it and the address peers use.
 - `peer_socket(context, members, address)`: a PUSH socket to a peer or the scheduler, CURVE to
   that member's key (a `ProtocolError` for an address that is not a member).
-- `send_registration(context, config, members, join_keys, message)`: a `Register` over a one-off
-  socket with the join key (the token's), since this worker's own key is not admitted yet.
+(The one-off socket a `Register` goes over, with the token's join key: workers/join_attempts.py.)
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import socket
 
 import zmq
 
-from workers import codec, curve
 from workers import protocol as p
 from workers.peers import Peers
 from workers.worker_config import WorkerConfig
@@ -48,13 +46,3 @@ def peer_socket(context: zmq.Context, members: Peers, address: str) -> zmq.Socke
     sock.connect(address)
     return sock
 
-
-def send_registration(context: zmq.Context, config: WorkerConfig, members: Peers, join_keys: curve.KeyPair,
-                      message: p.Register) -> None:
-    sock = context.socket(zmq.PUSH)
-    sock.setsockopt(zmq.LINGER, 2000)
-    if config.use_curve:
-        curve.make_client(sock, join_keys, members.scheduler_key)
-    sock.connect(config.scheduler_address)
-    sock.send_multipart(codec.encode(message))
-    sock.close()
