@@ -72,9 +72,10 @@ def test_link_classes_on_pruned_hetero42() -> None:
 
 @needs_facts
 def test_pruned_hetero42_beats_helix() -> None:
-    # the greedy linked start alone gives 4319.7; a work budget, so a loaded machine agrees
-    got = solve_placement(helix_problem(load_facts(), "hetero42_llama70b", "milp"), time_limit_s=15.0,
+    # the greedy linked start alone gives 4319.7 (0.5 and 1.0 work seconds: 4319.69, 1.5-2.1 CPU s);
+    # a work budget, so a loaded machine gets the same answer
+    got = solve_placement(helix_problem(load_facts(), "hetero42_llama70b", "milp"), time_limit_s=1.0,
                           deterministic=True)
-    assert got.solve_time_s <= 15.0 * 1.1 + 0.05   # work seconds
+    assert got.solve_time_s <= 1.0 * 1.1 + 0.05   # work seconds
     assert got.throughput_tokens_per_s > HELIX_PRUNED_HETERO42
     assert got.throughput_tokens_per_s <= got.upper_bound_tokens_per_s
