@@ -5,7 +5,9 @@ Parts:
   worker with its measured profile and live load), `GET /cluster/nodes/{node_id}`,
   `POST /cluster/nodes/{node_id}/drain` (finish in-flight work, route nothing new, then release
   its layers; 409 if it would leave no worker serving, unless `?force=true`),
-  `POST /cluster/replan`, `GET /cluster/requests` (in flight: route, tokens so far).
+  `POST /cluster/replan`, `POST /cluster/links/probe` (every worker measures its links again;
+  the reports update `links` in `/cluster` and re-plan when a link changed), `GET /cluster/requests`
+  (in flight: route, tokens so far).
   Unknown node ids are 404 in OpenAI's error envelope; bad input is 4xx with a message.
 - `metrics_router(engine)`: `GET /metrics`, the engine's own registry in Prometheus' text format.
 - `PUBLIC_PATHS`: open without the API key: `/health`, `/metrics` (as vLLM leaves it, so a
@@ -72,6 +74,10 @@ def cluster_router(engine: Any) -> APIRouter:
             return error_response(409, "no workers are registered; nothing to plan", "invalid_request_error", None, "no_workers")
         engine.replan()
         return JSONResponse(_plan_summary(engine))
+
+    @router.post("/cluster/links/probe", summary="Have the workers measure their links again")
+    async def probe_links() -> Response:
+        return JSONResponse({"asked_workers": engine.probe_links()}, status_code=202)
 
     @router.get("/cluster/requests", summary="Requests in flight: route and tokens so far")
     async def get_requests() -> dict[str, Any]:

@@ -4,7 +4,8 @@ Parts:
 - `DASHBOARD_HTML`: `api/static/dashboard.html` (plain HTML, inline CSS and JS). Every second it
   fetches `/cluster` and `/cluster/requests` and draws each device's layer range as a bar along
   the model's layers, the pipelines, live tokens/s (from `tokens_processed` deltas) and KV usage,
-  the plan's predicted tokens/s, workers that failed and why, and plots (inline SVG) of tokens/s,
+  the plan's predicted tokens/s and each usable pipeline's predicted ms per token, the links the
+  workers measured (round trip, bandwidth), workers that failed and why, and plots (inline SVG) of tokens/s,
   time to first token and KV use over the last minutes from `/cluster/history` (api/load_history.py).
   With an API key set the page asks for it once (or takes `#key=...`) and keeps it in
   localStorage; the HTML itself is public (see `api.cluster_routes.PUBLIC_PATHS`).

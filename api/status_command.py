@@ -4,7 +4,8 @@ Parts:
 - `fetch_cluster(url, api_key)`: `GET {url}/cluster` (raises `StatusError` with a clear message).
 - `format_cluster(cluster)`: the header line (model, layers, epoch, plan) and one row per worker:
   id, device, state, layer range, a bar along the model's layers, KV used, tokens processed,
-  step time, in-flight requests; then the pipelines.
+  step time, in-flight requests; then the pipelines (with each usable one's predicted time per
+  token) and the links the workers measured (round trip, bandwidth).
 - `base_url(url)`: the server's base URL from what the user pasted (`.../v1` as printed by serve).
 - `run_status(args) -> int`: prints it (the workers that failed and why below the table), or with
   `--devices-json` the workers as a devices.json for `potluck plan` (`api/device_entries.py`);
@@ -111,11 +112,24 @@ def format_cluster(cluster: dict[str, Any]) -> str:
         predicted = plan.get("predicted_tokens_per_s") or 0.0
         if predicted > 0:
             lines.append(f"predicted {predicted:.1f} tok/s (bound {plan.get('upper_bound_tokens_per_s') or predicted:.1f})")
-        usable = {tuple(p) for p in plan.get("usable_pipelines", [])}
+        usable = {tuple(p): t for p, t in zip(plan.get("usable_pipelines", []), plan.get("pipeline_token_latency_s") or [None] * 99)}
         for i, route in enumerate(plan.get("pipelines", [])):
             stages = " -> ".join(f"{wid} [{plan['ranges'][wid][0]}, {plan['ranges'][wid][1]})" for wid in route)
-            lines.append(f"pipeline {i}: {stages}  ({'usable' if tuple(route) in usable else 'not ready'})")
+            state = "not ready" if tuple(route) not in usable else "usable"
+            if (token_s := usable.get(tuple(route))) is not None:
+                state += f", {1000 * token_s:.1f} ms/token predicted"
+            lines.append(f"pipeline {i}: {stages}  ({state})")
+    lines += format_links(cluster.get("links", []))
     return "\n".join(lines)
+
+
+def format_links(links: list[dict[str, Any]]) -> list[str]:
+    """The measured links as table rows (none: no lines)."""
+    if not links:
+        return []
+    rows = [[" - ".join(row["workers"]), f"{1000 * row['rtt_s']:.2f}", f"{8 * row['bandwidth_bytes_per_s'] / 1e6:.1f}"]
+            for row in links]
+    return ["", *_table(rows, ["LINK", "RTT MS", "MBIT/S"])]
 
 
 def run_status(args: argparse.Namespace) -> int:

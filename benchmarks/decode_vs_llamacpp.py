@@ -1,6 +1,7 @@
 """Decode speed of `potluck serve` beside `llama-server` on the same model, measured in one run.
 
     python -m benchmarks.decode_vs_llamacpp [--llama-bin-dir DIR] [--rounds 3] [--new-tokens 64]
+        [--gguf-type F32|Q8_0|Q4_K_M]
 
 Parts:
 - `find_binary(bin_dir, names)`: a llama.cpp binary in the build folder, or None.
@@ -120,11 +121,25 @@ class Servers:
         raise SystemExit(f"error: {name} not ready after {timeout_s:.0f} s (log: {log_dir / (name + '.log')})")
 
 
-def prepare_models(work_dir: Path, bin_dir: Path, potluck_model: str | None) -> tuple[Path, str, str]:
-    """(GGUF for llama-server, its label, the model potluck serves)."""
+def prepare_models(
+    work_dir: Path, bin_dir: Path, potluck_model: str | None, gguf_type: str = "F32"
+) -> tuple[Path, str, str]:
+    """(GGUF for llama-server, its label, the model potluck serves). A `gguf_type` other than F32
+    (Q8_0, Q4_K_M, ...: `llama-quantize --allow-requantize` from the packaged file) is served by
+    both: potluck runs the same GGUF file with its quantized kernels."""
     source = packaged_gguf()
     gguf, label = source, "Q4_1 (packaged)"
     quantize = find_binary(bin_dir, ("llama-quantize",))
+    if gguf_type != "F32":
+        if quantize is None:
+            raise SystemExit(f"error: --gguf-type {gguf_type} needs llama-quantize in {bin_dir}")
+        target = work_dir / f"smollm2-{gguf_type.lower()}.gguf"
+        if not target.exists():
+            subprocess.run(
+                [str(quantize), "--allow-requantize", str(source), str(target), gguf_type],
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        return target, f"{gguf_type} (requantized from Q4_1)", potluck_model or str(target)
     if quantize is not None:
         f32 = work_dir / "smollm2-f32.gguf"
         if not f32.exists():
@@ -262,6 +277,9 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--potluck-model", help="model potluck serves (default: the GGUF converted to fp32 safetensors)")
     parser.add_argument("--work-dir", default=str(Path.home() / ".cache" / "potluck-bench"),
                         help="where converted models and server logs go (reused between runs)")
+    parser.add_argument("--gguf-type", default="F32",
+                        help="F32 (potluck serves fp32 safetensors), or a llama-quantize type such as Q8_0 or "
+                        "Q4_K_M that both servers run from the same GGUF file")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--streams", type=int, default=16)
@@ -288,7 +306,7 @@ def main() -> None:
     rpc_server = find_binary(bin_dir, ("rpc-server", "ggml-rpc-server", "llama-rpc-server"))
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    gguf, gguf_label, potluck_model = prepare_models(work_dir, bin_dir, args.potluck_model)
+    gguf, gguf_label, potluck_model = prepare_models(work_dir, bin_dir, args.potluck_model, args.gguf_type)
     potluck_bytes = sum(f.stat().st_size for f in Path(potluck_model).glob("*.safetensors")) or Path(potluck_model).stat().st_size
     bandwidth = memory_bandwidth_bytes_per_s()
     print(f"llama-server model: {gguf.name} [{gguf_label}]; potluck model: {potluck_model}")

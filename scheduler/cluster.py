@@ -45,6 +45,7 @@ class WorkerState:
     error: str | None = None
     prefill_tokens_per_step: int = 0  # the worker's chunked-prefill budget (0: not reported)
     backend: str = "torch"  # what runs its layers (Register.backend); placement sees one more device
+    echo_address: str = ""  # where peers measure their links to it (Register.echo_address)
 
     @property
     def is_ready(self) -> bool:
@@ -100,6 +101,7 @@ class Cluster:
             pid=message.pid,
             prefill_tokens_per_step=message.prefill_tokens_per_step,
             backend=message.backend,
+            echo_address=message.echo_address,
             registered_at_s=now_s,
             last_seen_s=now_s,
         )

@@ -37,6 +37,7 @@ from scheduler.admission import AdmissionQueue
 from scheduler.cluster import Cluster, LayerPlan, WorkerState
 from scheduler.engine_config import EngineConfig
 from scheduler.errors import GenerationFailedError, InvalidRequestError, NoCapacityError, OverloadedError
+from scheduler.link_table import LinkTable, probe_requests
 from scheduler.load import load_snapshot
 from scheduler.membership import Membership, check_request, ghost_requests
 from scheduler.metrics import EngineMetrics
@@ -77,6 +78,7 @@ class Engine:
         self.token = self.membership.token
         self.links = WorkerLinks(self.membership)  # a PUSH socket to each registered worker
         self.prefix_index = PrefixIndex()  # which stages hold which prefixes (cache-aware routing)
+        self.link_table = LinkTable()  # links the workers measured (scheduler/link_table.py)
 
     # ------------------------------------------------------------------------------- the request loop
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
@@ -146,7 +148,7 @@ class Engine:
     def choose_route(self, state: RequestState) -> tuple[str, ...] | None:
         """The path with the least predicted TTFT + DECODE_WEIGHT x decode time among stages with room;
         None while every path is full or would queue the prompt past MAX_QUEUE_WAIT_S (routing.py)."""
-        snapshot = load_snapshot(self.cluster, self.config.model)
+        snapshot = load_snapshot(self.cluster, self.config.model, self.link_table)
         request = state.route_request
         if self.config.prefix_caching:  # a stage holding a prefix prefills only the rest
             tokens = state.replay_token_ids
@@ -287,6 +289,11 @@ class Engine:
                     self.links.send_once(message.data_address, p.Reregister("evicted after a silence"), message.worker_id)
             case p.Register():
                 self._on_register(message)
+            case p.LinkReport():  # a re-plan when a link is new or changed (the plan may avoid it)
+                workers = self.cluster.workers
+                if message.worker_id in workers and self.link_table.record(message.worker_id, message.links, workers):
+                    if self.cluster.plan is not None:
+                        self.replan()
             case p.LayersReady():
                 if (state := self.cluster.on_layers_ready(message)) is not None and state.error:
                     log.error("%s failed to load layers: %s", state.worker_id, state.error)
@@ -310,6 +317,7 @@ class Engine:
         self.cluster.register(message)
         self.links.connect(message.worker_id, message.data_address, message.public_key)
         self._send_members()
+        self.probe_links((message.worker_id,))
         log.info("worker %s registered from %s (%s, %d bytes)", message.worker_id, message.data_address, message.device, message.memory_bytes)
         if len(self.cluster.workers) >= self.config.min_workers:
             self.replan()
@@ -318,6 +326,7 @@ class Engine:
         log.warning("worker %s lost: %s", worker_id, reason)
         self.cluster.remove(worker_id)
         self.prefix_index.forget(worker_id)
+        self.link_table.forget(worker_id)
         self.links.close(worker_id)
         self._send_members()
         self._restart_through(worker_id, f"worker {worker_id} lost")
@@ -326,6 +335,13 @@ class Engine:
         members = self.membership.members_message(self.cluster.workers)
         for worker_id in self.cluster.workers:
             self._send(worker_id, members)
+
+    def probe_links(self, worker_ids: tuple[str, ...] = ()) -> int:
+        """Ask these workers (all: every pair once) to measure their links; how many were asked."""
+        asks = probe_requests(self.cluster.workers, self.membership.key_of, worker_ids)
+        for worker_id, message in asks.items():
+            self._send(worker_id, message)
+        return len(asks)
 
     async def _monitor_loop(self) -> None:
         tick_s = 0.25
@@ -364,7 +380,7 @@ class Engine:
         ratio, kv_tokens = self.workload_mix()
         config = replace(self.planner_config, prompt_tokens_per_output_token=ratio, kv_tokens_per_sequence=kv_tokens)
         try:
-            plan = plan_layers(self.config.model, workers, config, self.cluster.epoch, current)
+            plan = plan_layers(self.config.model, workers, config, self.cluster.epoch, current, self.link_table)
         except NoCapacityError as exc:
             log.error("cannot plan: %s", exc)
             return

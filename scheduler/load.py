@@ -7,7 +7,8 @@ Parts:
 - `load_snapshot(cluster, model)`: a `routing.LoadSnapshot` of the usable stages: the
   scheduler's own KV reservations and queued prompt tokens (exact, updated per request,
   scheduler/request_state.py) plus the step time the worker reports in its heartbeats (EWMA,
-  measured), and the chunked-prefill budget it reported at registration.
+  measured), and the chunked-prefill budget it reported at registration; with a `LinkTable`, the
+  hop latencies (half the measured round trip) and bandwidths between workers.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from placement.network import layer_step_time_s
 from placement.problem import DeviceSpec, ModelSpec
 from scheduler.cluster import Cluster, WorkerState
+from scheduler.link_table import LinkTable
 from scheduler.planner import device_spec, model_spec
 from scheduler.routing import LoadSnapshot, StageLoad
 from workers.protocol import ModelFacts
@@ -38,7 +40,7 @@ def layer_costs_s(spec: DeviceSpec, layer_bytes: float, model: ModelSpec | None 
     return step_s, per_request_s, prefill_s
 
 
-def stage_load(worker: WorkerState, model: ModelFacts) -> StageLoad:
+def stage_load(worker: WorkerState, model: ModelFacts, measured_when_idle: bool = False) -> StageLoad:
     assert worker.loaded is not None
     start, end = worker.loaded
     layers = end - start
@@ -52,21 +54,26 @@ def stage_load(worker: WorkerState, model: ModelFacts) -> StageLoad:
         queued_prefill_tokens=worker.queued_prefill_tokens,
         running_requests=worker.in_flight,
         kv_free_tokens=max(0, worker.kv_capacity_tokens - worker.reserved_kv_tokens),
-        step_time_s=max(measured_s, step_s * layers) if worker.in_flight else step_s * layers,
+        step_time_s=max(measured_s, step_s * layers) if worker.in_flight or measured_when_idle else step_s * layers,
         prefill_time_per_token_s=prefill_s * layers,
         step_time_per_request_s=per_request_s * layers,
         prefill_tokens_per_step=worker.prefill_tokens_per_step or DEFAULT_PREFILL_TOKENS_PER_STEP,
     )
 
 
-def load_snapshot(cluster: Cluster, model: ModelFacts) -> LoadSnapshot:
-    """Stages of the current plan that can take requests now (alive, loaded, not draining)."""
+def load_snapshot(cluster: Cluster, model: ModelFacts, links: LinkTable | None = None,
+                  measured_when_idle: bool = False) -> LoadSnapshot:
+    """Stages of the current plan that can take requests now (alive, loaded, not draining).
+    `measured_when_idle`: an idle stage's step time is also its last measured one (predictions of
+    the time per token; the router charges an idle stage its profile's)."""
     usable = {worker_id for route in cluster.usable_routes() for worker_id in route}
-    stages = tuple(stage_load(cluster.workers[worker_id], model) for worker_id in sorted(usable))
+    stages = tuple(stage_load(cluster.workers[worker_id], model, measured_when_idle) for worker_id in sorted(usable))
     pipelines = tuple(cluster.usable_routes())
     return LoadSnapshot(
         stages=stages,
         num_layers=cluster.num_layers,
         activation_bytes_per_token=model.activation_bytes_per_token,
         pipelines=pipelines,
+        hop_latency_s=links.hop_latency_s() if links is not None else {},
+        hop_bandwidth_bytes_per_s=links.hop_bandwidth_bytes_per_s() if links is not None else {},
     )

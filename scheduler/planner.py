@@ -6,7 +6,10 @@ Parts:
 - `device_spec`: a registered worker (its measured profile) as a placement `DeviceSpec`.
 - `pipeline_plan`: one chain over co-located workers (they share a machine's compute), with its
   predicted tokens/s (`chain_tokens_per_s`: the stages' times per token add up).
-- `plan_layers`: ranges and pipelines for the registered workers, solved by `placement/`.
+- `plan_layers`: ranges and pipelines for the registered workers, solved by `placement/` over
+  the links the workers measured (scheduler/link_table.py); a plan that keeps consecutive
+  stages off the slow links is taken whenever it keeps `SLOW_LINK_KEEP_FRACTION` of the
+  throughput of the best plan that uses them.
 - `kv_budget_bytes`: how much of a worker's memory its KV cache may take once its layers are in.
 - `assignment`: the `AssignLayers` message that gives a worker its range of a plan.
 """
@@ -14,12 +17,13 @@ Parts:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from placement.problem import DeviceSpec, InfeasiblePlacementError, ModelSpec, Placement, PlacementProblem
 from placement.solver import solve_placement
 from scheduler.cluster import LayerPlan, WorkerState
 from scheduler.errors import NoCapacityError
+from scheduler.link_table import LinkTable
 from workers.device_profile import DeviceProfile, device_spec as profile_device_spec
 from workers.protocol import AssignLayers, ModelFacts
 
@@ -31,6 +35,7 @@ DEFAULT_BANDWIDTH_BYTES_PER_S = 2e10
 # (chat traffic: prompts of a few hundred tokens with history, answers of about a hundred).
 DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN = 4.0
 MIN_MIX_REQUESTS = 32
+SLOW_LINK_KEEP_FRACTION = 0.9
 
 
 @dataclass(frozen=True)
@@ -163,29 +168,59 @@ def device_spec(worker: WorkerState, model: ModelFacts) -> DeviceSpec:
                                memory_bytes=memory_bytes, kind=worker.device)
 
 
+def _off_slow_links(problem: PlacementProblem, placement: Placement, slow: set[tuple[str, str]],
+                    config: PlannerConfig, current: Mapping[str, tuple[int, int]] | None) -> Placement:
+    """The plan without the `slow` links when it keeps `SLOW_LINK_KEEP_FRACTION` of `placement`'s
+    throughput (or `placement` already avoids them), else `placement`."""
+    crossing = any(tuple(sorted((a.device_id, b.device_id))) in slow
+                   for pipeline in placement.pipelines for a, b in zip(pipeline.stages, pipeline.stages[1:]))
+    if not crossing:
+        return placement
+    kept = tuple(l for l in problem.links if tuple(sorted((l.src, l.dst))) not in slow)
+    try:
+        avoiding = solve_placement(replace(problem, links=kept), time_limit_s=config.time_limit_s,
+                                   current=dict(current or {}) or None)
+    except InfeasiblePlacementError:
+        return placement
+    if not avoiding.pipelines:
+        return placement
+    keep = avoiding.throughput_tokens_per_s >= SLOW_LINK_KEEP_FRACTION * placement.throughput_tokens_per_s
+    if config.objective == "latency":
+        keep = avoiding.latency_s <= placement.latency_s / SLOW_LINK_KEEP_FRACTION
+    return avoiding if keep else placement
+
+
 def plan_layers(
     model: ModelFacts,
     workers: Sequence[WorkerState],
     config: PlannerConfig,
     epoch: int,
     current: Mapping[str, tuple[int, int]] | None = None,
+    links: LinkTable | None = None,
 ) -> LayerPlan:
-    """Solve placement for the workers (placement/solver.py); re-plans keep `current` ranges
-    unless moving layers buys real throughput. The KV reserve shrinks to one full-length sequence
-    before the plan is declared impossible."""
+    """Solve placement for the workers (placement/solver.py) over their measured `links`; re-plans
+    keep `current` ranges unless moving layers buys real throughput. The KV reserve shrinks to one
+    full-length sequence before the plan is declared impossible. With slow links measured, the
+    problem is solved again without them (no stage hands its activations over one) and that plan
+    wins when it keeps `SLOW_LINK_KEEP_FRACTION` of the throughput."""
     if not workers:
         raise NoCapacityError("no workers registered")
     if config.placement == "pipeline" or (config.placement == "auto" and len({host_of(w) for w in workers}) == 1):
         return pipeline_plan(model, workers, epoch)
     devices = tuple(device_spec(w, model) for w in sorted(workers, key=lambda w: w.worker_id))
+    ids = [d.device_id for d in devices]
+    link_specs = links.link_specs(ids) if links is not None else ()
+    slow = links.slow_pairs(ids) if links is not None else set()
     reserves = (config.max_model_len * config.max_concurrent_sequences, config.max_model_len)
     placement: Placement | None = None
     for reserve in reserves:
         problem = PlacementProblem(model_spec(model), devices, kv_reserve_tokens=reserve, objective=config.objective,
                                    prompt_tokens_per_output_token=config.prompt_tokens_per_output_token,
-                                   kv_tokens_per_sequence=config.kv_tokens_per_sequence)
+                                   kv_tokens_per_sequence=config.kv_tokens_per_sequence, links=link_specs)
         try:
             placement = solve_placement(problem, time_limit_s=config.time_limit_s, current=dict(current or {}) or None)
+            if slow:
+                placement = _off_slow_links(problem, placement, slow, config, current)
             break
         except InfeasiblePlacementError as exc:
             error = exc

@@ -14,6 +14,9 @@ Parts:
   again as load changes). ``route_score_s`` is that score for one path's predictions;
   ``queue_wait_s`` the part of a path's TTFT spent behind prompts already queued.
 - ``round_robin_route``, ``least_loaded_route``: the baselines, same inputs, fixed pipelines.
+- ``ring_token_time_s(snapshot, path)``: predicted seconds per generated token of one request
+  alone on ``path``: every stage's step, every hop's latency + activations, and the hop from
+  the last stage back to the first that closes the ring (its next token).
 - ``all_paths``: brute-force enumeration, for tests and small clusters only.
 """
 from __future__ import annotations
@@ -159,6 +162,19 @@ def path_times_s(snapshot: LoadSnapshot, path: tuple[str, ...], request: RouteRe
         a, b = stage_time_s(by_id[wid], request)
         first_s, later_s = first_s + a, later_s + b
     return first_s, _finish_s(first_s, later_s, request)
+
+
+def ring_token_time_s(snapshot: LoadSnapshot, path: tuple[str, ...]) -> float:
+    by_id = {s.worker_id: s for s in snapshot.stages}
+    total_s = sum(by_id[w].step_time_s + by_id[w].step_time_per_request_s for w in path)
+    for src, dst in zip(path, path[1:]):
+        total_s += snapshot.hop_latency_s.get((src, dst), snapshot.default_hop_latency_s)
+        if snapshot.activation_bytes_per_token:
+            total_s += snapshot.activation_bytes_per_token / snapshot.hop_bandwidth_bytes_per_s.get(
+                (src, dst), snapshot.default_hop_bandwidth_bytes_per_s)
+    if len(path) > 1:  # the last stage's next token goes back to the first (a few bytes)
+        total_s += snapshot.hop_latency_s.get((path[-1], path[0]), snapshot.default_hop_latency_s)
+    return total_s
 
 
 def queue_wait_s(snapshot: LoadSnapshot, path: tuple[str, ...], request: RouteRequest) -> float:

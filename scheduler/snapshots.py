@@ -4,8 +4,9 @@ the dashboard and `potluck status`.
 Parts:
 - `worker_snapshot(worker)`: address, device, measured profile, layers, live load.
 - `EngineView`: what the snapshots read of the engine (so this module never imports it).
-- `cluster_snapshot(engine)`: model, plan (ranges, pipelines, predictions, bound), every worker,
-  the workers that failed to start and why.
+- `cluster_snapshot(engine)`: model, plan (ranges, pipelines, predictions, bound, each usable
+  pipeline's predicted seconds per token), every worker, the links the workers measured, the
+  workers that failed to start and why.
 - `requests_snapshot(states)`: requests in flight with their route and tokens so far.
 """
 
@@ -16,7 +17,10 @@ from collections.abc import Iterable, Mapping, Sized
 from typing import Any, Protocol
 
 from scheduler.cluster import Cluster, WorkerState
+from scheduler.link_table import LinkTable
+from scheduler.load import load_snapshot
 from scheduler.request_state import RequestState, WorkloadStats
+from scheduler.routing import ring_token_time_s
 
 
 
@@ -29,6 +33,7 @@ class EngineView(Protocol):
     requests: Mapping[str, RequestState]
     admission: Sized
     workload: WorkloadStats
+    link_table: LinkTable
 
     @property
     def config(self) -> Any: ...
@@ -89,6 +94,8 @@ def cluster_snapshot(engine: EngineView) -> dict:
     plan = cluster.plan
     model = engine.config.model
     mix_ratio, mix_kv_tokens = engine.workload_mix()
+    routes = cluster.usable_routes()
+    loads = load_snapshot(cluster, model, engine.link_table, measured_when_idle=True) if routes else None
     return {
         "model": {
             "id": engine.model_id,
@@ -104,13 +111,16 @@ def cluster_snapshot(engine: EngineView) -> dict:
             "epoch": plan.epoch,
             "ranges": {wid: list(r) for wid, r in plan.ranges.items()},
             "pipelines": [list(route) for route in plan.pipelines],
-            "usable_pipelines": [list(route) for route in cluster.usable_routes()],
+            "usable_pipelines": [list(route) for route in routes],
+            # one request alone on each usable pipeline: stages' steps + hops (scheduler/routing.py)
+            "pipeline_token_latency_s": [ring_token_time_s(loads, route) for route in routes] if loads else [],
             "predicted_tokens_per_s": plan.predicted_tokens_per_s or None,  # None: not known
             "predicted_latency_s": plan.predicted_latency_s,
             "upper_bound_tokens_per_s": plan.upper_bound_tokens_per_s,
             "solve_time_s": plan.solve_time_s,
         },
         "workers": [worker_snapshot(cluster.workers[wid]) for wid in sorted(cluster.workers)],
+        "links": engine.link_table.rows(),
         "failed_workers": [{"id": f.worker_id, "reason": f.reason, "at_unix_s": f.at_unix_s}
                            for f in sorted(cluster.failures.values(), key=lambda f: f.worker_id)],
         "running_requests": len({state.request.request_id for state in engine.requests.values()}),

@@ -21,7 +21,8 @@ import zmq
 from workers import curve
 from workers import protocol as p
 
-CONTROL_MESSAGES = (p.StartRequest, p.ReleaseRequests, p.AssignLayers, p.UnloadLayers, p.Reregister, p.Shutdown, p.Members)
+CONTROL_MESSAGES = (p.StartRequest, p.ReleaseRequests, p.AssignLayers, p.UnloadLayers, p.Reregister, p.Shutdown, p.Members,
+                    p.ProbeLinks)
 
 
 class Peers(curve.Endpoint):

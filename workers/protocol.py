@@ -154,6 +154,7 @@ class Register:
     backend: str = "torch"  # the backend that runs its layers (workers/backend_plugins.py)
     public_key: str = ""  # the worker's CURVE public key (z85), authorised by `proof`
     proof: str = ""  # HMAC-SHA256(token, worker id + public key), hex (workers/curve.py)
+    echo_address: str = ""  # where peers probe this worker's links (workers/peer_probe.py); "": none
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,15 @@ class Heartbeat:
     prefix_cache_queries_tokens: int = 0  # prompt tokens looked up in the prefix cache (cumulative)
     prefix_cache_hits_tokens: int = 0  # of them, found cached (cumulative)
     request_ids: tuple[str, ...] = ()  # requests this worker holds: the scheduler releases ghosts
+
+
+@dataclass(frozen=True)
+class LinkReport:
+    """Measured links from this worker to peers (workers/link_prober.py): per peer its worker
+    id, the median round-trip seconds and the bandwidth in bytes/s."""
+
+    worker_id: str
+    links: tuple[tuple[str, float, float], ...]  # (peer worker id, rtt_s, bandwidth_bytes_per_s)
 
 
 @dataclass(frozen=True)
@@ -243,6 +253,14 @@ class Reregister:
 
 
 @dataclass(frozen=True)
+class ProbeLinks:
+    """Measure the links to these peers and answer with a `LinkReport` (on joining, or when the
+    scheduler asks again)."""
+
+    peers: tuple[tuple[str, str, str], ...]  # (worker id, echo address, CURVE public key)
+
+
+@dataclass(frozen=True)
 class Shutdown:
     reason: str = ""
 
@@ -297,6 +315,8 @@ MESSAGE_TYPES: dict[str, type] = {
         Activations,
         NextTokens,
         PrefixMiss,
+        LinkReport,
+        ProbeLinks,
     )
 }
 
@@ -316,4 +336,6 @@ Message = (
     | Activations
     | NextTokens
     | PrefixMiss
+    | LinkReport
+    | ProbeLinks
 )

@@ -1,4 +1,5 @@
-"""Quantized weights kept quantized in memory, run through torch's int4 weight-only CPU kernel.
+"""Quantized weights kept quantized in memory: GGUF blocks as they are in the file, run by the C
+block kernel (workers/native_kernel.py); `GroupCodes` through torch's int4 weight-only CPU kernel.
 
 Parts:
 - `GroupCodes`: a weight [out, in] as unsigned integer codes with one scale and one offset per
@@ -12,7 +13,10 @@ Parts:
 - `quantize_weight(weight, bits)`: group-wise (32) asymmetric weight-only quantization of a float
   weight for `--quantization int4|int8`, scales and zeros chosen in bfloat16 so that the kernel
   reproduces `GroupCodes.dequantize()` exactly.
-- `QuantizedLinear`: `y = x @ w^T (+ bias)` with `torch.ops.aten._weight_int4pack_mm_for_cpu`
+- `QuantizedLinear`: `y = x @ w^T (+ bias)`. GGUF parts (`QuantizedRows`) stay the file's blocks
+  (1.0x their file bytes, every type) and run through `native_kernel.gguf_matmul` in float32: exact
+  up to the order of float32 sums. Where that kernel cannot be built, and for `GroupCodes`
+  (`--quantization`), with `torch.ops.aten._weight_int4pack_mm_for_cpu`
   (group 32, bfloat16 activations, float32 accumulation). A b-bit code is split into
   ceil(b / 4) 4-bit planes (code = sum 16^p * plane_p), each plane a packed int4 weight with its
   scale 16^p * scale; the plane results are summed in float32. Q6_K's 16-input groups are run as
@@ -20,8 +24,8 @@ Parts:
   never expanded to floating point: per step it reads 4 bits (+ 1 bit of bfloat16 scale and zero)
   per weight and plane. Kernel choice: docs/quantized_kernels.md.
 - `QuantizedRows`: a quantized GGUF tensor kept as its file bytes: an embedding table
-  (`lookup(ids)` dequantizes only the rows a step embeds), or a linear weight until its layer is
-  built (`codes()`, also a tied LM head's).
+  (`lookup(ids)` dequantizes only the rows a step embeds), or a linear weight (its bytes taken by
+  `QuantizedLinear`, a tied LM head sharing the table's; `codes()` for the int4 fallback).
 - `SUPPORTED_GGUF_TYPES`, `DENSE_GGUF_TYPES`, `UnsupportedQuantizationError`.
 """
 
@@ -32,6 +36,8 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 import torch
+
+from workers.native_kernel import gguf_dequantize_rows, gguf_matmul, native_kernel
 
 KERNEL_GROUP = 32  # the int4 kernel's group size (it takes 32, 64, 128 or 256)
 _ROWS_MULTIPLE = 16  # the int4 packing wants the output dimension a multiple of 16
@@ -284,58 +290,88 @@ def _planes_of_rows(codes: GroupCodes) -> list[tuple[torch.Tensor, torch.Tensor]
 
 class QuantizedLinear:
     """x [N, in] -> x @ w^T [N, out] for weights stacked along the output dimension (fused q/k/v,
-    gate/up), each `GroupCodes` (run as 4-bit planes, see the module doc) or a dense [out, in]
-    tensor; consecutive parts of one bit width and group size run as one kernel call per plane."""
+    gate/up). Each part is a GGUF tensor's blocks (`QuantizedRows`: run as they are by the C block
+    kernel, workers/native_kernel.py, or as `GroupCodes` planes where it cannot be built), a
+    `GroupCodes` (run as 4-bit planes, see the module doc) or a dense [out, in] tensor; consecutive
+    parts of one kind (one GGUF type, or one bit width and group size) run as one kernel call."""
 
-    def __init__(self, parts: list[GroupCodes | torch.Tensor] | GroupCodes) -> None:
-        parts = [parts] if isinstance(parts, GroupCodes) else list(parts)
-        runs: list[list[GroupCodes | torch.Tensor]] = []
+    def __init__(self, parts: list[GroupCodes | QuantizedRows | torch.Tensor] | GroupCodes | QuantizedRows) -> None:
+        parts = [parts] if isinstance(parts, (GroupCodes, QuantizedRows)) else list(parts)
+        native = native_kernel() is not None
+        parts = [p.codes() if isinstance(p, QuantizedRows) and not native else p for p in parts]
+        runs: list[list[GroupCodes | QuantizedRows | torch.Tensor]] = []
         for part in parts:
-            last = runs[-1][-1] if runs else None
-            same = (
-                isinstance(part, GroupCodes)
-                and isinstance(last, GroupCodes)
-                and (part.bits, part.group_size) == (last.bits, last.group_size)
-            )
-            if same:
+            if runs and _kind(part) is not None and _kind(part) == _kind(runs[-1][-1]):
                 runs[-1].append(part)
             else:
                 runs.append([part])
-        # each segment: (planes, None, out) for quantized parts, ([], w_t [in, out], out) for dense
-        self.segments: list[tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None, int]] = []
+        self.in_features = parts[0].shape[1]
+        # each segment: (kind, payload, out): "blocks" (GGUF type, uint8 [out, row bytes]),
+        # "planes" [(packed, scales_and_zeros)] or "dense" w_t [in, out]
+        self.segments: list[tuple[str, object, int]] = []
         for run in runs:
-            if isinstance(run[0], GroupCodes):
+            if isinstance(run[0], QuantizedRows):
+                raw = [r.ordered_raw() for r in run]
+                raw_t = torch.from_numpy(raw[0] if len(raw) == 1 else np.concatenate(raw))
+                self.segments.append(("blocks", (run[0].type_name, raw_t), raw_t.shape[0]))
+            elif isinstance(run[0], GroupCodes):
                 codes = GroupCodes.cat(run) if len(run) > 1 else run[0]
-                self.segments.append((_planes(codes), None, codes.shape[0]))
+                self.segments.append(("planes", _planes(codes), codes.shape[0]))
             else:
                 dense = torch.cat(run)
-                self.segments.append(([], dense.t().contiguous(), dense.shape[0]))
+                self.segments.append(("dense", dense.t().contiguous(), dense.shape[0]))
         self.out_features = sum(out for _, _, out in self.segments)
-        self.in_features = parts[0].shape[1]
+
+    def holds(self, rows: object) -> bool:
+        """Whether this weight is `rows`'s own file bytes (a tied LM head sharing the embedding table)."""
+        return isinstance(rows, QuantizedRows) and any(
+            kind == "blocks" and payload[1].data_ptr() == rows.raw.ctypes.data for kind, payload, _ in self.segments
+        )
 
     @property
     def weight_bytes(self) -> int:
         total = 0
-        for planes, dense, _ in self.segments:
-            total += sum(p.numel() * p.element_size() + s.numel() * s.element_size() for p, s in planes)
-            total += 0 if dense is None else dense.numel() * dense.element_size()
+        for kind, payload, _ in self.segments:
+            if kind == "blocks":
+                total += payload[1].numel()
+            elif kind == "planes":
+                total += sum(p.numel() * p.element_size() + s.numel() * s.element_size() for p, s in payload)
+            else:
+                total += payload.numel() * payload.element_size()
         return total
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # x: [N, in] -> [N, out]
-        x16 = x.to(torch.bfloat16).contiguous()
+        if len(self.segments) == 1 and self.segments[0][0] == "blocks":  # the common case: one call
+            type_name, raw = self.segments[0][1]
+            out = gguf_matmul(x.float().contiguous(), raw, type_name).to(x.dtype)
+            return out if bias is None else out + bias
+        x16 = x32 = None
         outs = []
-        for planes, dense, num_out in self.segments:
-            if dense is not None:
-                outs.append(torch.mm(x.to(dense.dtype), dense).float())
-                continue
-            out = None
-            for packed, scales_and_zeros in planes:
-                part = torch.ops.aten._weight_int4pack_mm_for_cpu(x16, packed, KERNEL_GROUP, scales_and_zeros)
-                out = part.float() if out is None else out.add_(part)
-            outs.append(out if out.shape[1] == num_out else out[:, :num_out])
+        for kind, payload, num_out in self.segments:
+            if kind == "blocks":
+                x32 = x.float().contiguous() if x32 is None else x32
+                outs.append(gguf_matmul(x32, payload[1], payload[0]))
+            elif kind == "dense":
+                outs.append(torch.mm(x.to(payload.dtype), payload).float())
+            else:
+                x16 = x.to(torch.bfloat16).contiguous() if x16 is None else x16
+                out = None
+                for packed, scales_and_zeros in payload:
+                    part = torch.ops.aten._weight_int4pack_mm_for_cpu(x16, packed, KERNEL_GROUP, scales_and_zeros)
+                    out = part.float() if out is None else out.add_(part)
+                outs.append(out if out.shape[1] == num_out else out[:, :num_out])
         out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).to(x.dtype)
         return out if bias is None else out + bias
+
+
+def _kind(part: object) -> tuple | None:
+    """Parts that run as one kernel call when adjacent: same GGUF type, or same bits and group."""
+    if isinstance(part, QuantizedRows):
+        return ("blocks", part.type_name)
+    if isinstance(part, GroupCodes):
+        return ("planes", part.bits, part.group_size)
+    return None
 
 
 class QuantizedRows:
@@ -348,7 +384,7 @@ class QuantizedRows:
     ) -> None:
         self.type_name, self.shape, self.name = type_name, shape, name
         self.qtype = gguf.GGMLQuantizationType[type_name]
-        self.raw = raw.reshape(shape[0], -1)
+        self.raw = np.ascontiguousarray(raw).reshape(shape[0], -1)
         self.order = order  # rows to take (llama q/k: undoing llama.cpp's permutation), or None
 
     @property
@@ -357,8 +393,15 @@ class QuantizedRows:
 
     def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[N] token ids -> [N, hidden] (only these rows dequantized)."""
-        rows = self.raw[ids.cpu().numpy()]
+        ids_np = ids.cpu().numpy()
+        if native_kernel() is not None:
+            return gguf_dequantize_rows(self.raw, self.type_name, ids_np, self.shape[1]).to(dtype)
+        rows = self.raw[ids_np]
         return torch.from_numpy(gguf.quants.dequantize(rows, self.qtype)).to(dtype).view(-1, self.shape[1])
+
+    def ordered_raw(self) -> np.ndarray:
+        """The file's bytes [out, row bytes] in the model's row order (the same array when no rows move)."""
+        return self.raw if self.order is None else self.raw[self.order.numpy()]
 
     def codes(self) -> GroupCodes:
         codes = codes_from_gguf(self.raw, self.type_name, self.shape, self.name)

@@ -237,11 +237,10 @@ def _linear_weight(weight: torch.Tensor, packed: bool) -> torch.Tensor:
     return pack_weight(weight) if packed else _param_t(weight)
 
 
-def _fused_linear(parts: list[torch.Tensor | GroupCodes], packed: bool) -> torch.Tensor | QuantizedLinear:
+def _fused_linear(parts: list[torch.Tensor | GroupCodes | QuantizedRows], packed: bool) -> torch.Tensor | QuantizedLinear:
     """Weights stacked along the output dimension as one linear weight: a `QuantizedLinear` when
     any part is quantized (GGUF, `--quantization`), else as `_linear_weight`."""
-    parts = [p.codes() if isinstance(p, QuantizedRows) else p for p in parts]
-    if any(isinstance(p, GroupCodes) for p in parts):
+    if any(isinstance(p, (GroupCodes, QuantizedRows)) for p in parts):
         return QuantizedLinear(parts)
     return _linear_weight(parts[0] if len(parts) == 1 else torch.cat(parts), packed)
 
@@ -381,9 +380,7 @@ class StageModel(nn.Module):
         # embeddings held here too, where one [vocab, hidden] tensor serves both; quantized
         # (a QuantizedLinear) when the file's table is.
         self.lm_head_t = self.lm_head = None
-        if isinstance(lm_head, QuantizedRows):
-            self.lm_head_t = QuantizedLinear(lm_head.codes())
-        elif isinstance(lm_head, GroupCodes):
+        if isinstance(lm_head, (QuantizedRows, GroupCodes)):  # a tied GGUF table shares its bytes
             self.lm_head_t = QuantizedLinear(lm_head)
         elif lm_head is not None and embed is not None and lm_head.data_ptr() == embed.data_ptr():
             self.lm_head = self.embed_tokens
@@ -395,7 +392,9 @@ class StageModel(nn.Module):
         """Bytes of the weights held (a tied LM head counted once; packed ones at their size)."""
         total = sum(p.numel() * p.element_size() for p in self.parameters())  # shared ones once
         held = [getattr(layer, name) for layer in self.layers for name in LINEAR_WEIGHTS]
-        held += [self.lm_head_t, self.embed_tokens]
+        held += [self.lm_head_t]
+        if not (isinstance(self.lm_head_t, QuantizedLinear) and self.lm_head_t.holds(self.embed_tokens)):
+            held.append(self.embed_tokens)
         return total + sum(_weight_bytes(t) for t in held)
 
     @property

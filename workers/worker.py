@@ -48,6 +48,7 @@ from workers.batching import MAX_PREFILL_TOKENS_PER_STEP, StageRequest, WorkItem
 from workers.device_memory import usable_memory_bytes
 from workers.expected_step import ExpectedStep, expect_next
 from workers.heartbeat import HEARTBEAT_INTERVAL_S, heartbeat_loop
+from workers.link_prober import LinkProber
 from workers.log_throttle import LogThrottle
 from workers.peers import Peers, source_address
 from workers.prompt_start import start_prompts
@@ -80,6 +81,10 @@ class Worker(MessageIntake):  # what it does with each message it receives: work
         self.throttle = LogThrottle()
         self.pull, self.data_address = bind_data_socket(self.context, self.members, config)  # workers/worker_sockets.py
         self.peers: dict[str, zmq.Socket] = {}
+        # the links to peers, measured when the scheduler asks (workers/link_prober.py)
+        self.links = LinkProber(self.context, self.members.keys, self.worker_id, config.listen_host,
+                                self.data_address.removeprefix("tcp://").rpartition(":")[0],
+                                config.scheduler_address, self.members.scheduler_key, config.use_curve)
         self.backend: StageBackend | None = None
         self.epoch = -1
         self.num_stages_hint = 1
@@ -143,6 +148,7 @@ class Worker(MessageIntake):  # what it does with each message it receives: work
                 public_key=public_key,
                 proof=proof,
                 backend=self.config.backend,
+                echo_address=self.links.echo_address,
             )
         )
 
@@ -183,6 +189,7 @@ class Worker(MessageIntake):  # what it does with each message it receives: work
             self.close()
 
     def close(self) -> None:
+        self.links.close()
         for sock in self.peers.values():
             sock.close(linger=0)
         self.pull.close(linger=0)

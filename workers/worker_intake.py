@@ -1,7 +1,8 @@
 """What a worker does with each message it receives, after its sender is known (workers/peers.py).
 
 Parts: `MessageIntake`, a part of `Worker` (workers/worker.py), with
-- `handle(message, sender)`: the dispatch, one case per message type;
+- `handle(message, sender)`: the dispatch, one case per message type (`ProbeLinks` goes to the
+  link prober's thread, workers/link_prober.py);
 - `on_members`, `on_assign` (load the new layers before the old ones go; report `LayersReady`);
 - `on_start` (first stage: a request's prompt), `on_activations` (hidden states from the stage
   before), `on_next_tokens` (the last stage's tokens back at the first), `on_prefix_miss` (a
@@ -57,6 +58,8 @@ class MessageIntake:
                 self.release(tuple(self.requests))
                 self.backend = self.expected = None
                 self.register()
+            case p.ProbeLinks():
+                self.links.ask(message.peers)
             case p.Shutdown():
                 log.info("shutdown: %s", message.reason)
                 self.running = False
