@@ -3,7 +3,8 @@
 Parts:
 - `Membership`: the cluster token, the scheduler's key pair, the ZAP gate of the control socket, and
   the binding of each worker id to one public key.
-  - `secure_server(sock)` / `secure_client(sock, worker_id | key)`: CURVE on the scheduler's sockets.
+  - `start(context)` / `stop()`, `secure_server(sock)` / `secure_client(sock, key)`: the gate and
+    CURVE on the scheduler's sockets (`workers/curve.py` `Endpoint`).
   - `authorise(message, sender_key, requests, workers)`: the message if its sender may send it
     (a `TokenOutputs` keeps only the outputs of requests whose route ends at the sender), else None.
   - `members_message(workers)`: the `Members` every worker gets when the membership changes.
@@ -39,37 +40,20 @@ log = logging.getLogger("potluck.scheduler")
 MAX_WORKER_ID_CHARS = 128
 
 
-class Membership:
+class Membership(curve.Endpoint):
     def __init__(self, token: str | None, use_curve: bool = True) -> None:
         self.token = curve.check_token(token) if token is not None else curve.new_token()
-        self.use_curve = use_curve
-        self.keys = curve.scheduler_keys(self.token)
+        super().__init__(curve.scheduler_keys(self.token), use_curve)
         self.join_public_key = curve.join_keys(self.token).public_key
         self.key_of: dict[str, str] = {}  # worker id -> public key
         self.worker_of: dict[str, str] = {}  # public key -> worker id
-        self.gate: curve.Gate | None = None
         self.refused_messages = 0
         self.throttle = LogThrottle()
 
     # ----------------------------------------------------------------------------- sockets
     def start(self, context: zmq.Context) -> None:
-        if self.use_curve:
-            self.gate = curve.Gate(context, "scheduler")
-            self.gate.start()
-            self.gate.admit(self.join_public_key)
-
-    def stop(self) -> None:
-        if self.gate is not None:
-            self.gate.stop()
-            self.gate = None
-
-    def secure_server(self, sock: zmq.Socket) -> None:
-        if self.use_curve:
-            curve.make_server(sock, self.keys)
-
-    def secure_client(self, sock: zmq.Socket, public_key: str) -> None:
-        if self.use_curve:
-            curve.make_client(sock, self.keys, public_key)
+        """The gate admits the join key; workers' keys as they register (`stop()`: curve.Endpoint)."""
+        self.open_gate(context, "scheduler", self.join_public_key)
 
     # ----------------------------------------------------------------------------- authority
     def authorise(self, message: p.Message, sender_key: str | None,

@@ -7,6 +7,8 @@ Parts:
 - `layer_parameter_counts(config)`: (matrix weights, vector weights) of one decoder layer.
 - `facts_from_config(config, dtype, quantization)`: a `ModelFacts` with bytes per layer, embeddings
   and LM head computed from the config's shapes.
+- `facts_of(config, served, layer_bytes, embedding_bytes, lm_head_bytes, **moe)`: the one place a
+  `ModelFacts` is built from a config and byte counts (here and `workers/model_facts.py`).
 
 Only the dense families of `workers/model_config.py` are counted here; a mixture-of-experts
 family adds its experts where it adds its layer (branch `moe`), and GGUF files carry their own
@@ -14,6 +16,8 @@ tensor sizes in their headers (branch `gguf`), which `potluck plan` prefers when
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from workers.model_config import ModelConfig, parse_dtype
 from workers.protocol import ModelFacts
@@ -67,6 +71,13 @@ def facts_from_config(config: ModelConfig, dtype: str = "auto", quantization: st
     layer_bytes = matrix_bytes + vectors * itemsize
     embedding_bytes = config.vocab_size * config.hidden_size * itemsize
     lm_head_bytes = config.hidden_size * itemsize + embedding_bytes  # final norm + head (tied: a copy)
+    return facts_of(config, served, (layer_bytes,) * config.num_layers, embedding_bytes, lm_head_bytes)
+
+
+def facts_of(config: ModelConfig, served: Any, layer_bytes: tuple[int, ...], embedding_bytes: int,
+             lm_head_bytes: int, **moe: Any) -> ModelFacts:
+    """The `ModelFacts` of ``config`` served in dtype ``served`` (a torch dtype) with these byte
+    counts; ``moe``: `expert_bytes`, `num_experts`, `experts_per_token` of a mixture of experts."""
     return ModelFacts(
         model_type=config.model_type,
         num_layers=config.num_layers,
@@ -74,10 +85,11 @@ def facts_from_config(config: ModelConfig, dtype: str = "auto", quantization: st
         vocab_size=config.vocab_size,
         max_position_embeddings=config.max_position_embeddings,
         dtype=str(served).removeprefix("torch."),
-        layer_bytes=(layer_bytes,) * config.num_layers,
+        layer_bytes=layer_bytes,
         embedding_bytes=embedding_bytes,
         lm_head_bytes=lm_head_bytes,
         kv_bytes_per_token_per_layer=config.kv_bytes_per_token_per_layer(served),
         activation_bytes_per_token=config.activation_bytes_per_token(served),
         eos_token_ids=tuple(config.eos_token_ids),
+        **moe,
     )

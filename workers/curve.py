@@ -10,6 +10,9 @@ Parts:
 - `Gate`: a ZAP authenticator thread (pyzmq's `ThreadAuthenticator`) on a context, admitting a live set
   of public keys; a refused key is logged once per peer address.
 - `make_server(sock, keys)`, `make_client(sock, keys, server_public_key)`: turn CURVE on for a socket.
+- `Endpoint`: one side's CURVE state (key pair, CURVE on or off, the gate of its context), shared
+  by the scheduler's `Membership` and a worker's `Peers`: `open_gate(context, name, *admitted)`,
+  `stop()`, `secure_server(sock)`, `secure_client(sock, server_public_key)` (no-ops with CURVE off).
 - `peer_key(frame)`: the public key ZeroMQ authenticated for the connection a message came on.
 
 How a worker joins (the design):
@@ -186,6 +189,35 @@ def make_client(sock: zmq.Socket, keys: KeyPair, server_public_key: str) -> None
     sock.curve_secretkey = keys.secret_key.encode("ascii")
     sock.curve_publickey = keys.public_key.encode("ascii")
     sock.curve_serverkey = server_public_key.encode("ascii")
+
+
+class Endpoint:
+    """One side of the cluster's sockets: its key pair and, with CURVE on, the gate of its context."""
+
+    def __init__(self, keys: KeyPair, use_curve: bool) -> None:
+        self.keys = keys
+        self.use_curve = use_curve
+        self.gate: Gate | None = None
+
+    def open_gate(self, context: zmq.Context, name: str, *admitted: str) -> None:
+        """Start the context's ZAP gate admitting ``admitted`` (CURVE on only)."""
+        if self.use_curve:
+            self.gate = Gate(context, name)
+            self.gate.start()
+            self.gate.admit(*admitted)
+
+    def stop(self) -> None:
+        if self.gate is not None:
+            self.gate.stop()
+            self.gate = None
+
+    def secure_server(self, sock: zmq.Socket) -> None:
+        if self.use_curve:
+            make_server(sock, self.keys)
+
+    def secure_client(self, sock: zmq.Socket, server_public_key: str) -> None:
+        if self.use_curve:
+            make_client(sock, self.keys, server_public_key)
 
 
 def peer_key(frame: zmq.Frame) -> str | None:

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from workers.backend import KVCacheFull, SequenceChunk
+from workers.kv_ledger import blocks_to_add, chunk_ends
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[int, ...]:
@@ -114,33 +115,17 @@ class BlockKVCache:
             else:
                 self._free_blocks.append(block)
 
-    def _new_lengths(self, chunks: Sequence[SequenceChunk]) -> dict[str, int]:
-        ends: dict[str, int] = {}
-        for chunk in chunks:
-            have = self.lengths.get(chunk.request_id, 0)
-            if chunk.start_position > have or chunk.start_position < 0 or chunk.num_tokens < 1:
-                raise ValueError(
-                    f"request {chunk.request_id!r}: chunk starts at {chunk.start_position} with "
-                    f"{chunk.num_tokens} tokens but {have} tokens are cached"
-                )
-            end = chunk.start_position + chunk.num_tokens
-            ends[chunk.request_id] = max(ends.get(chunk.request_id, 0), end)
-        return ends
-
     def blocks_needed(self, chunks: Sequence[SequenceChunk]) -> int:
         """New blocks `allocate(chunks)` would take from the free list."""
-        needed = 0
-        for request_id, end in self._new_lengths(chunks).items():
-            have = len(self.block_tables.get(request_id, ()))
-            needed += max(0, -(-end // self.block_size) - have)
-        return needed
+        ends = chunk_ends(self.lengths, chunks)
+        return blocks_to_add(ends, lambda r: len(self.block_tables.get(r, ())), self.block_size)
 
     def can_allocate(self, chunks: Sequence[SequenceChunk]) -> bool:
         return self.blocks_needed(chunks) <= self._available_blocks()
 
     def allocate(self, chunks: Sequence[SequenceChunk]) -> None:
         """Make room for the chunks' new tokens; raises KVCacheFull changing nothing."""
-        ends = self._new_lengths(chunks)
+        ends = chunk_ends(self.lengths, chunks)
         needed = self.blocks_needed(chunks)
         if needed > self._available_blocks():
             raise KVCacheFull(

@@ -6,13 +6,35 @@ Parts:
   for a chunk that starts past what is cached) / `free` / `free_tokens` / `capacity_tokens`.
   The same rules as the torch backend's `BlockKVCache` (workers/kv_cache.py), so every backend
   reports capacity the same way and the conformance suite can hold them to it.
+- `chunk_ends(lengths, chunks)`, `blocks_to_add(ends, held, block_size)`: the block arithmetic both
+  share: each request's length after a batch of chunks (ValueError for a chunk that starts past
+  what is cached), and the new blocks those lengths take.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from workers.backend import KVCacheFull, SequenceChunk
+
+
+def chunk_ends(lengths: Mapping[str, int], chunks: Sequence[SequenceChunk]) -> dict[str, int]:
+    """Each chunk's request's token count once the chunks are stored (``lengths``: cached now)."""
+    ends: dict[str, int] = {}
+    for chunk in chunks:
+        have = lengths.get(chunk.request_id, 0)
+        if chunk.start_position > have or chunk.start_position < 0 or chunk.num_tokens < 1:
+            raise ValueError(
+                f"request {chunk.request_id!r}: chunk starts at {chunk.start_position} with "
+                f"{chunk.num_tokens} tokens but {have} tokens are cached"
+            )
+        ends[chunk.request_id] = max(ends.get(chunk.request_id, 0), chunk.start_position + chunk.num_tokens)
+    return ends
+
+
+def blocks_to_add(ends: Mapping[str, int], held: Callable[[str], int], block_size: int) -> int:
+    """New blocks of ``block_size`` tokens for requests to reach ``ends`` (``held(id)``: blocks held now)."""
+    return sum(max(0, -(-end // block_size) - held(request_id)) for request_id, end in ends.items())
 
 
 class KVBlockLedger:
@@ -31,30 +53,15 @@ class KVBlockLedger:
     def free_tokens(self) -> int:
         return self.free_blocks * self.block_size
 
-    def _ends(self, chunks: Sequence[SequenceChunk]) -> dict[str, int]:
-        ends: dict[str, int] = {}
-        for chunk in chunks:
-            have = self.lengths.get(chunk.request_id, 0)
-            if chunk.start_position > have or chunk.start_position < 0 or chunk.num_tokens < 1:
-                raise ValueError(
-                    f"request {chunk.request_id!r}: chunk starts at {chunk.start_position} with "
-                    f"{chunk.num_tokens} tokens but {have} tokens are cached"
-                )
-            ends[chunk.request_id] = max(ends.get(chunk.request_id, 0), chunk.start_position + chunk.num_tokens)
-        return ends
-
     def blocks_needed(self, chunks: Sequence[SequenceChunk]) -> int:
-        return sum(
-            max(0, -(-end // self.block_size) - self.blocks.get(request_id, 0))
-            for request_id, end in self._ends(chunks).items()
-        )
+        return blocks_to_add(chunk_ends(self.lengths, chunks), lambda r: self.blocks.get(r, 0), self.block_size)
 
     def can_allocate(self, chunks: Sequence[SequenceChunk]) -> bool:
         return self.blocks_needed(chunks) <= self.free_blocks
 
     def allocate(self, chunks: Sequence[SequenceChunk]) -> None:
         """Room for the chunks' new tokens; KVCacheFull (nothing changed) when short."""
-        ends = self._ends(chunks)
+        ends = chunk_ends(self.lengths, chunks)
         needed = self.blocks_needed(chunks)
         if needed > self.free_blocks:
             raise KVCacheFull(f"need {needed} KV blocks of {self.block_size} tokens, {self.free_blocks} free")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from workers.config_sizes import facts_of
 from workers.quantization import quantized_layer_bytes
 from workers.model_config import ModelConfig, parse_dtype
 from workers.protocol import ModelFacts
@@ -37,20 +38,7 @@ def read_model_facts(model_dir: str | Path, dtype: str = "auto", quantization: s
     def scaled(num_bytes: int) -> int:
         return int(num_bytes * scale)
 
-    return ModelFacts(
-        model_type=config.model_type,
-        num_layers=config.num_layers,
-        hidden_size=config.hidden_size,
-        vocab_size=config.vocab_size,
-        max_position_embeddings=config.max_position_embeddings,
-        dtype=str(served).removeprefix("torch."),
-        layer_bytes=tuple(scaled(b) for b in sizes.layer_bytes),
-        embedding_bytes=scaled(sizes.embedding_bytes),
-        lm_head_bytes=scaled(sizes.final_norm_bytes + sizes.lm_head_bytes),
-        kv_bytes_per_token_per_layer=config.kv_bytes_per_token_per_layer(served),
-        activation_bytes_per_token=config.activation_bytes_per_token(served),
-        eos_token_ids=tuple(config.eos_token_ids),
-        expert_bytes=tuple(scaled(b) for b in sizes.expert_bytes) if config.is_moe else (),
-        num_experts=config.num_experts,
-        experts_per_token=config.num_experts_per_tok,
-    )
+    return facts_of(config, served, tuple(scaled(b) for b in sizes.layer_bytes), scaled(sizes.embedding_bytes),
+                    scaled(sizes.final_norm_bytes + sizes.lm_head_bytes),
+                    expert_bytes=tuple(scaled(b) for b in sizes.expert_bytes) if config.is_moe else (),
+                    num_experts=config.num_experts, experts_per_token=config.num_experts_per_tok)

@@ -25,37 +25,24 @@ CONTROL_MESSAGES = (p.StartRequest, p.ReleaseRequests, p.AssignLayers, p.UnloadL
                     p.ProbeLinks)
 
 
-class Peers:
+class Peers(curve.Endpoint):
     def __init__(self, context: zmq.Context, token: str, secret_key: str, scheduler_address: str, use_curve: bool) -> None:
         self.token = curve.check_token(token)
-        self.use_curve = use_curve
-        self.keys = curve.KeyPair.from_secret(secret_key) if secret_key else curve.KeyPair.generate()
+        super().__init__(curve.KeyPair.from_secret(secret_key) if secret_key else curve.KeyPair.generate(), use_curve)
         self.scheduler_key = curve.scheduler_keys(self.token).public_key
         self.member_keys: dict[str, str] = {}  # data address -> public key
         self.member_at: dict[str, str] = {}  # public key -> data address
         self.scheduler_addresses = {scheduler_address}
-        self.gate: curve.Gate | None = None
-        if use_curve:  # the gate admits the scheduler, then the members it lists
-            self.gate = curve.Gate(context, "worker")
-            self.gate.start()
-            self.gate.admit(self.scheduler_key)
+        self.open_gate(context, "worker", self.scheduler_key)  # the scheduler, then the members it lists
 
-    def stop(self) -> None:
-        if self.gate is not None:
-            self.gate.stop()
-            self.gate = None
-
-    def secure_server(self, sock: zmq.Socket) -> None:
-        if self.use_curve:
-            curve.make_server(sock, self.keys)
-
-    def secure_client(self, sock: zmq.Socket, address: str) -> None:
+    def secure_client(self, sock: zmq.Socket, address: str) -> None:  # type: ignore[override]
+        """CURVE client to the scheduler or a member, by its address (not by key)."""
         if not self.use_curve:
             return
         server_key = self.scheduler_key if address in self.scheduler_addresses else self.member_keys.get(address)
         if server_key is None:
             raise p.ProtocolError(f"{address} is not a member of the cluster")
-        curve.make_client(sock, self.keys, server_key)
+        super().secure_client(sock, server_key)
 
     def registration(self, worker_id: str) -> tuple[curve.KeyPair, str, str]:
         """(the token's join key pair, this worker's public key, the proof that authorises it)."""

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -55,11 +57,18 @@ def test_ray_actors_serve_the_model_like_transformers_and_stop_with_serve(tmp_pa
     assert not result["leftover"] and not result["alive_after_stop"], result
 
 
-@pytest.mark.slow  # a `potluck serve` subprocess importing Ray per case
+@pytest.mark.slow  # a `potluck serve` subprocess importing Ray
+def test_an_unreachable_ray_cluster_fails_at_once_with_a_clear_error(tmp_path: Path) -> None:
+    model_dir = make_checkpoint(tmp_path / "llama", "llama", num_hidden_layers=2)
+    command = [sys.executable, "-m", "api.cli", "serve", "--model", str(model_dir), "--port", "1", "--ray", "127.0.0.1:1"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)  # ray.init alone would retry forever
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "no Ray cluster answers at 127.0.0.1:1" in done.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--ray", "127.0.0.1:1"], "no Ray cluster answers at 127.0.0.1:1"),
         (["--ray", "nonsense"], "--ray takes local, auto, HOST:PORT or ray://HOST:PORT"),
         (["--local-workers", "-1"], "--local-workers must be >= 0, got -1"),
         (["--late-binding-s", "-1"], "--late-binding-s must be >= 0 (inf: off), got -1.0"),
@@ -67,9 +76,21 @@ def test_ray_actors_serve_the_model_like_transformers_and_stop_with_serve(tmp_pa
         (["--max-waiting-requests", "-1"], "--max-waiting-requests must be >= 0, got -1"),
     ],
 )
-def test_bad_serve_arguments_fail_at_once_with_a_clear_error(tmp_path: Path, args: list[str], message: str) -> None:
+def test_bad_serve_arguments_fail_at_once_with_a_clear_error(tmp_path: Path, args: list[str], message: str,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`api.cli.main` in this process (a subprocess per case spent its time importing torch): the
+    same exit code and one line on stderr, before any worker or server starts."""
+    from api.cli import main
+
     model_dir = make_checkpoint(tmp_path / "llama", "llama", num_hidden_layers=2)
-    command = [sys.executable, "-m", "api.cli", "serve", "--model", str(model_dir), "--port", "1", *args]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)  # ray.init alone would retry forever
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert message in done.stderr
+    sigterm, level = signal.getsignal(signal.SIGTERM), os.environ.get("POTLUCK_LOG_LEVEL")
+    try:
+        code = main(["serve", "--model", str(model_dir), "--port", "1", *args])
+    finally:  # main() sets both for a process of its own
+        signal.signal(signal.SIGTERM, sigterm)
+        if level is None:
+            os.environ.pop("POTLUCK_LOG_LEVEL", None)
+        else:
+            os.environ["POTLUCK_LOG_LEVEL"] = level
+    assert code == 2, capsys.readouterr().err[-2000:]
+    assert message in capsys.readouterr().err

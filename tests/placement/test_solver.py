@@ -4,8 +4,6 @@ Quality is asserted under a work budget (`deterministic=True`, placement/clock.p
 wall seconds: the same answer on a busy machine as on an idle one."""
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from placement.flow import evaluate_placement
@@ -44,14 +42,6 @@ def test_memory_respected_and_layers_covered(seed: int) -> None:
     value, _, _ = evaluate_placement(problem, got.ranges)
     assert value == pytest.approx(got.throughput_tokens_per_s, rel=1e-9)
     assert got.throughput_tokens_per_s <= got.upper_bound_tokens_per_s * (1 + 1e-9)
-
-
-def test_small_cluster_is_fast() -> None:
-    problem = random_problem(7, 8, 40)
-    t0 = time.monotonic()
-    got = solve_placement(problem, time_limit_s=0.8)
-    assert time.monotonic() - t0 < 1.0
-    assert got.throughput_tokens_per_s > 0
 
 
 def _fresh_moves(ranges: dict[str, tuple[int, int]], current: dict[str, tuple[int, int]]) -> int:

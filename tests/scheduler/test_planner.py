@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from placement import clock
 from placement.problem import PlacementProblem
 from scheduler.cluster import WorkerState
 from scheduler.planner import PlannerConfig, device_spec, model_spec, plan_layers
@@ -41,8 +42,9 @@ def test_device_spec_carries_measured_prefill() -> None:
 def test_workload_mix_moves_layers_off_a_slow_prefill_device() -> None:
     workers = [_worker(*GPU), _worker(*CPU)]
     cfg = PlannerConfig(max_model_len=2048, max_concurrent_sequences=4, time_limit_s=1.0, placement="solver")
-    decode_only = plan_layers(MODEL, workers, PlannerConfig(**{**cfg.__dict__, "prompt_tokens_per_output_token": 0.0}), 1)
-    mixed = plan_layers(MODEL, workers, PlannerConfig(**{**cfg.__dict__, "prompt_tokens_per_output_token": 4.0}), 1)
+    with clock.work_budget():   # the solver's limit in work seconds: the same plans on a loaded machine
+        decode_only = plan_layers(MODEL, workers, PlannerConfig(**{**cfg.__dict__, "prompt_tokens_per_output_token": 0.0}), 1)
+        mixed = plan_layers(MODEL, workers, PlannerConfig(**{**cfg.__dict__, "prompt_tokens_per_output_token": 4.0}), 1)
 
     def layers(plan, wid: str) -> int:
         s, e = plan.ranges.get(wid, (0, 0))
