@@ -36,9 +36,17 @@ DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN = 4.0  # scheduler.planner.DEFAULT_PROMPT
 MIN_MIX_REQUESTS = 32  # scheduler.planner.MIN_MIX_REQUESTS
 DEFAULT_MAX_WAITING = 1024  # scheduler.admission.DEFAULT_MAX_WAITING
 DEFAULT_ROUTE_WAIT_S = 300.0  # scheduler.admission.DEFAULT_ROUTE_WAIT_S
+DEFAULT_MAX_CONCURRENT_SEQUENCES = 16  # scheduler.engine_config.EngineConfig.max_concurrent_sequences
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 log = logging.getLogger("potluck")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
 
 
 def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +61,12 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="device of the local workers (default: best available)")
     parser.add_argument("--local-backends", default=None, metavar="NAME,NAME,...", help="one backend per local worker, in pipeline order (e.g. torch,mlx,torch; its length sets the worker count; --device then applies to torch workers)")
     parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    parser.add_argument("--max-concurrent-sequences", type=positive_int, default=DEFAULT_MAX_CONCURRENT_SEQUENCES,
+                        help=f"sequences the KV cache is sized for at full context (default {DEFAULT_MAX_CONCURRENT_SEQUENCES})")
+    parser.add_argument("--kv-tokens", type=positive_int, default=None,
+                        help="KV cache of each worker, in tokens (default: --max-model-len x --max-concurrent-sequences, "
+                             "what the configured context and concurrency need; more raises it), capped at 90%% of the "
+                             "memory its layers leave; pages are taken from the OS as tokens are written")
     parser.add_argument("--scheduler-host", default="127.0.0.1", help="interface for workers to reach the scheduler (0.0.0.0 for `potluck join` from other machines)")
     parser.add_argument("--scheduler-port", type=port_or_zero, default=0, help="scheduler control port (default: a free one)")
     parser.add_argument("--api-key", default=os.environ.get("POTLUCK_API_KEY"), help="require this bearer key (or POTLUCK_API_KEY)")
@@ -188,6 +202,8 @@ async def serve(model_dir: Path, args: argparse.Namespace) -> None:
                 min_workers=max(1, expected),
                 local_workers=expected,
                 max_model_len=args.max_model_len,
+                max_concurrent_sequences=args.max_concurrent_sequences,
+                kv_tokens=args.kv_tokens,
                 placement=args.placement,
                 placement_objective=args.placement_objective,
                 heartbeat_timeout_s=args.heartbeat_timeout_s,

@@ -7,18 +7,20 @@ Parts:
 - `find_binary(bin_dir, names)`: a llama.cpp binary in the build folder, or None.
 - `Servers`: starts, waits for and stops every process the benchmark launches (also on Ctrl-C or
   SIGTERM: each process is its own session and its whole group is killed).
-- `prepare_models(...)`: the GGUF file for llama-server (F32 via `llama-quantize` when it exists,
-  else the packaged SmolLM2 GGUF as it is) and a float32 safetensors folder for potluck, converted
-  once from the same GGUF with transformers (`from_pretrained(gguf_file=...)` + `save_pretrained`).
+- `prepare_models(...)`: the one GGUF file both servers read (`--format`, F32 by default, made by
+  `llama-quantize` when it exists, else the packaged SmolLM2 GGUF as it is).
 - `stream_one(...)` / `measure(...)`: the one HTTP client (httpx, `/v1/completions`, streamed,
   greedy) that times every server: output tokens/s at 1 and N concurrent streams, and the time to
   first token of a ~1,000-token prompt.
+- `resident_bytes` / `process_tree` / `potluck_memory(...)`: resident memory of each server (all its
+  processes) after its rounds, and of each potluck worker beside its weights + KV budget + 400 MB.
 - `memory_bandwidth_bytes_per_s()`: a numpy copy of a 256 MiB array, measured in the same run, so
   each tok/s is printed beside what the memory allows (bytes read per token / bandwidth).
 - `main()`: interleaved rounds (the order flips every round), per-round ratios, medians printed.
 
-Configurations: potluck 1 worker vs llama-server (`-np N`); when `rpc-server` exists also potluck
-3 workers on this box vs llama-server `--rpc` with two rpc-servers on loopback. Figures belong in
+Pairs, each measured side by side: potluck 1 worker vs llama-server (`-np N`); then, unless
+`--no-rpc`, potluck 3 workers on this box vs llama-server `--rpc` with two rpc-servers on loopback
+(when `ggml-rpc-server` exists) and potluck 3 workers vs 1 worker. Figures belong in
 docs/performance-notes.md, never in this file.
 """
 
@@ -121,50 +123,67 @@ class Servers:
         raise SystemExit(f"error: {name} not ready after {timeout_s:.0f} s (log: {log_dir / (name + '.log')})")
 
 
-def prepare_models(
-    work_dir: Path, bin_dir: Path, potluck_model: str | None, gguf_type: str = "F32"
-) -> tuple[Path, str, str]:
-    """(GGUF for llama-server, its label, the model potluck serves). A `gguf_type` other than F32
-    (Q8_0, Q4_K_M, ...: `llama-quantize --allow-requantize` from the packaged file) is served by
-    both: potluck runs the same GGUF file with its quantized kernels."""
+def prepare_models(work_dir: Path, bin_dir: Path, file_type: str, potluck_model: str | None) -> tuple[Path, str, str]:
+    """(GGUF both servers read, its label, the model potluck serves): the packaged SmolLM2 GGUF
+    turned into `file_type` (F32, Q8_0, Q4_K_M, ...) by `llama-quantize` when it exists, else as
+    it is; potluck serves the same file unless `potluck_model` names another."""
     source = packaged_gguf()
     gguf, label = source, "Q4_1 (packaged)"
     quantize = find_binary(bin_dir, ("llama-quantize",))
-    if gguf_type != "F32":
-        if quantize is None:
-            raise SystemExit(f"error: --gguf-type {gguf_type} needs llama-quantize in {bin_dir}")
-        target = work_dir / f"smollm2-{gguf_type.lower()}.gguf"
-        if not target.exists():
-            subprocess.run(
-                [str(quantize), "--allow-requantize", str(source), str(target), gguf_type],
-                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-        return target, f"{gguf_type} (requantized from Q4_1)", potluck_model or str(target)
     if quantize is not None:
-        f32 = work_dir / "smollm2-f32.gguf"
-        if not f32.exists():
+        converted = work_dir / f"smollm2-{file_type.lower()}.gguf"
+        if not converted.exists():
             subprocess.run(
-                [str(quantize), "--allow-requantize", str(source), str(f32), "F32"],
+                [str(quantize), "--allow-requantize", str(source), str(converted), file_type],
                 check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
-        gguf, label = f32, "F32 (requantized from Q4_1)"
-    if potluck_model:
-        return gguf, label, potluck_model
-    folder = work_dir / "smollm2-fp32"
-    if not (folder / "model.safetensors").exists():
-        import torch
-        import transformers
+        gguf, label = converted, f"{file_type} (requantized from Q4_1)"
+    return gguf, label, potluck_model or str(gguf)
 
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            source.parent, gguf_file=source.name, dtype=torch.float32
-        )
-        model.hf_quantizer = None  # dequantized weights: plain fp32, safe to save
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(folder)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-        tokenizer.save_pretrained(folder)
-    return gguf, label, str(folder)
+
+def resident_bytes(pid: int) -> int:
+    """VmRSS of one process (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    ppid = int(stat.read().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def potluck_memory(url: str, model: str) -> list[tuple[str, int, int]]:
+    """(worker id, resident bytes, weights + KV budget + 400 MB) of each local worker, from
+    `/cluster` (pid, weight_bytes, kv_capacity_tokens, layers) and /proc; KV in float32 (served
+    with --dtype float32)."""
+    from workers.model_config import ModelConfig
+
+    config = ModelConfig.from_path(model)
+    kv_per_token_per_layer = 2 * config.num_key_value_heads * config.head_dim * 4
+    cluster = httpx.get(url + "/cluster", timeout=30).json()
+    rows = []
+    for worker in cluster.get("workers", []):
+        start, end = worker.get("loaded_layers") or (0, 0)
+        kv_bytes = worker["kv_capacity_tokens"] * kv_per_token_per_layer * (end - start)
+        rows.append((worker["id"], resident_bytes(worker["pid"]), worker["weight_bytes"] + kv_bytes + 400 * 10**6))
+    return rows
 
 
 @dataclass(frozen=True)
@@ -218,6 +237,8 @@ class Target:
     url: str
     model: str
     bytes_per_token: int
+    pid: int  # the server's process (its children are counted in its memory)
+    model_path: str = ""
 
 
 def measure(target: Target, streams: int, new_tokens: int, prompt_tokens: int) -> dict[str, float]:
@@ -233,6 +254,8 @@ def _med(values: list[float]) -> str:
 
 
 def run_pair(pair: tuple[Target, Target], args: argparse.Namespace, bandwidth: float) -> None:
+    """Interleaved rounds of both targets; prints a markdown table (median [range], per-round
+    ratios, first / second), each one-stream tok/s beside its bandwidth limit, and memory."""
     rounds: dict[str, dict[str, list[float]]] = {t.name: {} for t in pair}
     for r in range(args.rounds):
         order = pair if r % 2 == 0 else pair[::-1]
@@ -240,20 +263,27 @@ def run_pair(pair: tuple[Target, Target], args: argparse.Namespace, bandwidth: f
             for metric, value in measure(target, args.streams, args.new_tokens, args.prompt_tokens).items():
                 rounds[target.name].setdefault(metric, []).append(value)
     a, b = pair
-    print(f"\n{a.name}  vs  {b.name}   (median [range] of {args.rounds} interleaved rounds)")
-    print(f"{'metric':<22}{a.name:>28}{b.name:>28}{'ratio (per round)':>26}")
+    print(f"\n{a.name} vs {b.name} (median [range] of {args.rounds} interleaved rounds)\n")
+    print(f"| metric | {a.name} | {b.name} | ratio (per round) |")
+    print("|---|---|---|---|")
     for metric in rounds[a.name]:
         va, vb = rounds[a.name][metric], rounds[b.name][metric]
         # ratio > 1 means the first configuration is better (faster decode, shorter TTFT)
         ratios = [y / x if metric.startswith("TTFT") else x / y for x, y in zip(va, vb)]
-        print(f"{metric:<22}{_med(va):>28}{_med(vb):>28}{_med(ratios):>26}")
+        print(f"| {metric} | {_med(va).strip()} | {_med(vb).strip()} | {_med(ratios).strip()} |")
     for t in pair:
         limit = bandwidth / t.bytes_per_token
         one = statistics.median(rounds[t.name]["1 stream tok/s"])
-        print(
-            f"  {t.name}: {t.bytes_per_token / 1e6:.0f} MB read per token -> bandwidth limit {limit:.0f} tok/s "
-            f"at one stream; measured {one:.1f} ({one / limit:.0%})"
-        )
+        print(f"| {t.name}: 1 stream vs bandwidth limit | {one:.1f} tok/s | limit {limit:.0f} tok/s "
+              f"({t.bytes_per_token / 1e6:.0f} MB/token) | {one / limit:.0%} of it |")
+    for t in pair:
+        resident = sum(resident_bytes(pid) for pid in process_tree(t.pid))
+        print(f"| {t.name}: resident memory (all its processes) | {resident / 1e6:.0f} MB | | |")
+    if a.name.startswith("potluck"):
+        for worker, resident, bound in potluck_memory(a.url, a.model_path):
+            verdict = "under" if resident <= bound else "OVER"
+            print(f"| {worker}: resident vs weights + KV budget + 400 MB | {resident / 1e6:.0f} MB | "
+                  f"{bound / 1e6:.0f} MB | {verdict} |")
 
 
 def potluck_argv(model: str, port: int, workers: int, args: argparse.Namespace) -> list[str]:
@@ -274,12 +304,10 @@ def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--llama-bin-dir", default=os.environ.get("POTLUCK_LLAMA_BIN_DIR"),
                         help="folder with llama-server (default: $POTLUCK_LLAMA_BIN_DIR)")
-    parser.add_argument("--potluck-model", help="model potluck serves (default: the GGUF converted to fp32 safetensors)")
+    parser.add_argument("--potluck-model", help="model potluck serves (default: the same GGUF file as llama-server)")
+    parser.add_argument("--format", "--gguf-type", dest="format", default="F32", help="llama-quantize type of the GGUF both serve (default F32; Q8_0, Q4_K_M, ...)")
     parser.add_argument("--work-dir", default=str(Path.home() / ".cache" / "potluck-bench"),
                         help="where converted models and server logs go (reused between runs)")
-    parser.add_argument("--gguf-type", default="F32",
-                        help="F32 (potluck serves fp32 safetensors), or a llama-quantize type such as Q8_0 or "
-                        "Q4_K_M that both servers run from the same GGUF file")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--streams", type=int, default=16)
@@ -306,7 +334,7 @@ def main() -> None:
     rpc_server = find_binary(bin_dir, ("rpc-server", "ggml-rpc-server", "llama-rpc-server"))
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    gguf, gguf_label, potluck_model = prepare_models(work_dir, bin_dir, args.potluck_model, args.gguf_type)
+    gguf, gguf_label, potluck_model = prepare_models(work_dir, bin_dir, args.format, args.potluck_model)
     potluck_bytes = sum(f.stat().st_size for f in Path(potluck_model).glob("*.safetensors")) or Path(potluck_model).stat().st_size
     bandwidth = memory_bandwidth_bytes_per_s()
     print(f"llama-server model: {gguf.name} [{gguf_label}]; potluck model: {potluck_model}")
@@ -314,27 +342,32 @@ def main() -> None:
 
     servers = Servers()
     signal.signal(signal.SIGTERM, _interrupt)
+
+    def start_potluck(workers: int) -> Target:
+        port, name = free_port(), f"potluck-{workers}w"
+        proc = servers.start(name, potluck_argv(potluck_model, port, workers, args), work_dir)
+        servers.wait_ready(name, proc, f"http://127.0.0.1:{port}", work_dir, args.ready_timeout_s)
+        return Target(name, f"http://127.0.0.1:{port}", "bench", potluck_bytes, proc.pid, potluck_model)
+
+    def start_llama(rpc_ports: list[int]) -> Target:
+        for i, rpc_port in enumerate(rpc_ports):
+            servers.start(f"rpc-server-{i}", [str(rpc_server), "-H", "127.0.0.1", "-p", str(rpc_port)], work_dir)
+        port, name = free_port(), "llama-server" + ("-rpc" if rpc_ports else "")
+        proc = servers.start(name, llama_argv(server, gguf, port, args, rpc_ports), work_dir)
+        servers.wait_ready(name, proc, f"http://127.0.0.1:{port}", work_dir, args.ready_timeout_s)
+        return Target(name, f"http://127.0.0.1:{port}", "bench", gguf.stat().st_size, proc.pid)
+
     try:
-        configs = [(1, [])]
-        if rpc_server is not None and not args.no_rpc:
-            configs.append((3, [free_port(), free_port()]))
-        elif not args.no_rpc:
-            print(f"(no rpc-server in {bin_dir}: the 3-workers vs RPC comparison is skipped)")
-        for workers, rpc_ports in configs:
-            for i, port in enumerate(rpc_ports):
-                servers.start(f"rpc-server-{i}", [str(rpc_server), "-H", "127.0.0.1", "-p", str(port)], work_dir)
-            p_port, l_port = free_port(), free_port()
-            p_name, l_name = f"potluck-{workers}w", "llama-server" + ("-rpc" if rpc_ports else "")
-            p_proc = servers.start(p_name, potluck_argv(potluck_model, p_port, workers, args), work_dir)
-            l_proc = servers.start(l_name, llama_argv(server, gguf, l_port, args, rpc_ports), work_dir)
-            servers.wait_ready(p_name, p_proc, f"http://127.0.0.1:{p_port}", work_dir, args.ready_timeout_s)
-            servers.wait_ready(l_name, l_proc, f"http://127.0.0.1:{l_port}", work_dir, args.ready_timeout_s)
-            run_pair(
-                (Target(p_name, f"http://127.0.0.1:{p_port}", "bench", potluck_bytes),
-                 Target(l_name, f"http://127.0.0.1:{l_port}", "bench", gguf.stat().st_size)),
-                args, bandwidth,
-            )
+        run_pair((start_potluck(1), start_llama([])), args, bandwidth)
+        servers.stop_all()
+        if args.no_rpc:
+            return
+        if rpc_server is None:
+            print(f"(no rpc-server in {bin_dir}: 3 workers vs llama.cpp RPC mode is skipped)")
+        else:
+            run_pair((start_potluck(3), start_llama([free_port(), free_port()])), args, bandwidth)
             servers.stop_all()
+        run_pair((start_potluck(3), start_potluck(1)), args, bandwidth)
     except KeyboardInterrupt:
         print("interrupted: stopping every server", file=sys.stderr)
         raise SystemExit(130)

@@ -63,7 +63,8 @@ class Engine:
         self.model_id = config.served_model_name
         self.max_model_len = config.max_model_len or config.model.max_position_embeddings
         self.planner_config = PlannerConfig(self.max_model_len, config.max_concurrent_sequences, placement=config.placement,
-            objective=config.placement_objective, prompt_tokens_per_output_token=config.prompt_tokens_per_output_token)
+            objective=config.placement_objective, prompt_tokens_per_output_token=config.prompt_tokens_per_output_token,
+            kv_tokens=config.kv_tokens)
         self.cluster = Cluster(config.model.num_layers, weight_format=weight_format(config.model_dir), quantization=config.quantization)
         self.requests: dict[str, RequestState] = {}  # routed requests, by wire id
         self.inboxes: dict[str, Inbox] = {}  # each routed request's tokens, by wire id

@@ -41,3 +41,4 @@ class EngineConfig:
     token: str | None = None  # the cluster token (None: a new one, `Engine.token`); scheduler/membership.py
     curve: bool = True  # CurveZMQ on every socket (off only to measure what it costs)
     prefix_caching: bool = True  # workers reuse the KV of cached prompt prefixes (workers/kv_cache.py)
+    kv_tokens: int | None = None  # KV tokens per stage (None: max_model_len x max_concurrent_sequences)

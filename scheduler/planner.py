@@ -10,7 +10,8 @@ Parts:
   the links the workers measured (scheduler/link_table.py); a plan that keeps consecutive
   stages off the slow links is taken whenever it keeps `SLOW_LINK_KEEP_FRACTION` of the
   throughput of the best plan that uses them.
-- `kv_budget_bytes`: how much of a worker's memory its KV cache may take once its layers are in.
+- `default_kv_tokens` / `kv_budget_bytes`: the KV a stage holds: by default max_model_len x
+  max_concurrent_sequences tokens (`--kv-tokens` raises it), capped by the memory its layers leave.
 - `assignment`: the `AssignLayers` message that gives a worker its range of a plan.
 """
 
@@ -53,6 +54,19 @@ class PlannerConfig:
     # KV tokens a running sequence holds: caps each stage's batch by the memory its weights leave
     # (0: no cap; the engine passes the mean prompt + output of what it has served)
     kv_tokens_per_sequence: float = 0.0
+    # KV tokens each stage holds (`--kv-tokens`); None: the default, `default_kv_tokens`
+    kv_tokens: int | None = None
+
+    @property
+    def stage_kv_tokens(self) -> int:
+        """KV tokens each stage's cache is sized for (still capped by the memory its weights leave)."""
+        return self.kv_tokens if self.kv_tokens is not None else default_kv_tokens(self.max_model_len, self.max_concurrent_sequences)
+
+
+def default_kv_tokens(max_model_len: int, max_concurrent_sequences: int) -> int:
+    """The default KV budget in tokens: what the configured context and concurrency need, every
+    sequence at full length (max_model_len x max_concurrent_sequences), not what memory is free."""
+    return max_model_len * max_concurrent_sequences
 
 
 def stage_weight_bytes(model: ModelFacts, start_layer: int, end_layer: int) -> int:
@@ -65,9 +79,11 @@ def stage_weight_bytes(model: ModelFacts, start_layer: int, end_layer: int) -> i
 
 
 def kv_budget_bytes(model: ModelFacts, worker: WorkerState, start_layer: int, end_layer: int, config: PlannerConfig) -> int:
-    """Memory left after weights and overhead, capped at what the configured concurrency needs."""
+    """The KV of `config.stage_kv_tokens` tokens for layers [start_layer, end_layer) (by default what
+    the configured context and concurrency need), capped at 90% of the memory left after weights
+    and overhead."""
     free_bytes = worker.memory_bytes - stage_weight_bytes(model, start_layer, end_layer) - RUNTIME_OVERHEAD_BYTES
-    wanted = model.kv_bytes_per_token_per_layer * (end_layer - start_layer) * config.max_model_len * config.max_concurrent_sequences
+    wanted = model.kv_bytes_per_token_per_layer * (end_layer - start_layer) * config.stage_kv_tokens
     return max(0, min(int(free_bytes * 0.9), wanted))
 
 

@@ -2,7 +2,7 @@
 
 Parts:
 - `BlockKVCache`: per layer a K pool and a V pool `[num_blocks, block_size, num_kv_heads,
-  head_dim]`; per-request block tables and lengths; `blocks_needed` / `can_allocate` /
+  head_dim]` (`zeroed_pool`: on CPU resident only as written); per-request block tables and lengths; `blocks_needed` / `can_allocate` /
   `allocate` (all-or-nothing, raises `KVCacheFull` with nothing changed) / `free` /
   `free_tokens` / `capacity_tokens`.
 - Prefix caching: `cache_prompt(request_id, block_hashes, num_prompt_tokens, want_tokens)` gives
@@ -25,6 +25,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from workers.backend import KVCacheFull, SequenceChunk
@@ -41,6 +42,18 @@ def block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[int, ...]:
         previous = hashlib.blake2b(previous + data[start : start + step], digest_size=8).digest()
         out.append(int.from_bytes(previous, "little") >> 1)  # 63 bits: a msgpack int64
     return tuple(out)
+
+
+def zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    """A zero-filled tensor. On CPU its memory comes from calloc (numpy's zeros): a large block is a
+    fresh mapping of the OS's zero pages, so the pool takes resident memory only as tokens are
+    written into it (torch.zeros writes every byte, and a reserved cache would be resident at once)."""
+    if torch.device(device).type != "cpu" or 0 in shape:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    num_bytes = dtype.itemsize
+    for size in shape:
+        num_bytes *= size
+    return torch.from_numpy(np.zeros(num_bytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 class BlockKVCache:
@@ -63,8 +76,8 @@ class BlockKVCache:
         self.num_blocks = max(0, kv_budget_bytes // block_bytes)
         shape = (self.num_blocks, block_size_tokens, num_kv_heads, head_dim)
         # Zeroed (not empty): padded gathers read unused rows, and 0 * NaN would poison softmax @ V.
-        self.k_pools = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v_pools = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k_pools = [zeroed_pool(shape, dtype, device) for _ in range(num_layers)]
+        self.v_pools = [zeroed_pool(shape, dtype, device) for _ in range(num_layers)]
         self._free_blocks: list[int] = list(range(self.num_blocks - 1, -1, -1))  # pop() -> 0 first
         self.block_tables: dict[str, list[int]] = {}
         self.lengths: dict[str, int] = {}  # tokens stored per request

@@ -2,7 +2,8 @@
 
 Parts:
 - `RopeTable`: RoPE cos/sin of every position up to the longest seen so far, on the device
-  (a step looks its positions up instead of computing them: 5 small ops fewer per step).
+  (a step looks its positions up instead of computing them: 5 small ops fewer per step), laid
+  out so that a layer rotates q and k in three kernels instead of seven.
 - `BatchPlan` / `build_batch_plan(...)`: everything that is the same for all layers of one step,
   computed once per forward: positions, RoPE cos/sin, KV write slots, the decode group's
   padded block gather + mask, each prefill chunk's rows (+ prefix mask), the last-token rows.
@@ -48,7 +49,10 @@ class PrefillGroup:
 
 
 class RopeTable:
-    """cos/sin [positions, 1, head_dim // 2] in the compute dtype, grown (doubling) on demand.
+    """Per position, cos = [cos, cos] and sin = [-sin, sin] [positions, 1, head_dim] in the compute
+    dtype, grown (doubling) on demand, so that a layer rotates q and k in three kernels:
+    `q * cos + roll(q, head_dim / 2) * sin` (= [x1 cos - x2 sin, x2 cos + x1 sin], the rotate-half
+    form transformers computes in seven).
 
     Each entry is computed exactly as a step would compute it (float32 position x inv_freq, then
     cos/sin, then the dtype), so looking up changes no value.
@@ -58,18 +62,19 @@ class RopeTable:
         self.inv_freq = inv_freq.detach().to("cpu", torch.float32)
         self.dtype = dtype
         self.device = torch.device(device)
-        self.cos = self.sin = torch.empty((0, 1, self.inv_freq.numel()), dtype=dtype, device=self.device)
+        self.cos = self.sin = torch.empty((0, 1, 2 * self.inv_freq.numel()), dtype=dtype, device=self.device)
 
     def _grow(self, num_positions: int) -> None:
         size = max(256, self.cos.shape[0])
         while size < num_positions:
             size *= 2
         freqs = torch.arange(size, dtype=torch.int64).to(torch.float32)[:, None] * self.inv_freq[None, :]
-        self.cos = freqs.cos().to(self.dtype)[:, None, :].to(self.device)
-        self.sin = freqs.sin().to(self.dtype)[:, None, :].to(self.device)
+        cos, sin = freqs.cos().to(self.dtype), freqs.sin().to(self.dtype)
+        self.cos = torch.cat((cos, cos), dim=-1)[:, None, :].to(self.device)
+        self.sin = torch.cat((-sin, sin), dim=-1)[:, None, :].to(self.device)
 
     def lookup(self, starts: Sequence[int], lengths: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [sum(lengths), 1, head_dim // 2] for positions start..start+length of each chunk."""
+        """cos, sin [sum(lengths), 1, head_dim] for positions start..start+length of each chunk."""
         end = max(s + n for s, n in zip(starts, lengths))
         if end > self.cos.shape[0]:
             self._grow(end)
@@ -86,8 +91,8 @@ class RopeTable:
 @dataclass
 class BatchPlan:
     num_tokens: int
-    cos: torch.Tensor  # [N, 1, head_dim // 2]
-    sin: torch.Tensor  # [N, 1, head_dim // 2]
+    cos: torch.Tensor  # [N, 1, head_dim]: [cos, cos] (RopeTable)
+    sin: torch.Tensor  # [N, 1, head_dim]: [-sin, sin]
     slots: torch.Tensor  # [N] flat cache row (block * block_size + offset) of each new token
     decode_rows: torch.Tensor | None  # [B_dec] rows of 1-token chunks (None: no decode group)
     decode_all: bool  # every chunk is a 1-token chunk (rows == arange(N))
@@ -115,7 +120,7 @@ def build_batch_plan(
         pos = torch.arange(s, s + n)
         slot_parts.append(torch.tensor(table, dtype=torch.int64)[pos // block_size] * block_size + pos % block_size)
     slots = torch.cat(slot_parts)
-    cos, sin = rope.lookup(starts, lengths)  # [N, 1, hd/2]
+    cos, sin = rope.lookup(starts, lengths)  # [N, 1, hd]
 
     row_starts = [0]
     for n in lengths:
@@ -166,7 +171,7 @@ def _decode_plan(
     running request, kept to a few tensor constructions (it is on the critical path of each hop)."""
     device = rope.device
     slots = [table[s // block_size] * block_size + s % block_size for s, table in zip(starts, block_tables)]
-    cos, sin = rope.lookup(starts, [1] * len(starts))  # [N, 1, hd/2]
+    cos, sin = rope.lookup(starts, [1] * len(starts))  # [N, 1, hd]
     blocks, kv_len, mask = _decode_gather(starts, block_tables, block_size, rope.dtype, device)
     return BatchPlan(
         num_tokens=len(starts),
@@ -292,9 +297,8 @@ class DecoderLayer(nn.Module):
         qk = qkv[:, : nq + nkv]  # [N, nq + nkv, hd]
         if self.qk_norm is not None:
             qk = rms_norm(qk, self.qk_norm, self.eps)
-        half = hd // 2
-        x1, x2 = qk[..., :half], qk[..., half:]
-        qk = torch.cat((x1 * plan.cos - x2 * plan.sin, x2 * plan.cos + x1 * plan.sin), dim=-1)
+        # RoPE: roll by half = [x2, x1]; with sin = [-sin, sin] (RopeTable) this is rotate-half
+        qk = torch.addcmul(qk * plan.cos, qk.roll(hd // 2, dims=-1), plan.sin)
         q = qk[:, :nq]  # [N, nq, hd]
         k = qk[:, nq:]  # [N, nkv, hd]
         v = qkv[:, nq + nkv :]  # [N, nkv, hd]

@@ -5,7 +5,8 @@ Parts:
 - `TorchStageBackend`: loads only its stage's tensors (workers/checkpoint.py; a GGUF through
   workers/gguf_file.py, kept quantized; `quantization` int8/int4 quantizes while reading), builds a
   `StageModel` (workers/stage_model.py) and a `BlockKVCache` (workers/kv_cache.py) sized from
-  `kv_budget_bytes`, and runs batched steps under `torch.inference_mode()`; prompts reuse the
+  `kv_budget_bytes`, and runs batched steps under `torch.inference_mode()` (on CPU, small steps
+  on the thread count a `ThreadTuner`, workers/thread_tuner.py, measures faster); prompts reuse the
   cache's prefix blocks (`cache_prompt`) unless `StageConfig.prefix_caching` is off.
 - `to_torch(array, dtype)` / `to_numpy(tensor)`: the boundary's numpy arrays (bf16 as uint16 bits)
   and torch tensors, both ways without copies on CPU.
@@ -18,6 +19,7 @@ tensor it returns one on the backend's device (in-process callers: the profiler,
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 import warnings
@@ -35,6 +37,7 @@ from workers.kv_cache import BlockKVCache
 from workers.model_config import ModelConfig, parse_dtype
 from workers.quantization import quantizer
 from workers.stage_model import BatchPlan, RopeTable, StageModel, build_batch_plan
+from workers.thread_tuner import ThreadTuner
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,8 @@ class TorchStageBackend(StageBackend):
         self._kv_layers = self.kv_cache.layers
         self._rope = RopeTable(mc.rope_inv_freq(), self.torch_dtype, self.device)
         self._frees = 0  # `free` calls so far (a prepared step made before the last one is stale)
+        # CPU: decode steps' thread count, timed online (workers/thread_tuner.py); None: fixed
+        self._threads = ThreadTuner(torch.get_num_threads()) if self.device.type == "cpu" and torch.get_num_threads() > 1 else None
 
     def prepare(self, chunks: Sequence[SequenceChunk]) -> PreparedStep | None:
         """See StageBackend.prepare: allocates the chunks' KV blocks and builds their plan."""
@@ -197,8 +202,18 @@ class TorchStageBackend(StageBackend):
             inputs = inputs.to(self.device, torch.int64)
         else:
             inputs = inputs.to(self.device, self.torch_dtype)
+        if self._threads is None:
+            with torch.inference_mode():
+                return self.model(inputs, plan, self._kv_layers)
+        rows = inputs.shape[0]  # small steps run on the thread count measured faster here
+        threads = self._threads.threads_for(rows)
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        started = time.perf_counter()
         with torch.inference_mode():
-            return self.model(inputs, plan, self._kv_layers)
+            out = self.model(inputs, plan, self._kv_layers)
+        self._threads.record(rows, threads, time.perf_counter() - started)
+        return out
 
     def _check_array(self, inputs: np.ndarray) -> None:
         """ValueError for boundary inputs of the wrong kind (before anything is allocated)."""

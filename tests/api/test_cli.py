@@ -72,6 +72,9 @@ def test_cli_defaults_are_the_schedulers() -> None:
         MAX_QUEUE_WAIT_S, DEFAULT_PROMPT_TOKENS_PER_OUTPUT_TOKEN, MIN_MIX_REQUESTS)
     assert (cli.DEFAULT_MAX_WAITING, cli.DEFAULT_ROUTE_WAIT_S) == (DEFAULT_MAX_WAITING, DEFAULT_ROUTE_WAIT_S)
     assert TOKEN_ENV == "POTLUCK_TOKEN"  # named in `--token`'s help without importing zmq
+    from scheduler.engine_config import EngineConfig
+
+    assert cli.DEFAULT_MAX_CONCURRENT_SEQUENCES == EngineConfig.max_concurrent_sequences
 
 
 def _config_only(root: Path) -> Path:

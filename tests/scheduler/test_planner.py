@@ -6,7 +6,8 @@ import pytest
 from placement import clock
 from placement.problem import PlacementProblem
 from scheduler.cluster import WorkerState
-from scheduler.planner import PlannerConfig, device_spec, model_spec, plan_layers
+from scheduler.planner import (RUNTIME_OVERHEAD_BYTES, PlannerConfig, default_kv_tokens, device_spec, kv_budget_bytes,
+                               model_spec, plan_layers, stage_weight_bytes)
 from workers.device_profile import DeviceProfile, LayerTimings
 from workers.protocol import ModelFacts
 
@@ -72,3 +73,31 @@ def test_a_one_machine_pipeline_has_a_prediction_its_stages_times_add_up_to() ->
     assert plan.co_located and plan.ranges == {"a": (0, 16), "b": (16, 32)}
     one_stage = 64 / (16 * 0.0012)  # batch 64 over 16 layers of 1.2 ms per layer step
     assert plan.predicted_tokens_per_s == pytest.approx(one_stage / 2, rel=1e-6)
+
+
+# SmolLM2-135M: 30 layers, 3 KV heads of 64 dims, fp32 -> 2 x 3 x 64 x 4 = 1536 KV bytes per token per layer
+SMOLLM2 = ModelFacts("llama", 30, 576, 49152, 8192, "float32", (14_155_776,) * 30, 113_246_208, 113_246_208,
+                     1536, 576 * 4)
+
+
+def _cpu_box(memory_bytes: int) -> WorkerState:
+    return WorkerState("w", "tcp://127.0.0.1:7000", memory_bytes, "cpu", None, 1, 0.0, 0.0)
+
+
+def test_default_kv_budget_is_what_context_and_concurrency_need() -> None:
+    big = _cpu_box(64 * 2**30)  # memory is not what sizes it
+    config = PlannerConfig(max_model_len=2048, max_concurrent_sequences=16)
+    assert default_kv_tokens(2048, 16) == config.stage_kv_tokens == 32768
+    assert kv_budget_bytes(SMOLLM2, big, 0, 30, config) == 1536 * 30 * 2048 * 16  # 1.5 GB, not 90% of 64 GiB
+    assert kv_budget_bytes(SMOLLM2, big, 10, 20, config) == 1536 * 10 * 2048 * 16  # a stage: its own layers
+    assert kv_budget_bytes(SMOLLM2, _cpu_box(128 * 2**30), 0, 30, config) == kv_budget_bytes(SMOLLM2, big, 0, 30, config)
+    one = PlannerConfig(max_model_len=8192, max_concurrent_sequences=1)
+    assert kv_budget_bytes(SMOLLM2, big, 0, 30, one) == 1536 * 30 * 8192
+
+
+def test_kv_tokens_raises_the_budget_up_to_the_memory_left() -> None:
+    config = PlannerConfig(max_model_len=2048, max_concurrent_sequences=16, kv_tokens=100_000)
+    assert kv_budget_bytes(SMOLLM2, _cpu_box(64 * 2**30), 0, 30, config) == 1536 * 30 * 100_000
+    small = _cpu_box(2 * 2**30)  # 2 GiB: weights + overhead leave ~1.3 GiB, of which 90% may be KV
+    left = small.memory_bytes - stage_weight_bytes(SMOLLM2, 0, 30) - RUNTIME_OVERHEAD_BYTES
+    assert kv_budget_bytes(SMOLLM2, small, 0, 30, config) == int(left * 0.9)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -71,3 +73,32 @@ def test_backend_kv_full_changes_nothing(llama_checkpoint):
     torch.testing.assert_close(again[0], first[0], atol=1e-5, rtol=0)
     backend.free("a")
     assert backend.kv_free_tokens() == 48
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmRSS from /proc (Linux)")
+def test_reserved_pool_is_resident_only_as_written():
+    budget = 256 * 2**20
+    before = _resident_bytes()
+    cache = BlockKVCache(num_layers=4, num_kv_heads=2, head_dim=64, kv_budget_bytes=budget, block_size_tokens=16)
+    assert cache.nbytes > 0.99 * budget
+    assert _resident_bytes() - before < 32 * 2**20  # reserved, not touched
+    assert all(float(p.abs().max()) == 0.0 for p in cache.k_pools[:1])  # reads zeros (and touches one pool)
+    for pool in (*cache.k_pools, *cache.v_pools):
+        pool.fill_(1.0)
+    assert _resident_bytes() - before > 0.9 * budget  # written pages become resident
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_pool_dtype_shape_and_zeros(dtype):
+    cache = BlockKVCache(num_layers=2, num_kv_heads=2, head_dim=8, kv_budget_bytes=4096, block_size_tokens=4, dtype=dtype)
+    for pool in (*cache.k_pools, *cache.v_pools):
+        assert pool.dtype == dtype and pool.shape == (cache.num_blocks, 4, 2, 8) and pool.is_contiguous()
+        assert not pool.any()
+    empty = BlockKVCache(num_layers=1, num_kv_heads=2, head_dim=8, kv_budget_bytes=0)
+    assert empty.k_pools[0].shape[0] == 0

@@ -180,7 +180,8 @@ def test_rope_table_looks_up_what_a_step_would_compute(dtype):
 
     def direct(positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = torch.tensor(positions, dtype=torch.int64).to(torch.float32)[:, None] * inv_freq[None, :]
-        return freqs.cos().to(dtype)[:, None, :], freqs.sin().to(dtype)[:, None, :]
+        cos, sin = freqs.cos().to(dtype)[:, None, :], freqs.sin().to(dtype)[:, None, :]
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # the layers' layout
 
     # one decode row, several decode rows, a prefill past the first size (the table grows), a mix
     for starts, lengths in [([5], [1]), ([3, 700, 9], [1, 1, 1]), ([250], [300]), ([0, 1000, 40], [4, 1, 30])]:
@@ -188,3 +189,21 @@ def test_rope_table_looks_up_what_a_step_would_compute(dtype):
         want_cos, want_sin = direct([p for s, n in zip(starts, lengths) for p in range(s, s + n)])
         assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
     assert table.cos.shape[0] == 1024  # 256 doubled until it held position 1000
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_in_three_kernels_is_rotate_half(dtype):
+    """The layers' RoPE (q * cos + roll(q, hd / 2) * sin on the table's layout) against the
+    rotate-half form transformers computes, on the heads slice a layer rotates (a strided view)."""
+    hd, heads = 16, 5
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, hd, 2).float() / hd))
+    table = stage_model.RopeTable(inv_freq, dtype, "cpu")
+    cos, sin = table.lookup([3, 900], [4, 1])  # [5, 1, hd]
+    qkv = torch.randn(5, heads + 2, hd).to(dtype)
+    qk = qkv[:, :heads]
+    got = torch.addcmul(qk * cos, qk.roll(hd // 2, dims=-1), sin)
+    c, s = cos[..., : hd // 2], sin[..., hd // 2 :]  # the plain cos and sin
+    x1, x2 = qk[..., : hd // 2], qk[..., hd // 2 :]
+    want = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
