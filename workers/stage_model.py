@@ -396,6 +396,7 @@ class StageModel(nn.Module):
         total = sum(p.numel() * p.element_size() for p in self.parameters())  # shared ones once
         held = [getattr(layer, name) for layer in self.layers for name in LINEAR_WEIGHTS]
         held += [self.lm_head_t, self.embed_tokens]
+        held += [w for layer in self.layers if layer.moe is not None for w in layer.moe.quantized_linears]
         return total + sum(_weight_bytes(t) for t in held)
 
     @property
