@@ -5,11 +5,19 @@ Parts:
 - `write_gguf(model_dir, path, quant)`: F32 / Q8_0 / Q4_0 / ... through `gguf.quants.quantize`;
   Q4_K, which `gguf.quants` cannot write, through `quantize_q4_k` (blocks built here with the
   package's block sizes; `gguf.quants.dequantize` reads them back).
+- `dequantized_checkpoint(gguf_path, model_dir, out_dir)`: a GGUF dequantized back into a
+  safetensors checkpoint (the reference for Mixtral GGUFs, which transformers cannot load).
+- MoE checkpoints as llama.cpp's converter writes them: each layer's experts stacked into one
+  [experts, out, in] tensor per projection (`blk.N.ffn_{gate,up,down}_exps`), the router
+  (`ffn_gate_inp`) kept F32 as llama-quantize keeps it, Qwen2-MoE's shared expert as
+  `ffn_*_shexp`; Qwen3-MoE as architecture `qwen3moe`, Qwen2-MoE as `qwen2moe` and Mixtral as
+  `llama` with `expert_count` (q/k rows permuted like Llama's).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import gguf
@@ -50,13 +58,53 @@ def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
     return result
 
 
+GGUF_ARCHITECTURES = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama"}
+_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")
+_MIXTRAL_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def _stack_experts(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-expert HF tensors -> one [experts, out, in] stack per layer and projection, HF-named as
+    potluck maps `blk.N.ffn_*_exps` (`model.layers.N.mlp.experts.{gate,up,down}_proj.weight`);
+    Mixtral's `block_sparse_moe.gate` becomes `mlp.gate` (`ffn_gate_inp`)."""
+    stacks: dict[tuple[str, str], dict[int, np.ndarray]] = {}
+    out = {}
+    for name, array in tensors.items():
+        match = _EXPERT_RE.match(name)
+        if match:
+            proj = _MIXTRAL_PROJ.get(match.group(3), match.group(3))
+            stacks.setdefault((match.group(1), proj), {})[int(match.group(2))] = array
+        else:
+            out[name.replace(".block_sparse_moe.gate.", ".mlp.gate.")] = array
+    for (layer, proj), per_expert in stacks.items():
+        out[f"model.layers.{layer}.mlp.experts.{proj}.weight"] = np.stack([per_expert[e] for e in sorted(per_expert)])
+    return out
+
+
+def _quantize(array: np.ndarray, quant: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """A 2-D or stacked 3-D float32 array -> its blocks (bytes per row last) and type."""
+    if quant == "Q4_K":
+        blocks = quantize_q4_k(array.reshape(-1, array.shape[-1]))
+        return blocks.reshape(*array.shape[:-1], -1), gguf.GGMLQuantizationType.Q4_K
+    qtype = gguf.GGMLQuantizationType[quant]
+    return gguf.quants.quantize(array, qtype), qtype
+
+
 def write_gguf(model_dir: Path, path: Path, quant: str, split_max_tensors: int = 0) -> Path:
     """Write `model_dir` as a GGUF at `path`; with `split_max_tensors`, as a split GGUF whose
     parts gguf names `<stem>-0000i-of-0000N.gguf` (the first part's path is returned)."""
     config = json.loads((model_dir / "config.json").read_text())
-    arch = config["model_type"]
-    tensors = load_file(str(model_dir / "model.safetensors"))
+    arch = GGUF_ARCHITECTURES.get(config["model_type"], config["model_type"])
+    tensors = _stack_experts(load_file(str(model_dir / "model.safetensors")))
     writer = gguf.GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
+    num_experts = config.get("num_experts") or config.get("num_local_experts")  # transformers 5 saves the latter
+    if num_experts:
+        writer.add_expert_count(num_experts)
+        writer.add_expert_used_count(config["num_experts_per_tok"])
+        if config.get("moe_intermediate_size"):  # Qwen MoE (Mixtral's experts are feed_forward_length wide)
+            writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+        if config.get("shared_expert_intermediate_size"):
+            writer.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
@@ -83,13 +131,12 @@ def write_gguf(model_dir: Path, path: Path, quant: str, split_max_tensors: int =
         array = array.astype(np.float32)
         if arch in LLAMA_PERMUTED and ("q_proj" in name or "k_proj" in name):
             array = _permute(array, heads if "q_proj" in name else kv_heads)
-        if array.ndim == 1 or quant == "F32":
+        router = name.endswith(".mlp.gate.weight") or name.endswith(".shared_expert_gate.weight")
+        if array.ndim == 1 or quant == "F32" or router:
             writer.add_tensor(gguf_name(name), array)
-        elif quant == "Q4_K":
-            writer.add_tensor(gguf_name(name), quantize_q4_k(array), raw_dtype=gguf.GGMLQuantizationType.Q4_K)
         else:
-            qtype = gguf.GGMLQuantizationType[quant]
-            writer.add_tensor(gguf_name(name), gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+            blocks, qtype = _quantize(array, quant)
+            writer.add_tensor(gguf_name(name), blocks, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -97,3 +144,47 @@ def write_gguf(model_dir: Path, path: Path, quant: str, split_max_tensors: int =
     if split_max_tensors:
         return sorted(path.parent.glob(f"{path.stem}-00001-of-*.gguf"))[0]
     return path
+
+
+def dequantized_checkpoint(gguf_path: Path, model_dir: Path, out_dir: Path) -> Path:
+    """The tensors of `gguf_path` dequantized by `gguf.quants.dequantize` (as transformers does)
+    and saved as a safetensors checkpoint with `model_dir`'s config and tokenizer: a reference for
+    families transformers cannot load from a GGUF (Mixtral: llama.cpp's `llama` with experts).
+    llama q/k rows are un-permuted and stacked experts split back into the checkpoint's names."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from workers.gguf_file import hf_name
+
+    config = json.loads((model_dir / "config.json").read_text())
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    arch = GGUF_ARCHITECTURES.get(config["model_type"], config["model_type"])
+    mixtral = config["model_type"] == "mixtral"
+    tensors: dict[str, torch.Tensor] = {}
+    for tensor in gguf.GGUFReader(gguf_path).tensors:
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32).reshape(shape)
+        name = hf_name(tensor.name)
+        if arch in LLAMA_PERMUTED and (".q_proj." in name or ".k_proj." in name):
+            array = array[unpermute_rows(shape[0], heads if ".q_proj." in name else kv_heads)]
+        stacked = re.match(r"^(model\.layers\.\d+\.)mlp\.experts\.(\w+)_proj\.weight$", name)
+        if stacked:
+            for e, expert in enumerate(array):
+                if mixtral:
+                    proj = {"gate": "w1", "up": "w3", "down": "w2"}[stacked.group(2)]
+                    key = f"{stacked.group(1)}block_sparse_moe.experts.{e}.{proj}.weight"
+                else:
+                    key = f"{stacked.group(1)}mlp.experts.{e}.{stacked.group(2)}_proj.weight"
+                tensors[key] = torch.from_numpy(np.ascontiguousarray(expert))
+            continue
+        if mixtral:
+            name = name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(array))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (model_dir / name).exists():
+            shutil.copy(model_dir / name, out_dir / name)
+    return out_dir

@@ -16,7 +16,11 @@ Parts:
   (`blk.N.ffn_*_exps`) map to `model.layers.N.mlp.experts.*_proj.weight` stacked [experts, out, in];
   each expert's 2-D slice takes the same quantized kernel as a dense weight.
 - `load_gguf_stage_tensors(model, start_layer, end_layer, ...)`: one stage's tensors, HF-named:
-  dense ones as tensors, quantized ones as `QuantizedRows` (file bytes); an unsupported type is an error naming the tensor before anything is read.
+  dense ones as tensors, quantized ones as `QuantizedRows` (file bytes; a quantized expert stack
+  as a list of one per expert); an unsupported type is an error naming the tensor before anything is read.
+- MoE metadata (`expert_count`, ...) becomes the config's MoE fields; llama.cpp's `qwen3moe`,
+  `qwen2moe` and `llama` with experts (Mixtral) name the families; `layer_sizes` reports each
+  layer's expert bytes apart.
 - `LLAMA_PERMUTED`: architectures whose q/k rows llama.cpp's converter permuted (undone at load).
 """
 
@@ -35,6 +39,7 @@ import numpy as np
 import torch
 
 from workers.checkpoint import CheckpointSizes, stage_tensor_names
+from workers.model_config import UnsupportedModelError
 from workers.quantized_linear import (
     DENSE_GGUF_TYPES,
     SUPPORTED_GGUF_TYPES,
@@ -42,6 +47,8 @@ from workers.quantized_linear import (
     UnsupportedQuantizationError,
 )
 
+# llama.cpp architecture (with `expert_count`) -> model_type
+_MOE_ARCHITECTURES = {"qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe", "llama": "mixtral"}
 _SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 LLAMA_PERMUTED = ("llama", "mistral")
 
@@ -62,6 +69,10 @@ _LAYER_NAMES = {
     "ffn_gate_exps": "mlp.experts.gate_proj",
     "ffn_up_exps": "mlp.experts.up_proj",
     "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",  # Qwen2-MoE's shared expert and its gate
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _GGUF_LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
@@ -180,6 +191,7 @@ class GGUFModel:
             "attention_bias": "model.layers.0.self_attn.q_proj.bias" in self.tensors,
             "dtype": "float32",  # transformers dequantizes a GGUF to float32; so do the norms here
         }
+        config.update(self._moe_config())
         scaling = self._arch("rope.scaling.type")
         if scaling and scaling != "none":
             config["rope_scaling"] = {
@@ -199,15 +211,47 @@ class GGUFModel:
             generation["bos_token_id"] = int(self.metadata["tokenizer.ggml.bos_token_id"])
         return config, generation
 
+    def _moe_config(self) -> dict[str, Any]:
+        """The MoE fields of the config ({} for a dense model), from llama.cpp's keys: `expert_count`,
+        `expert_used_count`, `expert_feed_forward_length` (Qwen MoE; Mixtral's experts are
+        `feed_forward_length` wide), `expert_shared_feed_forward_length` (Qwen2-MoE). The top-k
+        weights are renormalised as llama.cpp does for each family (`expert_weights_norm` where
+        the file says). Layers without a router (`ffn_gate_inp`) are dense: `mlp_only_layers`."""
+        if not self._arch("expert_count"):
+            return {}
+        family = _MOE_ARCHITECTURES.get(self.architecture)
+        if family is None:
+            raise UnsupportedModelError(
+                f"GGUF architecture {self.architecture!r} with experts is not supported "
+                f"(MoE GGUFs: {', '.join(sorted(_MOE_ARCHITECTURES))})"
+            )
+        num_layers = int(self._arch("block_count"))
+        routed = {int(n.split(".")[2]) for n in self.tensors if n.endswith(".mlp.gate.weight")}
+        config: dict[str, Any] = {
+            "model_type": family,
+            "num_experts": int(self._arch("expert_count")),
+            "num_experts_per_tok": int(self._arch("expert_used_count")),
+            "norm_topk_prob": bool(self._arch("expert_weights_norm", family != "qwen2_moe")),
+            "mlp_only_layers": [i for i in range(num_layers) if i not in routed],
+        }
+        if self._arch("expert_feed_forward_length"):
+            config["moe_intermediate_size"] = int(self._arch("expert_feed_forward_length"))
+        if self._arch("expert_shared_feed_forward_length"):
+            config["shared_expert_intermediate_size"] = int(self._arch("expert_shared_feed_forward_length"))
+        return config
+
     def layer_sizes(self) -> CheckpointSizes:
         """Bytes per decoder layer, embeddings, final norm and LM head as stored in the file."""
         num_layers = int(self._arch("block_count"))
         layers = [0] * num_layers
+        experts = [0] * num_layers  # the routed experts' share (ffn_*_exps) of each layer
         embed = norm = head = 0
         for name, info in self.tensors.items():
             match = _HF_LAYER_RE.match(name)
             if match:
                 layers[int(match.group(1))] += info.num_bytes
+                if match.group(2).startswith("mlp.experts."):
+                    experts[int(match.group(1))] += info.num_bytes
             elif name.startswith("model.embed_tokens."):
                 embed += info.num_bytes
             elif name.startswith("model.norm."):
@@ -215,7 +259,7 @@ class GGUFModel:
             elif name.startswith("lm_head."):
                 head += info.num_bytes
         tied = head == 0
-        return CheckpointSizes(tuple(layers), embed, norm, embed if tied else head, tied)
+        return CheckpointSizes(tuple(layers), embed, norm, embed if tied else head, tied, tuple(experts))
 
     def read_tensor_bytes(self, info: GGUFTensorInfo) -> np.ndarray:
         """One tensor's bytes (a private uint8 copy) from a memory map of its file."""
@@ -259,12 +303,14 @@ def load_gguf_stage_tensors(
     num_layers: int,
     tie_word_embeddings: bool,
     dtype: torch.dtype,
-) -> dict[str, torch.Tensor | QuantizedRows]:
+) -> dict[str, torch.Tensor | QuantizedRows | list[QuantizedRows]]:
     """Read only stage [start_layer, end_layer)'s tensors (HF names, as `load_stage_tensors`).
 
     F32 / F16 / BF16 tensors come back as `dtype` tensors; quantized ones as `QuantizedRows`
     (their file bytes: an embedding table stays so, a linear weight's codes are read and packed
-    for the kernel when its layer is built). llama.cpp's q/k row permutation is undone here. Every type
+    for the kernel when its layer is built); a quantized stack of experts [E, out, in] as one
+    `QuantizedRows` per expert (views of the one byte range read), which workers/moe.py packs
+    expert by expert. llama.cpp's q/k row permutation is undone here. Every type
     is checked before anything is read: an unsupported one is an error naming the tensor.
     """
     names = stage_tensor_names(set(model.tensors), start_layer, end_layer, num_layers, tie_word_embeddings)
@@ -275,7 +321,7 @@ def load_gguf_stage_tensors(
                 f"tensor {info.gguf_name} ({name}) has GGUF type {info.type_name}, which potluck cannot "
                 f"run (supported: {', '.join(DENSE_GGUF_TYPES + SUPPORTED_GGUF_TYPES)})"
             )
-    tensors: dict[str, torch.Tensor | QuantizedRows] = {}
+    tensors: dict[str, torch.Tensor | QuantizedRows | list[QuantizedRows]] = {}
     for name in names:
         info = model.tensors[name]
         raw = model.read_tensor_bytes(info)
@@ -285,6 +331,12 @@ def load_gguf_stage_tensors(
             array = gguf.quants.dequantize(raw.view(_NUMPY_DTYPES[info.type_name]), info.quant_type)
             tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).view(info.shape).to(dtype)
             tensors[name] = tensor if order is None else tensor[order].contiguous()
+        elif len(info.shape) == 3:  # stacked experts [E, out, in]: each expert's rows are contiguous
+            experts = raw.reshape(info.shape[0], -1)
+            tensors[name] = [
+                QuantizedRows(experts[e], info.type_name, info.shape[1:], f"{info.gguf_name}[{e}]")
+                for e in range(info.shape[0])
+            ]
         else:  # kept as file bytes; a linear weight's codes are read when its layer is built
             if len(info.shape) != 2:
                 raise UnsupportedQuantizationError(f"tensor {info.gguf_name}: {len(info.shape)}-D quantized weights")

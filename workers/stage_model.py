@@ -399,6 +399,7 @@ class StageModel(nn.Module):
         held += [self.lm_head_t]
         if not (isinstance(self.lm_head_t, QuantizedLinear) and self.lm_head_t.holds(self.embed_tokens)):
             held.append(self.embed_tokens)
+        held += [w for layer in self.layers if layer.moe is not None for w in layer.moe.quantized_linears]
         return total + sum(_weight_bytes(t) for t in held)
 
     @property
