@@ -132,6 +132,8 @@ def write_gguf(model_dir: Path, path: Path, quant: str, split_max_tensors: int =
         if arch in LLAMA_PERMUTED and ("q_proj" in name or "k_proj" in name):
             array = _permute(array, heads if "q_proj" in name else kv_heads)
         router = name.endswith(".mlp.gate.weight") or name.endswith(".shared_expert_gate.weight")
+        if name.endswith(".shared_expert_gate.weight"):  # llama.cpp's ffn_gate_inp_shexp is [hidden]
+            array = array.reshape(-1)
         if array.ndim == 1 or quant == "F32" or router:
             writer.add_tensor(gguf_name(name), array)
         else:

@@ -161,7 +161,7 @@ def _quantized_experts(gates: list, ups: list, downs: list) -> ExpertLinears:
     file bytes or codes are dropped from the lists once packed."""
     linears = []
     for e in range(len(gates)):
-        gate, up, down = _codes(gates[e]), _codes(ups[e]), _codes(downs[e])
+        gate, up, down = gates[e], ups[e], downs[e]  # GGUF blocks stay blocks (the C block kernel)
         gates[e] = ups[e] = downs[e] = None
         linears.append((QuantizedLinear([gate, up]), QuantizedLinear(down)))
     return linears
@@ -239,7 +239,7 @@ def moe_block_from_weights(config: ModelConfig, weights: dict[str, torch.Tensor]
     if "mlp.shared_expert.gate_proj.weight" in weights:
         parts = [weights.pop(f"mlp.shared_expert.{p}_proj.weight") for p in ("gate", "up", "down")]
         if any(_is_quantized(p) for p in parts):
-            gate_up_w, down_w = QuantizedLinear([_codes(p) for p in parts[:2]]), QuantizedLinear(_codes(parts[2]))
+            gate_up_w, down_w = QuantizedLinear(parts[:2]), QuantizedLinear(parts[2])
         else:
             gate_up_w, down_w = torch.cat(parts[:2]).t(), parts[2].t()
         shared = {

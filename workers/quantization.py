@@ -34,7 +34,7 @@ from workers.quantized_linear import KERNEL_GROUP, GroupCodes, quantize_weight
 
 QUANTIZATIONS = ("none", "int8", "int4")
 _BITS = {"none": None, "int8": 8, "int4": 4}
-_LINEAR_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(experts\.\d+\.)?(gate|up|down)_proj|mlp\.experts\.\d+\.w[123])\.weight$")
+_LINEAR_RE = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(experts\.\d+\.)?(gate|up|down)_proj|(mlp|block_sparse_moe)\.experts\.\d+\.w[123])\.weight$")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 _HEADER_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
 
