@@ -21,6 +21,7 @@ Token t of a request lives in block `block_table[t // block_size]`, row `t % blo
 from __future__ import annotations
 
 import hashlib
+import mmap
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -45,15 +46,17 @@ def block_hashes(token_ids: Sequence[int], block_size: int) -> tuple[int, ...]:
 
 
 def zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
-    """A zero-filled tensor. On CPU its memory comes from calloc (numpy's zeros): a large block is a
-    fresh mapping of the OS's zero pages, so the pool takes resident memory only as tokens are
-    written into it (torch.zeros writes every byte, and a reserved cache would be resident at once)."""
+    """A zero-filled tensor. On CPU its memory is an anonymous mapping of its own (the OS's zero
+    pages), so the pool takes resident memory only as tokens are written into it (torch.zeros
+    writes every byte, so a reserved cache would be resident at once; calloc maps fresh pages only
+    above malloc's mmap threshold, which glibc raises at run time, up to 32 MiB)."""
     if torch.device(device).type != "cpu" or 0 in shape:
         return torch.zeros(shape, dtype=dtype, device=device)
     num_bytes = dtype.itemsize
     for size in shape:
         num_bytes *= size
-    return torch.from_numpy(np.zeros(num_bytes, dtype=np.uint8)).view(dtype).view(shape)
+    pages = np.frombuffer(mmap.mmap(-1, num_bytes), dtype=np.uint8)  # the array keeps the mapping alive
+    return torch.from_numpy(pages).view(dtype).view(shape)
 
 
 class BlockKVCache:
