@@ -69,6 +69,7 @@ _yield_cpu = getattr(os, "sched_yield", lambda: None)  # not on Windows
 
 
 LEAVE_LINGER_S = 1.0  # how long a stopping worker waits for its `Leave` to reach the scheduler
+STOP_GRACE_S = 10.0  # Ctrl-C ends a worker within this, clean-up or not (`stop_within`)
 
 
 class Worker(MessageIntake):  # what it does with each message it receives: workers/worker_intake.py
@@ -197,6 +198,7 @@ class Worker(MessageIntake):  # what it does with each message it receives: work
                 if self.pending and self.backend is not None:
                     self.step()
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (workers/__main__.py): tell the scheduler first
+            stop_within(STOP_GRACE_S)
             self.leave("stopped by Ctrl-C or SIGTERM")
             raise
         finally:
@@ -444,6 +446,20 @@ class Worker(MessageIntake):  # what it does with each message it receives: work
         for address, message in ring.token_outputs.items():
             self.send(address, message)
         self.release(ring.finished)
+
+
+def stop_within(grace_s: float) -> None:
+    """Ctrl-C ends the process within `grace_s` whatever the clean-up meets (a socket that will
+    not close, a thread that will not stop): a daemon timer exits hard after one log line."""
+
+    def exit_now() -> None:
+        log.error("stopping took over %.0f s; exiting now", grace_s)
+        logging.shutdown()
+        os._exit(130)
+
+    timer = threading.Timer(grace_s, exit_now)
+    timer.daemon = True
+    timer.start()
 
 
 def run_worker(config: WorkerConfig) -> None:

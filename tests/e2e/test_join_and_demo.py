@@ -27,8 +27,8 @@ def test_potluck_join_adds_a_worker_that_gets_layers(tmp_path: Path) -> None:
         served.wait_ready(model_dir.name)
         before = httpx.post(f"{served.url}/v1/completions", json={"prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0}, timeout=60).json()
         join = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "join", "--scheduler", f"127.0.0.1:{scheduler_port}", "--host", "127.0.0.1", "--worker-id", "joined", "--no-profile", "--token", JOIN_TOKEN],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [sys.executable, "-m", "api.cli", "--log-level", "info", "join", "--scheduler", f"127.0.0.1:{scheduler_port}", "--host", "127.0.0.1", "--worker-id", "joined", "--no-profile", "--token", JOIN_TOKEN],
+            stdout=open(tmp_path / "join.log", "w"), stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:
             deadline = time.monotonic() + 60
@@ -44,7 +44,11 @@ def test_potluck_join_adds_a_worker_that_gets_layers(tmp_path: Path) -> None:
             assert after["choices"][0]["text"] == before["choices"][0]["text"]  # same answer over the new plan
         finally:
             join.send_signal(signal.SIGINT)
-            join.wait(timeout=20)
+            try:
+                join.wait(timeout=20)  # the worker exits within its 10 s stop grace (workers/worker.py)
+            except subprocess.TimeoutExpired:
+                join.kill()
+                raise AssertionError("potluck join did not stop on Ctrl-C:\n" + (tmp_path / "join.log").read_text()[-3000:])
 
 
 def test_potluck_demo_builds_a_checkpoint_and_serves_it(tmp_path: Path) -> None:
