@@ -147,13 +147,12 @@ def _is_quantized(weight: object) -> bool:
     return isinstance(weight, (GroupCodes, QuantizedRows, list))
 
 
-def _codes(weight: GroupCodes | QuantizedRows) -> GroupCodes:
-    return weight.codes() if isinstance(weight, QuantizedRows) else weight
-
-
 def _dense(weight: torch.Tensor | GroupCodes | QuantizedRows, dtype: torch.dtype) -> torch.Tensor:
     """A small weight (router, shared-expert gate) as a dense `dtype` tensor."""
-    return weight if isinstance(weight, torch.Tensor) else _codes(weight).dequantize().to(dtype)
+    if isinstance(weight, torch.Tensor):
+        return weight
+    codes = weight.codes() if isinstance(weight, QuantizedRows) else weight
+    return codes.dequantize().to(dtype)
 
 
 def _quantized_experts(gates: list, ups: list, downs: list) -> ExpertLinears:
